@@ -607,3 +607,268 @@ def test_a_job_that_keeps_killing_the_daemon_fails_after_max_attempts(start, spe
     failed = daemon.finished(job["id"])
     assert failed["status"] == "FAILED" and "--max-attempts=2" in failed["error"]
     assert failed["attempts"] == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Shutdown
+# ---------------------------------------------------------------------------------------
+
+def test_sigterm_refuses_new_jobs_finishes_the_running_one_and_exits_0(start, speech, tmp_path):
+    daemon = start("--shutdown-grace", "120")
+    job = daemon.submit(path=str(speech["long.wav"]), output_path=str(tmp_path))
+    daemon.running(job["id"])
+    daemon.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while daemon.request("GET", "/health")[0] != 503:
+        assert time.monotonic() < deadline, "health never said shutting down"
+    status, headers, answer = daemon.request("POST", "/transcription/job",
+                                             {"path": str(speech["call.wav"])})
+    assert status == 503 and "Retry-After" in headers and "shutting down" in answer["error"]
+    assert daemon.proc.wait(120) == 0
+    again = start()
+    done = again.job(job["id"])
+    assert done["status"] == "COMPLETED" and done["attempts"] == 1
+
+
+def test_sigterm_past_the_grace_leaves_the_job_to_run_again_and_no_partial_file(
+        start, speech, tmp_path):
+    daemon = start("--shutdown-grace", "0", "--history", "10")
+    job = daemon.submit(path=str(speech["long.wav"]), format="all", output_path=str(tmp_path))
+    daemon.running(job["id"])
+    assert daemon.terminate(30) == 0
+    assert list(tmp_path.iterdir()) == []  # nothing half written
+    again = start()
+    done = again.finished(job["id"])
+    assert done["status"] == "COMPLETED" and done["attempts"] == 1  # the cut run does not count
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".srt", ".tsv", ".txt", ".vtt"]
+
+
+# ---------------------------------------------------------------------------------------
+# Callbacks that arrive
+# ---------------------------------------------------------------------------------------
+
+def test_callback_is_retried_on_503_until_delivered_and_signed(start, speech, receiver, tmp_path):
+    secret = "s3cret"
+    daemon = start("--callback-secret", secret, "--callback-backoff", "0.2")
+    hook = receiver(answers=[503, 503, 200])
+    job = daemon.submit(path=str(speech["call.wav"]), callback=hook.url, output_path=str(tmp_path))
+    calls = hook.wait_for(3)
+    assert [status for _, _, status in calls] == [503, 503, 200]
+    for headers, body, _ in calls:
+        expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(headers["X-Whisperd-Signature"], expected)
+        assert json.loads(body)["id"] == job["id"]
+    assert [h["X-Whisperd-Attempt"] for h, _, _ in calls] == ["1", "2", "3"]
+    deadline = time.monotonic() + 10
+    while (seen := daemon.job(job["id"]))["callback_status"] != "delivered":
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.05)
+    assert seen["callback_attempts"] == 3
+    time.sleep(0.5)
+    assert len(hook.calls) == 3
+
+
+def test_callback_answered_400_is_not_retried(start, speech, receiver, tmp_path):
+    daemon = start("--callback-backoff", "0.1")
+    hook = receiver(answers=[400])
+    job = daemon.submit(path=str(speech["call.wav"]), callback=hook.url, output_path=str(tmp_path))
+    hook.wait_for(1)
+    deadline = time.monotonic() + 10
+    while (seen := daemon.job(job["id"]))["callback_status"] != "failed":
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.05)
+    time.sleep(1)
+    assert len(hook.calls) == 1 and seen["callback_attempts"] == 1
+
+
+def test_a_receiver_that_never_answers_delays_neither_jobs_nor_other_callbacks(
+        start, speech, receiver, tmp_path):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts connections, never answers
+    black_hole = f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
+    try:
+        daemon = start("--callback-timeout", "20")
+        hook = receiver()
+        stuck = [daemon.submit(path=str(speech[n]), callback=black_hole, output_path=str(tmp_path))
+                 for n in ("call.wav", "report.wav")]
+        good = daemon.submit(path=str(speech["plants.wav"]), callback=hook.url,
+                             output_path=str(tmp_path))
+        jobs = [daemon.finished(j["id"]) for j in stuck + [good]]
+        arrived = time.monotonic()
+        hook.wait_for(1, timeout=10)
+        assert time.monotonic() - arrived < 10  # long before the 20 s the stuck ones wait
+        for before, after in zip(jobs, jobs[1:]):  # the worker went straight on
+            gap = (datetime_of(after["started_at"]) - datetime_of(before["finished_at"]))
+            assert gap < 1.0, (before, after)
+        assert daemon.job(stuck[0]["id"])["callback_status"] == "pending"
+    finally:
+        silent.close()
+
+
+def datetime_of(stamp):
+    from datetime import datetime
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def test_pending_callbacks_survive_kill_9_and_arrive_exactly_once(start, speech, receiver,
+                                                                  tmp_path):
+    port = free_port()  # nothing listens there yet: deliveries fail and stay pending
+    daemon = start("--callback-backoff", "30")
+    hook_url = f"http://127.0.0.1:{port}/hook"
+    jobs = [daemon.submit(path=str(speech[n]), callback=hook_url, output_path=str(tmp_path))
+            for n in ("call.wav", "report.wav")]
+    for job in jobs:
+        daemon.finished(job["id"])
+    deadline = time.monotonic() + 10
+    while any(daemon.job(j["id"])["callback_attempts"] < 1 for j in jobs):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert all(daemon.job(j["id"])["callback_status"] == "pending" for j in jobs)
+    daemon.kill()
+
+    hook = receiver(port=port)
+    again = start()
+    calls = hook.wait_for(2)
+    time.sleep(1.5)
+    assert sorted(json.loads(body)["id"] for _, body, _ in hook.calls) == \
+        sorted(j["id"] for j in jobs)
+    assert all(again.job(j["id"])["callback_status"] == "delivered" for j in jobs)
+    assert len(calls) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Who may do what
+# ---------------------------------------------------------------------------------------
+
+def test_token_is_required_on_every_endpoint(start, speech):
+    daemon = start("--token", "t0ken")
+    for method, path in (("GET", "/stats"), ("GET", "/transcription/jobs"), ("GET", "/smi"),
+                         ("POST", "/transcription/job"), ("GET", "/health")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "t0ken"}):
+            status, answer_headers, answer = daemon.request(method, path, {}, headers)
+            assert status == 401 and "token" in answer["error"], (method, path, headers)
+            assert answer_headers["WWW-Authenticate"].startswith("Bearer")
+    status, _, _ = daemon.request("POST", "/transcription/job", {"path": str(speech["call.wav"])},
+                                  {"Authorization": "Bearer t0ken"})
+    assert status == 201
+
+
+def test_allow_dir_refuses_paths_outside_it_with_403(start, tmp_path):
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir()
+    outside.mkdir()
+    audio = speak(CALL, inside / "call.wav")
+    secret = speak(CALL, outside / "secret.wav")
+    (inside / "link.wav").symlink_to(secret)
+    (inside / "out-link").symlink_to(outside)
+    daemon = start("--allow-dir", str(inside))
+    refused = [
+        ({"path": str(secret)}, "path"),
+        ({"path": f"{inside}/../outside/secret.wav"}, "path"),
+        ({"path": str(inside / "link.wav")}, "path"),
+        ({"path": str(audio), "output_path": str(outside)}, "output_path"),
+        ({"path": str(audio), "output_path": str(inside / "out-link")}, "output_path"),
+    ]
+    for body, field in refused:
+        status, _, answer = daemon.request("POST", "/transcription/job", body)
+        assert (status, answer.get("field")) == (403, field), (body, answer)
+    job = daemon.submit(path=str(audio))
+    assert daemon.finished(job["id"])["status"] == "COMPLETED"
+    assert not list(outside.glob("*.txt"))
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile input: the server answers on, nothing accepted is lost, no tracebacks
+# ---------------------------------------------------------------------------------------
+
+def raw_exchange(daemon, data, reset=False):
+    """Sends raw bytes; returns all the server answered (nothing when `reset` sends an RST
+    instead of a clean close)."""
+    with socket.create_connection((daemon.host, daemon.port), timeout=10) as s:
+        s.sendall(data)
+        if reset:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            return b""
+        s.shutdown(socket.SHUT_WR)  # all sent: the server sees the end of it
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_hostile_input_is_answered_and_loses_no_job(daemon, speech, tmp_path):
+    accepted = daemon.submit(path=str(speech["long.wav"]), output_path=str(tmp_path))
+    answers = {
+        "garbage": raw_exchange(daemon, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" * 50),
+        "bad request line": raw_exchange(daemon, b"HELLO\r\n\r\n"),
+        "huge header": raw_exchange(daemon, b"GET /stats HTTP/1.1\r\nX-A: " + b"a" * 70000 +
+                                    b"\r\n\r\n"),
+        "too many headers": raw_exchange(daemon, b"GET /stats HTTP/1.1\r\n" +
+                                         b"X-A: b\r\n" * 200 + b"\r\n"),
+        "huge content-length": raw_exchange(daemon, b"POST /transcription/job HTTP/1.1\r\n"
+                                            b"Content-Length: 99999999999\r\n\r\n{}"),
+        "no content-length": raw_exchange(daemon, b"POST /transcription/job HTTP/1.1\r\n"
+                                          b"Connection: close\r\n\r\n"),
+        "invalid utf-8": raw_exchange(daemon, b"POST /transcription/job HTTP/1.1\r\n"
+                                      b"Content-Length: 4\r\nConnection: close\r\n\r\n\xff\xfe{}"),
+    }
+    for name, answer in answers.items():
+        assert re.match(rb"HTTP/1\.[01] (400|411|413|431) ", answer), (name, answer[:200])
+        assert b'"error"' in answer, name
+    raw_exchange(daemon, b"POST /transcription/job HTTP/1.1\r\nContent-Length: 100\r\n\r\n{",
+                 reset=True)
+    for body in ([], "x", 7, None, {"path": ["a"]}, {"path": str(speech["call.wav"]),
+                                                      "format": {"a": 1}},
+                 {"path": str(speech["call.wav"]), "max_line_width": True}):
+        assert daemon.request("POST", "/transcription/job", body)[0] == 400, body
+    assert daemon.request("GET", "/stats")[2]["Queued"] + \
+        daemon.request("GET", "/stats")[2]["Running"] == 1
+    assert daemon.finished(accepted["id"])["status"] == "COMPLETED"
+
+
+def test_submissions_past_max_queue_get_503_and_every_accepted_job_runs(start, speech, tmp_path):
+    daemon = start("--max-queue", "5")
+    blocker = daemon.submit(path=str(speech["long.wav"]), output_path=str(tmp_path))
+    daemon.running(blocker["id"])
+    results = []
+
+    def submit(n):
+        out = tmp_path / f"out{n}"
+        out.mkdir()
+        results.append(daemon.request("POST", "/transcription/job",
+                                      {"path": str(speech["call.wav"]), "output_path": str(out)}))
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    accepted = [body for status, _, body in results if status == 201]
+    refused = [(headers, body) for status, headers, body in results if status == 503]
+    assert len(accepted) == 5 and len(refused) == 95
+    assert all("Retry-After" in h and "queue is full" in b["error"] for h, b in refused)
+    for job in accepted:
+        assert daemon.finished(job["id"])["status"] == "COMPLETED"
+
+
+def test_idle_connections_do_not_hold_the_server(start):
+    daemon = start()
+    idle = [socket.create_connection((daemon.host, daemon.port)) for _ in range(50)]
+    slow = socket.create_connection((daemon.host, daemon.port))
+    slow.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n")  # and never the end of the headers
+    try:
+        started = time.monotonic()
+        status, _, stats = daemon.request("GET", "/stats")
+        assert status == 200 and time.monotonic() - started < 2
+    finally:
+        for s in idle + [slow]:
+            s.close()
+
+
+def test_a_second_daemon_on_the_same_state_folder_refuses_to_start(daemon, model_dir):
+    second = subprocess.run([PYTHON, str(ROOT / "whisperd.py"), "--port", "0", "--state-dir",
+                             str(daemon.state_dir), "--model-dir", str(model_dir)],
+                            capture_output=True, text=True, timeout=30)
+    assert second.returncode != 0 and "another whisperd is using" in second.stderr
+    assert daemon.request("GET", "/stats")[0] == 200

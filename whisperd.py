@@ -590,6 +590,7 @@ class OpenAIWhisperEngine(Engine):
 
     def transcribe(self, job, report):
         model = self.model(job.model)
+        report(0.0)
         audio_seconds = []
         _progress.report = lambda done, total: (audio_seconds.append(total), report(done))
         try:
@@ -638,6 +639,7 @@ class FasterWhisperEngine(Engine):
 
     def transcribe(self, job, report):
         model = self.model(job.model)
+        report(0.0)
         options = dict(DECODING, log_prob_threshold=LOGPROB_THRESHOLD,
                        language=None if job.language == AUTO_LANGUAGE else job.language,
                        task=job.task, initial_prompt=job.initial_prompt or None,
@@ -925,6 +927,7 @@ class Service:
         self.processed = self.store.processed()
         self.queue = queue.Queue()
         self.accepting = True
+        self.closed = False   # once set, nothing more is written (see serve())
         self.started = time.monotonic()
         self.metrics = collections.Counter()
         self.callbacks = Callbacks(self, settings)
@@ -965,6 +968,8 @@ class Service:
 
     def _change(self, job, status, event, finished=False, **changes):
         with self.lock:
+            if self.closed:
+                return
             self.counts[job.status] -= 1
             self.counts[status] += 1
             job.status = status
@@ -1034,6 +1039,8 @@ class Service:
 
     def callback_outcome(self, job, status, attempts, outcome):
         with self.lock:
+            if self.closed:
+                return
             job.callback_status, job.callback_attempts = status, attempts
             if job.id in self.jobs:
                 self.store.save(job)
@@ -1088,7 +1095,10 @@ class Service:
             return next((j for j in self.jobs.values() if j.status == RUNNING), None)
 
     def close(self):
-        self.store.close()
+        """Writes nothing more; a job still running stays as the store last saw it."""
+        with self.lock:
+            self.closed = True
+            self.store.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -1111,6 +1121,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"        # keep-alive
     disable_nagle_algorithm = True       # headers and body leave without a 40 ms stall
     timeout = CONNECTION_TIMEOUT         # an idle or slow client cannot hold a thread
+    default_request_version = "HTTP/1.0"  # garbage gets a status line, not HTTP/0.9's bare body
 
     @property
     def service(self):
@@ -1272,7 +1283,8 @@ class Handler(BaseHTTPRequestHandler):
         # The stdlib's own errors (bad request line, headers too long...) as JSON too.
         self.close_connection = True
         phrase = HTTPStatus(code).phrase if code in HTTPStatus._value2member_map_ else ""
-        self.respond(code, {"error": message or phrase})
+        message = message or phrase
+        self.respond(code, {"error": message if len(message) < 200 else message[:200] + "..."})
 
     def log_message(self, format, *args):
         pass  # no access log: a job's events are logged, requests are not
@@ -1421,13 +1433,23 @@ def serve(settings):
             f"interrupting it, it runs again on start")
         worker.abort.set()
         worker.join(10)
+    stuck = worker.is_alive()
+    if stuck:  # deep in a model load or a decode: leave its job to run again
+        with service.lock:
+            job = service.running_job()
+            if job:
+                service.requeue(job)
     server.shutdown()
     server.server_close()
     service.callbacks.stop()
-    with service.lock:
-        service.close()
+    service.close()
     lock.close()
     log("stopped")
+    if stuck:
+        # Interpreter exit would tear torch's threads down under the worker and abort;
+        # everything is on disk, so leave at once, cleanly.
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -1,0 +1,435 @@
+#!/usr/bin/env python3
+"""Transcription speed, memory and accuracy of whisperd against the `whisper` CLI and the
+bare libraries, on the same spoken audio, in one run.
+
+What it does
+  1. Speaks a set of plain-English files with espeak-ng (cached in bench/out/audio): by
+     default a dozen files of 10 to 60 s plus one of about 4 minutes, and ten files of
+     about 10 s for the "many short files" case. The spoken text is the reference.
+  2. Transcribes them, with the `whisper` command line's decoding settings everywhere
+     (beam 5, best of 5, temperature fallback 0.0..1.0, fp16 off on CPU), through:
+       a   cli          the `whisper` command, one fresh process per file
+       b   bare-ow      openai-whisper in a warm process (the model loaded once)
+       c   whisperd-ow  whisperd, openai-whisper engine (submit all, wait all)
+       -   bare-fw      faster-whisper int8 in a warm process (reference for d/e)
+       d   whisperd-fw-int8, whisperd-fw-float32   whisperd --engine faster-whisper
+       e   whisperd-fw-batch8                      ... --batch-size 8 (batched pipeline + VAD)
+       (+) bare-fw-batch8   faster-whisper's BatchedInferencePipeline, only if asked for
+     Each daemon and each bare process first transcribes a short warm-up file (model load),
+     which is not counted. bare-ow and whisperd-ow also run "paired": for each file the
+     bare library and one whisperd job (submit, wait) run back to back, so their ratio is
+     measured under the same machine conditions.
+  3. Prints one table row per variant: audio seconds per wall second, speed relative to
+     bare-ow (b), peak resident memory of the process doing the work (VmHWM of a daemon or
+     bare process; for the CLI the largest ru_maxrss of its processes, from os.wait4), and
+     the corpus word error rate against the spoken text (lower case, no punctuation). Then
+     the targets, each PASS or MISS:
+       T1  a whisperd job (client-observed, submit to finished) / bare library, warm: <= 1.05
+       T2  whisperd faster-whisper int8 / whisperd openai-whisper, speed: >= 1.5x, and WER
+           no worse by more than 0.02
+       T3  ten ~10 s files in a row: CLI per file / whisperd (warm daemon): >= 3x
+     Everything is also written as JSON (bench/out/transcribe.json).
+
+Run (from the repository root, with the venv's python; about 10 minutes on 2 cores):
+  .venv/bin/python bench/transcribe.py                      # default sizes
+  .venv/bin/python bench/transcribe.py --quick              # smoke run, about 2 minutes
+  .venv/bin/python bench/transcribe.py --full               # the long file is 10 min (~16 min)
+  .venv/bin/python bench/transcribe.py --model-dir /tmp/models --variants cli,bare-ow,whisperd-ow
+The model is Whisper tiny.en, made offline by tools/tiny_en.py in --model-dir (default
+$WHISPERD_MODEL_DIR, else bench/out/models). Before measuring, the script waits while a
+test suite (pytest, .ci/run) runs on the machine (--no-wait skips that).
+
+Timings on a shared machine are noisy: compare the ratios of one run, not runs.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (OUT, PYTHON, ROOT, Daemon, audio_seconds, machine, make_set,  # noqa: E402
+                     peak_rss_mib, reference, speak, wait_until_quiet, wer)
+
+# The `whisper` command line's decoding defaults (whisper/transcribe.py, cli()).
+TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+CLI_DECODING = {"beam_size": 5, "best_of": 5, "temperature": TEMPERATURES,
+                "compression_ratio_threshold": 2.4, "no_speech_threshold": 0.6,
+                "condition_on_previous_text": True}
+LOGPROB_THRESHOLD = -1.0
+
+SIZES = {  # seconds of each file: (the set, the long file, the short files)
+    "quick": ([10, 30, 60], None, [10] * 4),
+    "default": ([10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 30], 240, [10] * 10),
+    "full": ([10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 30], 600, [10] * 10),
+}
+VARIANTS = ("bare-ow", "whisperd-ow", "cli", "bare-fw-int8", "whisperd-fw-int8",
+            "whisperd-fw-float32", "whisperd-fw-batch8", "bare-fw-batch8")
+DEFAULT_VARIANTS = VARIANTS[:-1]
+
+
+# ---------------------------------------------------------------------------------------
+# A bare library in its own warm process (so its memory is its own)
+# ---------------------------------------------------------------------------------------
+
+def worker_main(kind, model_dir, compute_type, batch_size):
+    """`--worker KIND`: loads the model, then per stdin line {"path", "out"} transcribes
+    the file, writes its .txt like the CLI, and answers {"seconds", "text"} on stdout.
+    At end of input answers {"peak_rss_mib"}."""
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything the libraries print goes to stderr, not into the protocol
+    started = time.monotonic()
+    from whisper.utils import get_writer
+    if kind == "ow":
+        import whisper
+        model = whisper.load_model(os.path.join(model_dir, "tiny.en.pt"), device="cpu")
+
+        def transcribe(path):
+            return whisper.transcribe(model, path, verbose=None, fp16=False, language=None,
+                                      task="transcribe", initial_prompt=None,
+                                      word_timestamps=False,
+                                      logprob_threshold=LOGPROB_THRESHOLD, **CLI_DECODING)
+    else:
+        import faster_whisper
+        model = faster_whisper.WhisperModel(os.path.join(model_dir, "tiny.en"), device="cpu",
+                                            compute_type=compute_type)
+        options = dict(CLI_DECODING, log_prob_threshold=LOGPROB_THRESHOLD, language=None,
+                       task="transcribe", initial_prompt=None, word_timestamps=False)
+        if batch_size:
+            model = faster_whisper.BatchedInferencePipeline(model)
+            options["batch_size"] = batch_size
+
+        def transcribe(path):
+            pieces, info = model.transcribe(path, **options)
+            segments = [{"start": p.start, "end": p.end, "text": p.text} for p in pieces]
+            return {"text": "".join(s["text"] for s in segments), "segments": segments}
+    print(json.dumps({"ready": time.monotonic() - started}), file=protocol)
+    for line in sys.stdin:
+        request = json.loads(line)
+        started = time.monotonic()
+        result = transcribe(request["path"])
+        get_writer("txt", request["out"])(result, request["path"])
+        seconds = time.monotonic() - started
+        print(json.dumps({"seconds": seconds, "text": result["text"]}), file=protocol)
+    print(json.dumps({"peak_rss_mib": peak_rss_mib(os.getpid())}), file=protocol)
+
+
+class Bare:
+    """The parent's handle on a --worker process."""
+
+    def __init__(self, kind, model_dir, compute_type="int8", batch_size=0):
+        self.proc = subprocess.Popen(
+            [PYTHON, __file__, "--worker", kind, "--model-dir", str(model_dir),
+             "--compute-type", compute_type, "--batch-size", str(batch_size)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, bufsize=1)
+        self.ready = self._answer()["ready"]
+
+    def _answer(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the bare worker died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def transcribe(self, path, out):
+        self.proc.stdin.write(json.dumps({"path": str(path), "out": str(out)}) + "\n")
+        return self._answer()
+
+    def close(self):
+        self.proc.stdin.close()
+        peak = self._answer()["peak_rss_mib"]
+        self.proc.wait()
+        return peak
+
+
+# ---------------------------------------------------------------------------------------
+# The measurements
+# ---------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args, files, shorts, warm):
+        self.args, self.files, self.shorts, self.warm = args, files, shorts, warm
+        self.audio = {str(f): audio_seconds(f) for f in files + shorts}
+        self.rows = {}      # variant -> row
+        self.extra = {}     # paired and short-file measurements
+        self.scratch = OUT / "scratch"
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def folder(self, name):
+        path = self.scratch / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def row(self, variant, files, wall, texts, peak, **more):
+        audio = sum(self.audio[str(f)] for f in files)
+        self.rows[variant] = {
+            "files": len(files), "audio_s": round(audio, 1), "wall_s": round(wall, 2),
+            "speed": audio / wall, "peak_rss_mib": round(peak),
+            "wer": wer([(reference(f), t) for f, t in zip(files, texts)]), **more}
+        r = self.rows[variant]
+        print(f"  {variant:22} {r['audio_s']:7.1f} s audio in {r['wall_s']:7.2f} s: "
+              f"{r['speed']:5.2f}x real time, peak {r['peak_rss_mib']} MiB, "
+              f"WER {r['wer']:.3f}", flush=True)
+
+    def daemon(self, name, flags=()):
+        state = self.folder(f"state-{name}")
+        daemon = Daemon(state, self.args.model_dir, ["--max-queue", "100000", *flags]).start()
+        started = time.monotonic()
+        daemon.finished(daemon.submit(self.warm, self.folder("warm"))["id"])
+        daemon.warmup_s = time.monotonic() - started
+        return daemon
+
+    @staticmethod
+    def run_all(daemon, files, out):
+        """Submit all, wait all: (wall from first submit to last finish, jobs)."""
+        started = time.monotonic()
+        ids = [daemon.submit(f, out)["id"] for f in files]
+        jobs = [daemon.finished(i) for i in ids]
+        return time.monotonic() - started, jobs
+
+    def bare_pass(self, variant, bare, files):
+        out = self.folder(variant)
+        answers = [bare.transcribe(f, out) for f in files]
+        return sum(a["seconds"] for a in answers), [a["text"] for a in answers]
+
+    # -- b and c, and the short files through whisperd --------------------------------
+
+    def openai_whisper(self, want):
+        print("openai-whisper: bare library and whisperd", flush=True)
+        daemon = self.daemon("ow")
+        try:
+            if {"bare-ow", "whisperd-ow"} & set(want):
+                self.paired(daemon, want)
+            if "whisperd-ow" in want:
+                wall, jobs = self.run_all(daemon, self.files, self.folder("whisperd-ow"))
+                self.row("whisperd-ow", self.files, wall, [j["result"] for j in jobs],
+                         peak_rss_mib(daemon.pid),
+                         duration_sum_s=round(sum(j["Duration"] for j in jobs), 2),
+                         warmup_s=round(daemon.warmup_s, 2))
+            if "cli" in want:  # the short files: the daemon that is already up ...
+                wall, jobs = self.run_all(daemon, self.shorts, self.folder("shorts-whisperd"))
+                self.extra["shorts_whisperd"] = {
+                    "wall_s": wall, "wer": wer([(reference(f), j["result"])
+                                                for f, j in zip(self.shorts, jobs)])}
+                print(f"  {len(self.shorts)} short files, warm whisperd: {wall:.2f} s")
+        finally:
+            daemon.stop()
+        if "cli" in want:  # ... and one started for them
+            started = time.monotonic()
+            cold = Daemon(self.folder("state-cold"), self.args.model_dir).start()
+            try:
+                up = time.monotonic() - started
+                self.run_all(cold, self.shorts, self.folder("shorts-cold"))
+                self.extra["shorts_whisperd_cold"] = {"wall_s": time.monotonic() - started,
+                                                      "port_s": up}
+            finally:
+                cold.stop()
+            print(f"  {len(self.shorts)} short files, whisperd started for them: "
+                  f"{self.extra['shorts_whisperd_cold']['wall_s']:.2f} s (port answered "
+                  f"after {up:.2f} s)")
+
+    def paired(self, daemon, want):
+        """Per file, the bare library and one whisperd job (submit, wait) back to back,
+        alternating which goes first, so that T1 compares like with like."""
+        bare = Bare("ow", self.args.model_dir)
+        bare.transcribe(self.warm, self.folder("warm"))
+        out_b, out_c = self.folder("paired-bare-ow"), self.folder("paired-whisperd-ow")
+        per_file, texts = [], []
+        for i, f in enumerate(self.files):
+            for step in (("bare", "job") if i % 2 == 0 else ("job", "bare")):
+                if step == "bare":
+                    answer = bare.transcribe(f, out_b)
+                    bare_s = answer["seconds"]
+                    texts.append(answer["text"])
+                else:
+                    started = time.monotonic()
+                    job = daemon.finished(daemon.submit(f, out_c)["id"])
+                    job_s, duration = time.monotonic() - started, job["Duration"]
+            per_file.append({"file": Path(f).name, "audio_s": self.audio[str(f)],
+                             "bare_s": bare_s, "job_s": job_s, "Duration": duration})
+        p = self.extra["paired"] = {
+            "bare_s": sum(r["bare_s"] for r in per_file),
+            "whisperd_job_s": sum(r["job_s"] for r in per_file),
+            "whisperd_duration_s": sum(r["Duration"] for r in per_file),
+            "per_file": per_file}
+        print(f"  paired: bare {p['bare_s']:.2f} s, whisperd jobs {p['whisperd_job_s']:.2f} s "
+              f"(their Duration {p['whisperd_duration_s']:.2f} s)")
+        peak = bare.close()
+        if "bare-ow" in want:
+            self.row("bare-ow", self.files, p["bare_s"], texts, peak,
+                     load_s=round(bare.ready, 2), note="the paired pass")
+
+    # -- a ------------------------------------------------------------------------------
+
+    def cli(self, files, out):
+        """The `whisper` command, one process per file; (wall, texts, peak MiB)."""
+        whisper = Path(PYTHON).parent / "whisper"
+        model = os.path.join(self.args.model_dir, "tiny.en.pt")
+        texts, peak, log = [], 0, self.scratch / "cli.log"
+        started = time.monotonic()
+        for f in files:
+            with open(log, "w") as errors:
+                proc = subprocess.Popen(
+                    [str(whisper), str(f), "--model", model, "--fp16", "False",
+                     "--output_format", "txt", "--output_dir", str(out)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode:
+                raise RuntimeError(f"whisper CLI failed on {f}:\n{log.read_text()}")
+            peak = max(peak, usage.ru_maxrss / 1024)  # KiB on Linux
+            texts.append((out / (Path(f).stem + ".txt")).read_text())
+        return time.monotonic() - started, texts, peak
+
+    def command_line(self):
+        print("whisper CLI, one process per file", flush=True)
+        wall, texts, peak = self.cli(self.files, self.folder("cli"))
+        self.row("cli", self.files, wall, texts, peak)
+        wall, texts, _ = self.cli(self.shorts, self.folder("shorts-cli"))
+        self.extra["shorts_cli"] = {"wall_s": wall, "wer": wer(
+            [(reference(f), t) for f, t in zip(self.shorts, texts)])}
+        print(f"  {len(self.shorts)} short files, CLI: {wall:.2f} s")
+
+    # -- d and e ------------------------------------------------------------------------
+
+    def faster_whisper(self, want):
+        print("faster-whisper: bare library and whisperd", flush=True)
+        for variant, kind, compute, batch in (("bare-fw-int8", "fw", "int8", 0),
+                                              ("bare-fw-batch8", "fw", "int8", 8)):
+            if variant in want:
+                bare = Bare(kind, self.args.model_dir, compute, batch)
+                bare.transcribe(self.warm, self.folder("warm"))
+                seconds, texts = self.bare_pass(variant, bare, self.files)
+                self.row(variant, self.files, seconds, texts, bare.close(),
+                         load_s=round(bare.ready, 2))
+        for variant, flags in (
+                ("whisperd-fw-int8", ["--compute-type", "int8"]),
+                ("whisperd-fw-float32", ["--compute-type", "float32"]),
+                ("whisperd-fw-batch8", ["--compute-type", "int8", "--batch-size", "8"])):
+            if variant in want:
+                daemon = self.daemon(variant, ["--engine", "faster-whisper", *flags])
+                try:
+                    wall, jobs = self.run_all(daemon, self.files, self.folder(variant))
+                    self.row(variant, self.files, wall, [j["result"] for j in jobs],
+                             peak_rss_mib(daemon.pid),
+                             duration_sum_s=round(sum(j["Duration"] for j in jobs), 2),
+                             warmup_s=round(daemon.warmup_s, 2))
+                finally:
+                    daemon.stop()
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------
+
+def report(bench, sizes):
+    rows, extra = bench.rows, bench.extra
+    base = rows.get("bare-ow")
+    print("\n| variant | files | audio s | wall s | audio s / wall s | vs bare-ow (b) "
+          "| peak RSS MiB | WER |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in VARIANTS:
+        if name in rows:
+            r = rows[name]
+            ratio = f"{r['speed'] / base['speed']:.2f}" if base else "-"
+            print(f"| {name} | {r['files']} | {r['audio_s']:.1f} | {r['wall_s']:.2f} | "
+                  f"{r['speed']:.2f} | {ratio} | {r['peak_rss_mib']} | {r['wer']:.3f} |")
+    targets = []
+
+    def target(name, value, ok, text):
+        targets.append({"target": name, "value": value, "pass": ok, "text": text})
+        print(f"{'PASS' if ok else 'MISS'}  {name}: {text}")
+
+    print()
+    if "paired" in extra:
+        p = extra["paired"]
+        ratio = p["whisperd_job_s"] / p["bare_s"]
+        target("T1 whisperd job / bare library (warm, paired) <= 1.05", ratio, ratio <= 1.05,
+               f"{ratio:.3f} (jobs {p['whisperd_job_s']:.2f} s as the client saw them, "
+               f"Duration {p['whisperd_duration_s']:.2f} s = "
+               f"{p['whisperd_duration_s'] / p['bare_s']:.3f}, bare {p['bare_s']:.2f} s)")
+    if "whisperd-ow" in rows and "whisperd-fw-int8" in rows:
+        ow, fw = rows["whisperd-ow"], rows["whisperd-fw-int8"]
+        speedup, worse = fw["speed"] / ow["speed"], fw["wer"] - ow["wer"]
+        target("T2 whisperd faster-whisper int8 / openai-whisper >= 1.5x, WER +<= 0.02",
+               speedup, speedup >= 1.5 and worse <= 0.02,
+               f"{speedup:.2f}x, WER {fw['wer']:.3f} vs {ow['wer']:.3f} ({worse:+.3f})")
+    if "shorts_cli" in extra and "shorts_whisperd" in extra:
+        cli, warm = extra["shorts_cli"]["wall_s"], extra["shorts_whisperd"]["wall_s"]
+        cold = extra.get("shorts_whisperd_cold", {}).get("wall_s")
+        n = len(bench.shorts)
+        target(f"T3 {n} short files: CLI per file / whisperd >= 3x", cli / warm,
+               cli / warm >= 3,
+               f"{cli / warm:.2f}x (CLI {cli:.2f} s, warm whisperd {warm:.2f} s"
+               + (f"; whisperd started for them {cold:.2f} s: {cli / cold:.2f}x)"
+                  if cold else ")"))
+    result = {"when": time.strftime("%Y-%m-%d %H:%M:%S %z"), "sizes": sizes,
+              "machine": machine(), "audio_s": sum(bench.audio[str(f)] for f in bench.files),
+              "rows": rows, "extra": extra, "targets": targets}
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="three files, four short ones")
+    size.add_argument("--full", action="store_true", help="the long file is 10 minutes")
+    parser.add_argument("--model-dir", default=os.environ.get("WHISPERD_MODEL_DIR")
+                        or str(OUT / "models"), help="where tiny.en.pt and tiny.en/ are")
+    parser.add_argument("--audio-dir", default=str(OUT / "audio"), help="audio cache")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--json", default=str(OUT / "transcribe.json"), help="results file")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="do not wait for running test suites to end")
+    parser.add_argument("--worker", choices=("ow", "fw"), help=argparse.SUPPRESS)
+    parser.add_argument("--compute-type", default="int8", help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker_main(args.worker, args.model_dir, args.compute_type, args.batch_size)
+
+    want = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(want) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+    args.model_dir = os.path.abspath(args.model_dir)
+    subprocess.run([PYTHON, str(ROOT / "tools" / "tiny_en.py"), args.model_dir], check=True)
+    sys.path.insert(0, str(ROOT))
+    import whisperd  # the daemon's settings must be the CLI's, or the comparison is moot
+    assert whisperd.DECODING == CLI_DECODING and whisperd.LOGPROB_THRESHOLD == LOGPROB_THRESHOLD
+
+    sizes = "quick" if args.quick else "full" if args.full else "default"
+    lengths, long, shorts = SIZES[sizes]
+    audio = Path(args.audio_dir)
+    files = make_set(audio, lengths, "set") + (make_set(audio, [long], "long") if long else [])
+    short_files = make_set(audio, shorts, "short")
+    warm = speak("Thank you for calling. Please call me back tomorrow morning.",
+                 audio / "warmup.wav")
+    total = sum(audio_seconds(f) for f in files)
+    print(f"audio: {len(files)} files, {total:.0f} s ({min(map(audio_seconds, files)):.0f} to "
+          f"{max(map(audio_seconds, files)):.0f} s each); {len(short_files)} short files of "
+          f"about {sum(map(audio_seconds, short_files)) / len(short_files):.0f} s", flush=True)
+    if not args.no_wait:
+        wait_until_quiet()
+
+    bench = Bench(args, files, short_files, warm)
+    started = time.monotonic()
+    if {"bare-ow", "whisperd-ow"} & set(want) or "cli" in want:
+        bench.openai_whisper(want)
+    if "cli" in want:
+        bench.command_line()
+    bench.faster_whisper(want)
+    result = report(bench, sizes)
+    result["bench_wall_s"] = round(time.monotonic() - started, 1)
+    print(f"\nmeasured in {result['bench_wall_s']:.0f} s; results in {args.json}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
