@@ -21,6 +21,8 @@ callbacks, service, HTTP, systemd, main.
 import argparse
 import collections
 import contextlib
+import email.parser
+import email.policy
 import errno
 import fcntl
 import gc
@@ -35,6 +37,7 @@ import os
 import queue
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -97,7 +100,8 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="whisperd", description="Whisper speech-to-text behind a small HTTP job API.",
         epilog="Every flag may also be given as an environment variable WHISPERD_<FLAG>, "
-               "for example WHISPERD_PORT=9000 or WHISPERD_ALLOW_DIR=/srv/a:/srv/b.")
+               "for example WHISPERD_PORT=9000 or WHISPERD_ALLOW_DIR=/srv/a:/srv/b. "
+               "As a client of a running whisperd: whisperd submit|status|jobs --help.")
 
     def flag(name, default, type=str, help="", **kwargs):
         env = "WHISPERD_" + name.upper().replace("-", "_")
@@ -128,6 +132,7 @@ def build_parser():
          "interrupting the daemon is FAILED")
     flag("max-queue", 1000, int, "queued jobs accepted; past it POST answers 503")
     flag("shutdown-grace", 30, float, "seconds SIGTERM waits for the running job")
+    flag("max-upload", 25, float, "MiB an upload to /v1/audio/* may have")
     flag("token", None, help="require 'Authorization: Bearer TOKEN' on every request")
     flag("allow-dir", [], action="append", metavar="DIR",
          help="(repeatable) path and output_path must lie inside one of these folders")
@@ -193,7 +198,8 @@ class Job:
     # The original API's keys first, in its order; everything after them was added.
     def __init__(self, id, path, language, format, output_path, callback, model,
                  task="transcribe", initial_prompt="", word_timestamps=False,
-                 max_line_width=None, max_line_count=None, highlight_words=False):
+                 max_line_width=None, max_line_count=None, highlight_words=False,
+                 temperature=0.0):
         self.id = id
         self.path = path
         self.language = language
@@ -219,6 +225,7 @@ class Job:
         self.max_line_width = max_line_width
         self.max_line_count = max_line_count
         self.highlight_words = highlight_words
+        self.temperature = temperature
 
     def to_json(self):
         return dict(vars(self))
@@ -240,7 +247,7 @@ class Job:
 # The keys a client may send, and what each must be.
 JOB_FIELDS = ("path", "language", "format", "output_path", "callback", "model", "task",
               "initial_prompt", "word_timestamps", "max_line_width", "max_line_count",
-              "highlight_words")
+              "highlight_words", "temperature")
 
 
 def _string(body, field):
@@ -249,7 +256,7 @@ def _string(body, field):
         return ""
     if not isinstance(value, str):
         raise HTTPError(400, f"{field} must be a string", field)
-    return value.strip()
+    return value
 
 
 def _one_of(body, field, valid, default):
@@ -342,6 +349,10 @@ def validate(body, settings):
         if value is not None and (type(value) is not int or value < 1):
             raise HTTPError(400, f"{field} must be a whole number of at least 1", field)
         options[field] = value
+    temperature = body.get("temperature", 0.0)
+    if type(temperature) not in (int, float) or not 0 <= temperature <= 1:
+        raise HTTPError(400, "temperature must be a number from 0 to 1", "temperature")
+    options["temperature"] = float(temperature)
     for field in ("max_line_width", "max_line_count", "highlight_words"):
         if options[field] and not options["word_timestamps"]:
             raise HTTPError(400, f"{field} needs word_timestamps: true (as in the whisper "
@@ -462,11 +473,14 @@ class JobStore:
 
 # The `whisper` command line's decoding defaults (not whisper.transcribe()'s greedy ones),
 # so a job's transcript is the one `whisper FILE` gives; both engines decode with them.
-TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-DECODING = {"beam_size": 5, "best_of": 5, "temperature": TEMPERATURES,
-            "compression_ratio_threshold": 2.4, "no_speech_threshold": 0.6,
-            "condition_on_previous_text": True}
+DECODING = {"beam_size": 5, "best_of": 5, "compression_ratio_threshold": 2.4,
+            "no_speech_threshold": 0.6, "condition_on_previous_text": True}
 LOGPROB_THRESHOLD = -1.0
+
+
+def temperatures(start):
+    """The CLI's fallback: from `start` up to 1.0 in steps of 0.2 (0.0 ... 1.0 by default)."""
+    return tuple(round(start + 0.2 * i, 2) for i in range(int((1.0 - start) / 0.2 + 1e-6) + 1))
 
 
 class Interrupted(Exception):
@@ -603,7 +617,7 @@ class OpenAIWhisperEngine(Engine):
                 language=None if job.language == AUTO_LANGUAGE else job.language,
                 task=job.task, initial_prompt=job.initial_prompt or None,
                 word_timestamps=job.word_timestamps, logprob_threshold=LOGPROB_THRESHOLD,
-                **DECODING)
+                temperature=temperatures(job.temperature), **DECODING)
         finally:
             _progress.report = None
         return result, (audio_seconds[-1] if audio_seconds else len(audio) / 16000)
@@ -643,7 +657,8 @@ class FasterWhisperEngine(Engine):
         options = dict(DECODING, log_prob_threshold=LOGPROB_THRESHOLD,
                        language=None if job.language == AUTO_LANGUAGE else job.language,
                        task=job.task, initial_prompt=job.initial_prompt or None,
-                       word_timestamps=job.word_timestamps)
+                       word_timestamps=job.word_timestamps,
+                       temperature=list(temperatures(job.temperature)))
         if self.settings.batch_size:
             options["batch_size"] = self.settings.batch_size
         try:
@@ -937,7 +952,14 @@ class Service:
         self._recover()
 
     def _recover(self):
-        """Loads the store: queued jobs queue again, interrupted ones run again."""
+        """Loads the store: queued jobs queue again, interrupted ones run again.
+
+        Uploads (/v1/audio/*) are the exception: their client waited on the connection,
+        which the restart closed, so their files are removed and their jobs FAILED.
+        """
+        self.uploads = os.path.join(self.settings.state_dir, "uploads")
+        shutil.rmtree(self.uploads, ignore_errors=True)
+        os.makedirs(self.uploads)
         for job in self.store.last_finished(self.settings.history):
             self.jobs[job.id] = job
             self.finished.append(job.id)
@@ -945,6 +967,10 @@ class Service:
         for job in self.store.unfinished():
             self.jobs[job.id] = job
             self.counts[job.status] += 1
+            if _inside(job.path, [self.uploads]):
+                self.finish(job, FAILED, error="whisperd restarted while this upload was "
+                                               "waiting; its client was disconnected")
+                continue
             if job.status == RUNNING:
                 if job.attempts >= self.settings.max_attempts:
                     self.finish(job, FAILED, error=(
@@ -1073,11 +1099,14 @@ class Service:
         return job
 
     def wait(self, job_id, seconds):
-        """Holds until the job has finished (or is gone), at most `seconds`."""
+        """Holds until the job has finished, at most `seconds` (None: no limit)."""
         with self.changed:
-            self.changed.wait_for(lambda: getattr(self.jobs.get(job_id), "status", COMPLETED)
-                                  in FINISHED, timeout=seconds)
-            return self.get(job_id).to_json()
+            job = self.get(job_id)
+            self.changed.wait_for(lambda: job.status in FINISHED or
+                                  self.jobs.get(job_id) is not job, timeout=seconds)
+            if job.status not in FINISHED:
+                job = self.get(job_id)  # 404 if it was deleted meanwhile
+            return job.to_json()
 
     def snapshot(self, job_id=None):
         with self.lock:
@@ -1138,7 +1167,12 @@ class Handler(BaseHTTPRequestHandler):
             status, payload, *headers = answer(self, *params)
             self.respond(status, payload, **(headers[0] if headers else {}))
         except HTTPError as e:
-            body = {"error": e.message, **({"field": e.field} if e.field else {})}
+            if self.path.startswith("/v1/"):  # OpenAI's error shape, which its SDKs read
+                body = {"error": {"message": e.message, "param": e.field, "code": None,
+                                  "type": "invalid_request_error" if e.status < 500
+                                  else "server_error"}}
+            else:
+                body = {"error": e.message, **({"field": e.field} if e.field else {})}
             self.respond(e.status, body, **e.headers)
         except (ConnectionError, TimeoutError):
             self.close_connection = True
@@ -1192,6 +1226,13 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def read_json(self):
+        raw = self.read_body(MAX_BODY)
+        try:
+            return json.loads(raw)
+        except ValueError as e:  # UnicodeDecodeError is a ValueError too
+            raise HTTPError(400, f"the body is not valid JSON: {e}") from None
+
+    def read_body(self, limit):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
             raise HTTPError(411, "send the body with a Content-Length; chunked transfer "
@@ -1203,16 +1244,13 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             self.close_connection = True
             raise HTTPError(411, "a Content-Length header is required") from None
-        if length > MAX_BODY:
+        if length > limit:
             self.close_connection = True  # the unread body must not be parsed as a request
-            raise HTTPError(413, f"the body is {length} bytes; at most {MAX_BODY} are accepted")
+            raise HTTPError(413, f"the body is {length} bytes; at most {limit} are accepted")
         raw = self.rfile.read(length)
         if len(raw) < length:
             raise ConnectionError("client closed the connection mid-body")
-        try:
-            return json.loads(raw)
-        except ValueError as e:  # UnicodeDecodeError is a ValueError too
-            raise HTTPError(400, f"the body is not valid JSON: {e}") from None
+        return raw
 
     # -- the original API ---------------------------------------------------------------
 
@@ -1261,6 +1299,74 @@ class Handler(BaseHTTPRequestHandler):
     def stats(self):
         return 200, self.service.stats()
 
+    # -- OpenAI's audio API -------------------------------------------------------------
+
+    @route("POST", r"/v1/audio/(transcriptions|translations)")
+    def openai_audio(self, kind):
+        """OpenAI's `audio.transcriptions.create` and `audio.translations.create`, answered
+        synchronously: the upload becomes an ordinary job in the same queue."""
+        form = self.read_form()
+        upload = form.get("file")
+        if not isinstance(upload, tuple):
+            raise HTTPError(400, "send the audio as a multipart file field named 'file'", "file")
+        response_format = _one_of(form, "response_format", OPENAI_FORMATS, "json")
+        granularities = form.get("timestamp_granularities[]", [])
+        granularities = [granularities] if isinstance(granularities, str) else granularities
+        for value in granularities:
+            if value not in ("word", "segment"):
+                raise HTTPError(400, f"timestamp_granularities[] {value!r} is not supported; "
+                                     f"valid values: word, segment", "timestamp_granularities[]")
+        try:
+            temperature = float(form.get("temperature") or 0)
+        except (TypeError, ValueError):
+            raise HTTPError(400, "temperature must be a number from 0 to 1", "temperature") \
+                from None
+        model = form.get("model") if isinstance(form.get("model"), str) else ""
+        folder = tempfile.mkdtemp(dir=self.service.uploads)
+        try:
+            name = "audio" + os.path.splitext(os.path.basename(upload[0] or ""))[1][:16]
+            audio = os.path.join(folder, name)
+            with open(audio, "wb") as file:
+                file.write(upload[1])
+            job = self.service.submit(validate({
+                "path": audio, "output_path": folder, "format": "json",
+                "model": "" if model.startswith(("whisper-", "gpt-")) else model,
+                "language": form.get("language") or None, "initial_prompt": form.get("prompt"),
+                "task": "translate" if kind == "translations" else "transcribe",
+                "word_timestamps": "word" in granularities, "temperature": temperature,
+            }, self.server.settings))
+            done = self.service.wait(job.id, None)
+            if done["status"] != COMPLETED:
+                raise HTTPError(400 if "decode" in done["error"] else 500, done["error"])
+            with open(os.path.join(folder, "audio.json"), encoding="utf-8") as file:
+                result = json.load(file)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return 200, *openai_answer(result, done, response_format)
+
+    def read_form(self):
+        """A multipart/form-data body as {name: text, or [texts], or (filename, bytes)}."""
+        content_type = self.headers.get("Content-Type", "")
+        if not content_type.startswith("multipart/form-data"):
+            raise HTTPError(400, "send the body as multipart/form-data, as OpenAI's clients do")
+        limit = int(self.server.settings.max_upload * 1024 * 1024)
+        raw = self.read_body(limit)
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+        if not message.is_multipart():
+            raise HTTPError(400, "the multipart body could not be read")
+        form = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            value = part.get_payload(decode=True) or b""
+            if part.get_filename() is not None:
+                form[name] = (part.get_filename(), value)
+            else:
+                text = value.decode("utf-8", "replace")
+                form[name] = form[name] + [text] if isinstance(form.get(name), list) else \
+                    ([form[name], text] if name in form else text)
+        return form
+
     # -- operations ---------------------------------------------------------------------
 
     @route("GET", r"/health")
@@ -1271,6 +1377,10 @@ class Handler(BaseHTTPRequestHandler):
                 "models_loaded": list(engine.models), "worker_ready": service.worker.ready,
                 **service.stats(), "uptime": round(time.monotonic() - service.started, 1)}
         return (200 if service.accepting else 503), body
+
+    @route("GET", r"/openapi.json")
+    def openapi(self):
+        return 200, OPENAPI
 
     @route("GET", r"/metrics")
     def metrics(self):
@@ -1326,6 +1436,167 @@ def prometheus_text(service):
     return "\n".join(lines) + "\n"
 
 
+OPENAI_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+
+
+def _openapi():
+    """GET /openapi.json: every endpoint, request and response, as OpenAPI 3.1."""
+    def ref(name):
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def nullable(kind, **more):
+        return {"type": [kind, "null"], **more}
+
+    def answer(description, schema=None, text=False, **more):
+        media = "text/plain" if text else "application/json"
+        return {"description": description,
+                **({"content": {media: {"schema": schema or {"type": "string"}}}}
+                   if schema or text else {}), **more}
+
+    def errors(*codes, schema="Error"):
+        meaning = {400: "Invalid input; `field` names it", 401: "Missing or wrong token",
+                   403: "Outside --allow-dir", 404: "No such job", 409: "Job not QUEUED",
+                   411: "No Content-Length", 413: "Body too large",
+                   500: "The job failed", 503: "Queue full or shutting down"}
+        return {str(c): answer(meaning[c], ref(schema)) for c in codes + (401,)}
+
+    job_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    string = {"type": "string"}
+    job_properties = {
+        "path": {"type": "string", "description": "Absolute path of an audio file on the host"},
+        "language": nullable("string", enum=["", AUTO_LANGUAGE, *LANGUAGES, None]),
+        "format": nullable("string", enum=["", *FORMATS, None]),
+        "output_path": nullable("string", description="An existing folder; default: the "
+                                                      "audio's folder"),
+        "callback": nullable("string", pattern="^https?://[^/]"),
+        "model": nullable("string", enum=["", *MODELS, None]),
+        "task": nullable("string", enum=["", *TASKS, None]),
+        "initial_prompt": nullable("string"),
+        "word_timestamps": {"type": "boolean"},
+        "max_line_width": nullable("integer", minimum=1),
+        "max_line_count": nullable("integer", minimum=1),
+        "highlight_words": {"type": "boolean"},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+    }
+    job = {"type": "object", "required": list(vars(Job("", "", "", "", "", "", ""))),
+           "properties": {
+               "id": string, "path": string, "language": string,
+               "format": {"type": "string", "enum": list(FORMATS)}, "output_path": string,
+               "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+               "status": {"type": "string", "enum": [QUEUED, RUNNING, COMPLETED, FAILED]},
+               "result": string, "callback": string, "model": string,
+               "Duration": {"type": "number"}, "error": string, "created_at": string,
+               "started_at": nullable("string"), "finished_at": nullable("string"),
+               "attempts": {"type": "integer"}, "audio_duration": nullable("number"),
+               "callback_status": {"type": "string",
+                                   "enum": ["", "pending", "delivered", "failed"]},
+               "callback_attempts": {"type": "integer"}, "task": string,
+               "initial_prompt": string, "word_timestamps": {"type": "boolean"},
+               "max_line_width": nullable("integer"), "max_line_count": nullable("integer"),
+               "highlight_words": {"type": "boolean"}, "temperature": {"type": "number"}}}
+    counts = {k: {"type": "integer"} for k in ("Queued", "Running", "Processed")}
+    audio_form = {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}, "model": string,
+        "language": string, "prompt": string,
+        "response_format": {"type": "string", "enum": list(OPENAI_FORMATS)},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+        "timestamp_granularities[]": {"type": "array",
+                                      "items": {"type": "string", "enum": ["word", "segment"]}}}}
+    audio = {"requestBody": {"required": True,
+                             "content": {"multipart/form-data": {"schema": audio_form}}},
+             "responses": {"200": {"description": "The transcript, in response_format",
+                                   "content": {"application/json": {"schema": {"type": "object"}},
+                                               "text/plain": {"schema": string}}},
+                           **errors(400, 411, 413, 500, 503, schema="OpenAIError")}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "whisperd", "version": __version__,
+                 "description": "Whisper speech-to-text behind a small HTTP job API."},
+        "paths": {
+            "/transcription/job": {"post": {
+                "summary": "Create a job",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"type": "object", "required": ["path"],
+                               "properties": job_properties, "additionalProperties": False}}}},
+                "responses": {"201": answer("Created", ref("Job"), headers={"Location": {
+                    "schema": string, "description": "/transcription/job/{id}"}}),
+                    **errors(400, 403, 411, 413, 503)}}},
+            "/transcription/job/{id}": {
+                "get": {"summary": "A job", "parameters": [job_id, {
+                    "name": "wait", "in": "query", "required": False,
+                    "description": "Hold up to this many seconds (at most 60) until it finished",
+                    "schema": {"type": "number", "minimum": 0}}],
+                    "responses": {"200": answer("The job", ref("Job")), **errors(400, 404)}},
+                "delete": {"summary": "Delete a QUEUED job", "parameters": [job_id],
+                           "responses": {"200": answer("Deleted", {
+                               "type": "object", "required": ["id", "deleted"], "properties": {
+                                   "id": string, "deleted": {"type": "boolean"}}}),
+                               **errors(404, 409)}}},
+            "/transcription/jobs": {"get": {
+                "summary": "Queued and running jobs and the last --history finished ones",
+                "responses": {"200": answer("Oldest first", {"type": "array", "items": ref("Job")}),
+                              **errors()}}},
+            "/stats": {"get": {"summary": "Counts", "responses": {
+                "200": answer("Counts", {"type": "object", "properties": counts,
+                                         "required": list(counts)}), **errors()}}},
+            "/smi": {"get": {"summary": "nvidia-smi's output, for a person", "responses": {
+                "200": answer("nvidia-smi's text", text=True),
+                "503": answer("No nvidia-smi, or it failed", text=True), **errors()}}},
+            "/health": {"get": {"summary": "Liveness and what is loaded", "responses": {
+                "200": answer("Serving", ref("Health")),
+                "503": answer("Shutting down", ref("Health")), **errors()}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+                "200": answer("Prometheus text format", text=True), **errors()}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {
+                "200": answer("OpenAPI 3.1", {"type": "object"}), **errors()}}},
+            "/v1/audio/transcriptions": {"post": {"summary": "OpenAI-compatible", **audio}},
+            "/v1/audio/translations": {"post": {"summary": "OpenAI-compatible", **audio}},
+        },
+        "components": {
+            "schemas": {
+                "Job": job,
+                "Error": {"type": "object", "required": ["error"],
+                          "properties": {"error": string, "field": string}},
+                "OpenAIError": {"type": "object", "required": ["error"], "properties": {
+                    "error": {"type": "object", "required": ["message", "type"], "properties": {
+                        "message": string, "type": string, "param": nullable("string"),
+                        "code": {"type": "null"}}}}},
+                "Health": {"type": "object", "required": ["status", "engine", "device"],
+                           "properties": {"status": string, "engine": string, "device": string,
+                                          "models_loaded": {"type": "array", "items": string},
+                                          **counts}}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{}, {"bearer": []}],
+    }
+
+
+OPENAPI = _openapi()
+
+
+def openai_answer(result, job, response_format):
+    """(body, headers) in OpenAI's shape for one response_format, from whisper's result."""
+    if response_format in ("srt", "vtt"):
+        from whisper.utils import get_writer
+        text = io.StringIO()
+        get_writer(response_format, ".").write_result(result, file=text)
+        return text.getvalue(), {"content_type": "text/plain; charset=utf-8"}
+    if response_format == "text":
+        return job["result"], {"content_type": "text/plain; charset=utf-8"}
+    text = result["text"].strip()
+    if response_format == "json":
+        return {"text": text}, {}
+    from whisper.tokenizer import LANGUAGES as NAMES
+    keys = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
+            "compression_ratio", "no_speech_prob")
+    body = {"task": job["task"], "language": NAMES.get(job["language"], job["language"]),
+            "duration": job["audio_duration"], "text": text,
+            "segments": [{k: segment[k] for k in keys} for segment in result["segments"]]}
+    if job["word_timestamps"]:
+        body["words"] = [{"word": w["word"], "start": w["start"], "end": w["end"]}
+                         for segment in result["segments"] for w in segment.get("words", [])]
+    return body, {}
+
+
 class Server(ThreadingHTTPServer):
     """ThreadingHTTPServer, bound to the service, quiet about clients that go away."""
 
@@ -1370,6 +1641,131 @@ def watchdog_interval():
     if not usec or (pid and pid != str(os.getpid())):
         return None
     return int(usec) / 2e6
+
+
+# ---------------------------------------------------------------------------------------
+# Client: whisperd submit | status | jobs
+# ---------------------------------------------------------------------------------------
+
+CLIENT_COMMANDS = ("submit", "status", "jobs")
+
+
+class Client:
+    """Talks to a running whisperd at $WHISPERD_URL with $WHISPERD_TOKEN."""
+
+    def __init__(self):
+        self.url = os.environ.get("WHISPERD_URL", "http://127.0.0.1:9000").rstrip("/")
+        self.token = os.environ.get("WHISPERD_TOKEN")
+
+    def call(self, method, path, body=None):
+        """Returns (status, JSON answer); exits with status 2 when whisperd is unreachable."""
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.url + path, method=method, headers=headers,
+                                         data=None if body is None else json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=90) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as e:
+            try:
+                return e.code, json.load(e)
+            except ValueError:
+                return e.code, {"error": f"HTTP {e.code}"}
+        except (urllib.error.URLError, OSError) as e:
+            sys.exit(f"whisperd: cannot reach {self.url}: {getattr(e, 'reason', e)}")
+
+
+def client_main(argv):
+    parser = argparse.ArgumentParser(
+        prog="whisperd", description="Talk to a running whisperd ($WHISPERD_URL, default "
+                                     "http://127.0.0.1:9000; $WHISPERD_TOKEN).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    submit = commands.add_parser("submit", help="queue audio files; print their job ids")
+    submit.add_argument("files", nargs="+", metavar="FILE")
+    for name in ("model", "format", "language", "output-path", "callback"):
+        submit.add_argument(f"--{name}")
+    submit.add_argument("--wait", action="store_true",
+                        help="wait for the jobs, with a progress bar on a terminal; print the "
+                             "transcripts (txt) or where the files went")
+    commands.add_parser("status", help="one job, as JSON").add_argument("id")
+    commands.add_parser("jobs", help="the queued, running and recently finished jobs")
+    args = parser.parse_args(argv)
+    client = Client()
+
+    if args.command == "status":
+        status, job = client.call("GET", f"/transcription/job/{args.id}")
+        if status != 200:
+            sys.exit(f"whisperd: {job['error']}")
+        print(json.dumps(job, indent=2, ensure_ascii=False))
+        return 1 if job["status"] == FAILED else 0
+    if args.command == "jobs":
+        status, jobs = client.call("GET", "/transcription/jobs")
+        if status != 200:
+            sys.exit(f"whisperd: {jobs['error']}")
+        for job in jobs:
+            print(f"{job['id']}  {job['status']:<9} {job['progress']:>3}%  {job['path']}")
+        return 0
+
+    jobs, exit_status = [], 0
+    options = {k: v for k, v in (("model", args.model), ("format", args.format),
+                                 ("language", args.language), ("output_path", args.output_path),
+                                 ("callback", args.callback)) if v}
+    for file in args.files:
+        status, job = client.call("POST", "/transcription/job",
+                                  {"path": os.path.abspath(file), **options})
+        if status != 201:
+            print(f"whisperd: {file}: {job['error']}", file=sys.stderr)
+            exit_status = 2
+            continue
+        jobs.append(job)
+        if not args.wait:
+            print(job["id"])
+    if args.wait and jobs:
+        exit_status = max(exit_status, watch(client, jobs))
+    return exit_status
+
+
+def watch(client, jobs):
+    """Waits for the jobs, a progress bar each on a terminal; prints what they made."""
+    bars = {}
+    if sys.stderr.isatty():
+        import tqdm
+        width = shutil.get_terminal_size().columns  # tqdm draws nothing on a 0-wide tty
+        bars = {job["id"]: tqdm.tqdm(total=100, position=i, desc=os.path.basename(job["path"]),
+                                     ncols=width,
+                                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+                for i, job in enumerate(jobs)}
+    pending = {job["id"]: job for job in jobs}
+    while pending:
+        for job_id in list(pending):
+            status, job = client.call("GET", f"/transcription/job/{job_id}"
+                                             + ("" if bars else "?wait=30"))
+            if status != 200:
+                job = dict(pending[job_id], status=FAILED, error=job["error"])
+            if job_id in bars:
+                bars[job_id].n = job["progress"]
+                bars[job_id].set_postfix_str(job["status"].lower())
+            if job["status"] in FINISHED:
+                pending.pop(job_id)
+                jobs[[j["id"] for j in jobs].index(job_id)] = job
+        if pending and bars:
+            time.sleep(0.25)
+    for bar in bars.values():
+        bar.close()
+    failed = 0
+    for job in jobs:
+        if job["status"] == FAILED:
+            failed = 1
+            print(f"whisperd: {job['path']}: FAILED: {job['error']}", file=sys.stderr)
+        elif job["format"] == "txt":
+            print(job["result"], end="")
+        else:
+            base = os.path.join(job["output_path"],
+                                os.path.splitext(os.path.basename(job["path"]))[0])
+            formats = WRITTEN_FORMATS if job["format"] == "all" else (job["format"],)
+            print("\n".join(f"{base}.{ext}" for ext in formats))
+    return failed
 
 
 # ---------------------------------------------------------------------------------------
@@ -1454,6 +1850,9 @@ def serve(settings):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in CLIENT_COMMANDS:
+        return client_main(argv)
     return serve(parse_settings(argv))
 
 
