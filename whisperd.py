@@ -590,13 +590,16 @@ class OpenAIWhisperEngine(Engine):
                 model = self.whisper.load_model(path, device=self.device)
                 heads = getattr(self.whisper, "_ALIGNMENT_HEADS", {}).get(name)
                 if heads:  # whisper only sets them for the checkpoints it downloads
-                    model.set_alignment_heads(heads)
+                    try:
+                        model.set_alignment_heads(heads)
+                    except RuntimeError:  # a checkpoint of another shape: keep the default
+                        log(f"model {path} is not OpenAI's {name}; word timings use "
+                            f"whisper's default alignment heads")
                 return model
             return self.whisper.load_model(name, device=self.device,
                                            download_root=self.settings.model_dir)
         except Exception as e:
-            raise JobFailed(f"model {name} could not be loaded: it is not at {path} and "
-                            f"could not be downloaded there ({_reason(e)})") from e
+            raise JobFailed(_load_error(name, path, os.path.isfile(path), e)) from e
 
     def release_memory(self):
         if self.device.startswith("cuda"):
@@ -645,8 +648,7 @@ class FasterWhisperEngine(Engine):
                 device_index=int(index or 0), compute_type=self.compute_type,
                 download_root=self.settings.model_dir)
         except Exception as e:
-            raise JobFailed(f"model {name} could not be loaded: it is not at {path}/ and "
-                            f"could not be downloaded there ({_reason(e)})") from e
+            raise JobFailed(_load_error(name, path + "/", os.path.isdir(path), e)) from e
         if self.settings.batch_size:
             return self.faster_whisper.BatchedInferencePipeline(model)
         return model
@@ -682,6 +684,13 @@ class FasterWhisperEngine(Engine):
                 report(min(piece.end / info.duration, 1.0))
         text = "".join(segment["text"] for segment in segments)
         return {"text": text, "segments": segments, "language": info.language}, info.duration
+
+
+def _load_error(name, path, present, error):
+    if present:
+        return f"model {name} could not be loaded from {path}: {_reason(error)}"
+    return (f"model {name} could not be loaded: it is not at {path} and could not be "
+            f"downloaded there ({_reason(error)})")
 
 
 def _reason(error):
