@@ -377,8 +377,9 @@ def test_delete_removes_a_queued_job_but_not_a_running_or_finished_one(daemon, s
 
     status, _, body = daemon.request("DELETE", f"/transcription/job/{running['id']}")
     assert status == 409 and "RUNNING" in body["error"]
-    status, _, _ = daemon.request("DELETE", f"/transcription/job/{queued['id']}")
-    assert status == 200
+    status, _, gone = daemon.request("DELETE", f"/transcription/job/{queued['id']}")
+    assert status == 200 and gone["deleted"] is True
+    assert {k: v for k, v in gone.items() if k != "deleted"} == queued
     assert daemon.request("GET", f"/transcription/job/{queued['id']}")[0] == 404
     assert daemon.request("DELETE", f"/transcription/job/{queued['id']}")[0] == 404
 

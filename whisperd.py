@@ -506,6 +506,7 @@ class Engine:
         self.last_used = {}
         self.device = settings.device
         self.loads = 0
+        self.loading = False  # a first download may take longer than the watchdog allows
 
     def prepare(self):
         """Imports the heavy libraries and resolves the device (in the worker thread)."""
@@ -517,7 +518,11 @@ class Engine:
             while len(self.models) >= self.settings.max_models:
                 self.unload(next(iter(self.models)))
             started = time.monotonic()
-            self.models[name] = self.load(name)
+            self.loading = True
+            try:
+                self.models[name] = self.load(name)
+            finally:
+                self.loading = False
             self.loads += 1
             log(f"model {name} loaded on {self.device} in "
                 f"{time.monotonic() - started:.1f} s ({self.name})")
@@ -1097,6 +1102,7 @@ class Service:
             self.store.delete(job_id)
             self.changed.notify_all()
         log(f"job {job_id} deleted")
+        return job
 
     # -- reading ------------------------------------------------------------------------
 
@@ -1282,8 +1288,7 @@ class Handler(BaseHTTPRequestHandler):
 
     @route("DELETE", r"/transcription/job/([^/]+)")
     def delete_job(self, job_id):
-        self.service.delete(job_id)
-        return 200, {"id": job_id, "deleted": True}
+        return 200, {**self.service.delete(job_id).to_json(), "deleted": True}
 
     @route("GET", r"/transcription/jobs")
     def list_jobs(self):
@@ -1537,9 +1542,9 @@ def _openapi():
                     "schema": {"type": "number", "minimum": 0}}],
                     "responses": {"200": answer("The job", ref("Job")), **errors(400, 404)}},
                 "delete": {"summary": "Delete a QUEUED job", "parameters": [job_id],
-                           "responses": {"200": answer("Deleted", {
-                               "type": "object", "required": ["id", "deleted"], "properties": {
-                                   "id": string, "deleted": {"type": "boolean"}}}),
+                           "responses": {"200": answer("The job as it was, and deleted: true", {
+                               "allOf": [ref("Job"), {"type": "object", "required": ["deleted"],
+                                   "properties": {"deleted": {"const": True}}}]}),
                                **errors(404, 409)}}},
             "/transcription/jobs": {"get": {
                 "summary": "Queued and running jobs and the last --history finished ones",
@@ -1816,7 +1821,8 @@ def serve(settings):
     status = None
     while not stop.wait(min(ping or 1.0, 1.0)):
         worker = service.worker
-        if ping and worker.is_alive() and time.monotonic() - worker.beat < 2 * ping:
+        if ping and worker.is_alive() and (service.engine.loading or
+                                           time.monotonic() - worker.beat < 2 * ping):
             sd_notify("WATCHDOG=1")
         running = service.running_job()
         now = (f"{service.counts[QUEUED]} queued; " +
