@@ -20,6 +20,9 @@ What it measures
     (protocol_version "HTTP/1.1", disable_nagle_algorithm True), measured in the same run
     under the same conditions (idle, and while whisperd transcribes), so whisperd's figures
     are read as ratios to it.
+  - reference (idle GET only): the same bytes from a one-thread asyncio server, to tell
+    what in the tail latency comes from the thread-per-connection model and the GIL rather
+    than from the machine or the client.
   Two load generators: `wrk` (C, epoll; used when installed: apt-get install wrk) and a
   stdlib one (selectors, one or two processes via multiprocessing so the client does not
   starve on one GIL). Client and server share the machine's cores: on a 2-core box the
@@ -55,8 +58,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (OUT, PYTHON, ROOT, WHISPERD, Client, Daemon, audio_seconds,  # noqa: E402
-                     machine, make_set, speak, wait_until_quiet)
+from _common import (OUT, PYTHON, ROOT, WHISPERD, CpuWatch, Daemon,  # noqa: E402
+                     audio_seconds, machine, make_set, speak, wait_until_quiet)
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,13 +88,44 @@ class BaselineHandler(BaseHTTPRequestHandler):
         pass
 
 
+class BaselineServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # as whisperd's
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], OSError):  # a client hanging up is no news
+            super().handle_error(request, client_address)
+
+
 def baseline_main():
     """`--baseline-server`: serves on a free loopback port, prints it, runs until killed."""
-    ThreadingHTTPServer.daemon_threads = True
-    ThreadingHTTPServer.request_queue_size = 128  # as whisperd's
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BaselineHandler)
+    server = BaselineServer(("127.0.0.1", 0), BaselineHandler)
     print(server.server_address[1], flush=True)
     server.serve_forever()
+
+
+def asyncio_main():
+    """`--asyncio-server`: the same answer from one asyncio thread, no per-connection
+    thread and no header parsing: a reference for what bounds the threaded servers' p99
+    (measured idle, GET only)."""
+    import asyncio
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+              + str(len(BaselineHandler.body)).encode() + b"\r\n\r\n" + BaselineHandler.body)
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(answer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    async def serve():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+    asyncio.run(serve())
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,6 +268,10 @@ def wrk_load(host, port, method, path, body, concurrency, seconds, close=False):
 # The run
 # ---------------------------------------------------------------------------------------
 
+def _pct(share):
+    return "-" if share is None else f"{share:.0%}"
+
+
 def cpu_seconds(pid):
     """User + system CPU seconds a process has used so far."""
     with open(f"/proc/{pid}/stat") as f:
@@ -299,12 +337,14 @@ class Run:
         else:
             result = python_load(host, port, request, concurrency, self.args.seconds)
         result["server_cpu"] = (cpu_seconds(pid) - cpu) / (time.perf_counter() - started)
+        if server == "whisperd" and phase == "transcribing":
+            result["server_cpu"] = None  # it includes the transcription's threads
         row = {"server": server, "request": name, "c": concurrency, "phase": phase,
                "client": client, "keep_alive": not close, **result}
         self.rows.append(row)
         print(f"  {server:9} {name:22} c={concurrency:<3} {phase:12} {client:6} "
               f"{row['rps']:8.0f} req/s  p50 {row['p50_ms']:6.2f} ms  p99 "
-              f"{row['p99_ms']:7.2f} ms  server CPU {row['server_cpu']:.0%}"
+              f"{row['p99_ms']:7.2f} ms  server CPU {_pct(row['server_cpu'])}"
               + (f"  errors {row['errors']}" if row["errors"] else ""), flush=True)
         return row
 
@@ -323,9 +363,12 @@ def main():
     parser.add_argument("--no-wait", action="store_true",
                         help="do not wait for running test suites to end")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--asyncio-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_server:
         return baseline_main()
+    if args.asyncio_server:
+        return asyncio_main()
     levels = [int(c) for c in args.concurrency.split(",")]
     args.model_dir = os.path.abspath(args.model_dir)
     subprocess.run([PYTHON, str(ROOT / "tools" / "tiny_en.py"), args.model_dir], check=True)
@@ -340,7 +383,7 @@ def main():
     if not args.no_wait:
         wait_until_quiet()
     run = Run(args)
-    began = time.monotonic()
+    began, watch = time.monotonic(), CpuWatch()
 
     print("start-up: process start to first answer on the port", flush=True)
     starts = startup(args.model_dir, scratch, 1 if args.quick else args.starts)
@@ -348,10 +391,13 @@ def main():
 
     base = subprocess.Popen([PYTHON, __file__, "--baseline-server"], stdout=subprocess.PIPE,
                             text=True)
-    base_port = int(base.stdout.readline())
+    aio = subprocess.Popen([PYTHON, __file__, "--asyncio-server"], stdout=subprocess.PIPE,
+                           text=True)
+    base_port, aio_port = int(base.stdout.readline()), int(aio.stdout.readline())
     daemon = Daemon(scratch / "state", args.model_dir, ["--max-queue", "1000000"]).start()
     host = daemon.host
-    servers = {"whisperd": (daemon.pid, daemon.port), "baseline": (base.pid, base_port)}
+    servers = {"whisperd": (daemon.pid, daemon.port), "baseline": (base.pid, base_port),
+               "asyncio": (aio.pid, aio_port)}
     post_body = json.dumps({"path": str(tiny_wav), "output_path": str(scratch / "out"),
                             "format": "txt"})
     long_job = {"id": None}
@@ -383,7 +429,8 @@ def main():
             print(f"{phase}:", flush=True)
             for client in run.clients:
                 for c in levels:
-                    for server in ("whisperd", "baseline"):
+                    for server in ("whisperd", "baseline") + (
+                            ("asyncio",) if phase == "idle" else ()):
                         if phase == "transcribing":
                             keep_busy()
                         pid, port = servers[server]
@@ -408,14 +455,17 @@ def main():
                                 drop_queued()
     finally:
         daemon.stop()
-        base.terminate()
-        base.wait()
+        for server in (base, aio):
+            server.terminate()
+            server.wait()
 
     result = report(run.rows, starts, run.clients[0])
     result.update(machine=machine(), seconds_each=args.seconds,
                   bench_wall_s=round(time.monotonic() - began, 1),
                   when=time.strftime("%Y-%m-%d %H:%M:%S %z"),
                   long_audio_s=round(audio_seconds(long_wav), 1))
+    text, result["foreign_cpu_s"], result["foreign_cpu_share"] = watch.verdict()
+    print(f"\n{text}")
     print(f"\nmeasured in {result['bench_wall_s']:.0f} s; results in {args.json}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -433,9 +483,18 @@ def report(rows, starts, judge_client):
             r[k] == w[k] for k in ("request", "c", "phase", "client")))
         table.append((w, b))
         print(f"| {w['request']} | {w['c']} | {w['phase']} | {w['client']} | {w['rps']:.0f} | "
-              f"{w['p50_ms']:.2f} | {w['p99_ms']:.2f} | {w['server_cpu']:.0%} | "
+              f"{w['p50_ms']:.2f} | {w['p99_ms']:.2f} | {_pct(w['server_cpu'])} | "
               f"{b['rps']:.0f} | {b['p50_ms']:.2f} | {b['p99_ms']:.2f} | "
               f"{w['rps'] / b['rps']:.2f} |")
+    references = [r for r in rows if r["server"] == "asyncio"]
+    if references:
+        print("\nreference: the same answer from one asyncio thread (no thread per "
+              "connection, no header parsing), idle")
+        print("| request | c | client | req/s | p50 ms | p99 ms | server CPU |")
+        print("|---|---:|---|---:|---:|---:|---:|")
+        for r in references:
+            print(f"| {r['request']} | {r['c']} | {r['client']} | {r['rps']:.0f} | "
+                  f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {_pct(r['server_cpu'])} |")
     targets = []
 
     def target(name, ok, text):

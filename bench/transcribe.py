@@ -52,8 +52,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (OUT, PYTHON, ROOT, Daemon, audio_seconds, machine, make_set,  # noqa: E402
-                     peak_rss_mib, reference, speak, wait_until_quiet, wer)
+from _common import (OUT, PYTHON, ROOT, CpuWatch, Daemon, audio_seconds,  # noqa: E402
+                     machine, make_set, peak_rss_mib, reference, speak, wait_until_quiet,
+                     wer)
 
 # The `whisper` command line's decoding defaults (whisper/transcribe.py, cli()).
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -418,7 +419,7 @@ def main():
         wait_until_quiet()
 
     bench = Bench(args, files, short_files, warm)
-    started = time.monotonic()
+    started, watch = time.monotonic(), CpuWatch()
     if {"bare-ow", "whisperd-ow"} & set(want) or "cli" in want:
         bench.openai_whisper(want)
     if "cli" in want:
@@ -426,6 +427,8 @@ def main():
     bench.faster_whisper(want)
     result = report(bench, sizes)
     result["bench_wall_s"] = round(time.monotonic() - started, 1)
+    text, result["foreign_cpu_s"], result["foreign_cpu_share"] = watch.verdict()
+    print(f"\n{text}")
     print(f"\nmeasured in {result['bench_wall_s']:.0f} s; results in {args.json}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
