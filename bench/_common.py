@@ -81,6 +81,7 @@ SENTENCES = [
 ]
 
 SPEECH_RATE = 140  # espeak-ng words a minute, as in the tests
+CACHE_VERSION = 2  # bump when the way files are made changes
 
 
 def text_of_seconds(seconds, seed):
@@ -122,12 +123,26 @@ def reference(wav):
 
 
 def make_set(folder, seconds, prefix):
-    """One spoken file per entry of `seconds`; returns their paths. Cached in `folder`."""
+    """One spoken file per entry of `seconds`, as close to it as whole sentences allow
+    (sentences are dropped from the end while the file is too long, and the closer of
+    the last two tries is kept); returns their paths. Cached in `folder`."""
     files = []
     for i, s in enumerate(seconds):
         text = text_of_seconds(s, seed=f"{prefix}-{i}-{s}")
-        digest = hashlib.sha1(text.encode()).hexdigest()[:8]
-        files.append(speak(text, Path(folder) / f"{prefix}{i:02d}-{s}s-{digest}.wav"))
+        digest = hashlib.sha1(f"{CACHE_VERSION}\n{text}".encode()).hexdigest()[:8]
+        wav = Path(folder) / f"{prefix}{i:02d}-{s}s-{digest}.wav"
+        if not (wav.exists() and wav.with_suffix(".ref.txt").exists()):
+            sentences = [x.strip() for x in re.findall(r"[^.?!]+[.?!]", text)]
+            best = None  # (distance from the target, number of sentences)
+            for n in range(len(sentences), 0, -1):
+                speak(" ".join(sentences[:n]), wav)
+                took = audio_seconds(wav)
+                if best is None or abs(took - s) < best[0]:
+                    best = (abs(took - s), n)
+                if took <= s:
+                    break
+            speak(" ".join(sentences[:best[1]]), wav)
+        files.append(wav)
     return files
 
 
@@ -162,6 +177,21 @@ def wer(pairs):
 # ---------------------------------------------------------------------------------------
 # Processes and the machine
 # ---------------------------------------------------------------------------------------
+
+def gpu_mib(pid):
+    """GPU memory a live process holds now (nvidia-smi), in MiB; None without a GPU."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                              "--format=csv,noheader,nounits"], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        fields = [x.strip() for x in line.split(",")]
+        if len(fields) == 2 and fields[0] == str(pid) and fields[1].isdigit():
+            return int(fields[1])
+    return None
+
 
 def peak_rss_mib(pid):
     """VmHWM (peak resident set) of a live process, in MiB."""
@@ -256,7 +286,13 @@ def machine():
                "    try: print(p, m.version(p))\n"
                "    except Exception: print(p, '-')"],
         capture_output=True, text=True).stdout.split("\n")
-    return {"cpus": os.cpu_count(), "cpu": cpu, "ram_gib": round(ram, 1),
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        gpu = None
+    return {"cpus": os.cpu_count(), "cpu": cpu, "ram_gib": round(ram, 1), "gpu": gpu,
             "python": platform.python_version(), "kernel": platform.release(),
             **dict(line.split(" ", 1) for line in versions if line)}
 

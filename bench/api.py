@@ -15,7 +15,10 @@ What it measures
     They point at a 1 s spoken file and are DELETEd after each measurement. Every POST is a
     durable SQLite insert (synchronous=FULL), so it includes an fsync.
   - the same GETs with "Connection: close" (a new connection, and a new server thread,
-    per request), to show what thread-per-connection start-up costs.
+    per request), and a burst: 64 connections opened at once with one GET each, timed to
+    the last answer; both show what thread-per-connection start-up costs. (wrk opens its
+    connections as it starts, so its short runs at c64 include that start-up in their
+    p99; the stdlib client connects before its measuring window opens.)
   - baseline: a bare http.server.ThreadingHTTPServer whose handler answers a small JSON
     (protocol_version "HTTP/1.1", disable_nagle_algorithm True), measured in the same run
     under the same conditions (idle, and while whisperd transcribes), so whisperd's figures
@@ -228,6 +231,33 @@ def python_load(host, port, request, concurrency, seconds, warmup=0.5, processes
             "requests": len(latencies), "errors": errors}
 
 
+def burst(host, port, connections, timeout=30.0):
+    """Opens `connections` connections at once and sends one GET /stats on each: the
+    seconds until each got its answer, sorted. The server accepts them one at a time and
+    starts a thread for each, so this shows what thread-per-connection start-up costs."""
+    request = f"GET /stats HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    selector = selectors.DefaultSelector()
+    started = time.perf_counter()
+    socks = []
+    for _ in range(connections):
+        s = socket.socket()
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.connect((host, port))  # completes in the kernel, before the server accepts
+        s.sendall(request)
+        s.setblocking(False)
+        selector.register(s, selectors.EVENT_READ)
+        socks.append(s)
+    answered = []
+    while len(answered) < connections and time.perf_counter() - started < timeout:
+        for key, _ in selector.select(timeout=1.0):
+            if key.fileobj.recv(65536):
+                answered.append(time.perf_counter() - started)
+            selector.unregister(key.fileobj)
+    for s in socks:
+        s.close()
+    return sorted(answered)
+
+
 # ---------------------------------------------------------------------------------------
 # wrk
 # ---------------------------------------------------------------------------------------
@@ -425,6 +455,20 @@ def main():
     try:
         # the worker imports its libraries and loads the model: let it, then it is idle
         daemon.finished(daemon.submit(tiny_wav, scratch / "out")["id"])
+        print(f"burst: {max(levels)} new connections at once, one GET /stats each (idle)",
+              flush=True)
+        bursts = {}
+        for server in ("whisperd", "baseline", "asyncio"):
+            runs = [burst(host, servers[server][1], max(levels)) for _ in range(3)]
+            runs.sort(key=lambda times: times[-1])
+            times = runs[1]  # the median run, by its last answer
+            bursts[server] = {"first_ms": times[0] * 1000,
+                              "median_ms": times[len(times) // 2] * 1000,
+                              "last_ms": times[-1] * 1000, "answered": len(times)}
+            print(f"  {server:9} first answer {times[0] * 1000:6.2f} ms, median "
+                  f"{bursts[server]['median_ms']:6.2f} ms, last {times[-1] * 1000:6.2f} ms",
+                  flush=True)
+            time.sleep(0.5)  # let the threads of the closed connections end
         for phase in ("idle", "transcribing"):
             print(f"{phase}:", flush=True)
             for client in run.clients:
@@ -460,6 +504,7 @@ def main():
             server.wait()
 
     result = report(run.rows, starts, run.clients[0])
+    result["burst"] = bursts
     result.update(machine=machine(), seconds_each=args.seconds,
                   bench_wall_s=round(time.monotonic() - began, 1),
                   when=time.strftime("%Y-%m-%d %H:%M:%S %z"),

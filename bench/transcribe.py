@@ -7,14 +7,18 @@ What it does
      default a dozen files of 10 to 60 s plus one of about 4 minutes, and ten files of
      about 10 s for the "many short files" case. The spoken text is the reference.
   2. Transcribes them, with the `whisper` command line's decoding settings everywhere
-     (beam 5, best of 5, temperature fallback 0.0..1.0, fp16 off on CPU), through:
+     (beam 5, best of 5, temperature fallback 0.0..1.0; fp16 off on a CPU, on on a GPU),
+     on --device (cpu by default), through:
        a   cli          the `whisper` command, one fresh process per file
        b   bare-ow      openai-whisper in a warm process (the model loaded once)
        c   whisperd-ow  whisperd, openai-whisper engine (submit all, wait all)
        -   bare-fw      faster-whisper int8 in a warm process (reference for d/e)
        d   whisperd-fw-int8, whisperd-fw-float32   whisperd --engine faster-whisper
        e   whisperd-fw-batch8                      ... --batch-size 8 (batched pipeline + VAD)
-       (+) bare-fw-batch8   faster-whisper's BatchedInferencePipeline, only if asked for
+       (+) bare-fw-batch8   faster-whisper's BatchedInferencePipeline (asked for on a CPU)
+     On a GPU (--device cuda) faster-whisper runs float16 (its default there) instead of
+     int8, and int8_float16 instead of float32: bare-fw-float16, whisperd-fw-float16,
+     whisperd-fw-int8_float16, whisperd-fw-batch8 (float16), bare-fw-batch8.
      Each daemon and each bare process first transcribes a short warm-up file (model load),
      which is not counted. bare-ow and whisperd-ow also run "paired": for each file the
      bare library and one whisperd job (submit, wait) run back to back, so their ratio is
@@ -22,10 +26,11 @@ What it does
   3. Prints one table row per variant: audio seconds per wall second, speed relative to
      bare-ow (b), peak resident memory of the process doing the work (VmHWM of a daemon or
      bare process; for the CLI the largest ru_maxrss of its processes, from os.wait4), and
-     the corpus word error rate against the spoken text (lower case, no punctuation). Then
+     the corpus word error rate against the spoken text (lower case, no punctuation); on
+     a GPU also the GPU memory the process holds at the end (nvidia-smi). Then
      the targets, each PASS or MISS:
        T1  a whisperd job (client-observed, submit to finished) / bare library, warm: <= 1.05
-       T2  whisperd faster-whisper int8 / whisperd openai-whisper, speed: >= 1.5x, and WER
+       T2  whisperd faster-whisper (int8 on a CPU) / whisperd openai-whisper: >= 1.5x, WER
            no worse by more than 0.02
        T3  ten ~10 s files in a row: CLI per file / whisperd (warm daemon): >= 3x
      Everything is also written as JSON (bench/out/transcribe.json).
@@ -35,6 +40,7 @@ Run (from the repository root, with the venv's python; about 10 minutes on 2 cor
   .venv/bin/python bench/transcribe.py --quick              # smoke run, about 2 minutes
   .venv/bin/python bench/transcribe.py --full               # the long file is 10 min (~16 min)
   .venv/bin/python bench/transcribe.py --model-dir /tmp/models --variants cli,bare-ow,whisperd-ow
+  python bench/transcribe.py --device cuda --no-wait        # on a GPU host
 The model is Whisper tiny.en, made offline by tools/tiny_en.py in --model-dir (default
 $WHISPERD_MODEL_DIR, else bench/out/models). Before measuring, the script waits while a
 test suite (pytest, .ci/run) runs on the machine (--no-wait skips that).
@@ -53,8 +59,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (OUT, PYTHON, ROOT, CpuWatch, Daemon, audio_seconds,  # noqa: E402
-                     machine, make_set, peak_rss_mib, reference, speak, wait_until_quiet,
-                     wer)
+                     gpu_mib, machine, make_set, peak_rss_mib, reference, speak,
+                     wait_until_quiet, wer)
 
 # The `whisper` command line's decoding defaults (whisper/transcribe.py, cli()).
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -68,16 +74,33 @@ SIZES = {  # seconds of each file: (the set, the long file, the short files)
     "default": ([10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 30], 240, [10] * 10),
     "full": ([10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 30], 600, [10] * 10),
 }
-VARIANTS = ("bare-ow", "whisperd-ow", "cli", "bare-fw-int8", "whisperd-fw-int8",
-            "whisperd-fw-float32", "whisperd-fw-batch8", "bare-fw-batch8")
-DEFAULT_VARIANTS = VARIANTS[:-1]
+# faster-whisper's variants: (name, compute type, batch size, bare library or whisperd).
+# The first is the engine's default compute type on that device, which T2 judges.
+FW_VARIANTS = {
+    "cpu": (("bare-fw-int8", "int8", 0, True), ("whisperd-fw-int8", "int8", 0, False),
+            ("whisperd-fw-float32", "float32", 0, False),
+            ("whisperd-fw-batch8", "int8", 8, False), ("bare-fw-batch8", "int8", 8, True)),
+    "cuda": (("bare-fw-float16", "float16", 0, True),
+             ("whisperd-fw-float16", "float16", 0, False),
+             ("whisperd-fw-int8_float16", "int8_float16", 0, False),
+             ("whisperd-fw-batch8", "float16", 8, False),
+             ("bare-fw-batch8", "float16", 8, True)),
+}
+
+
+def variants(device):
+    """All variants on `device` ("cpu" or "cuda[:N]"), and those run by default."""
+    fw = FW_VARIANTS["cpu" if device == "cpu" else "cuda"]
+    names = ("bare-ow", "whisperd-ow", "cli") + tuple(v[0] for v in fw)
+    # on a CPU the bare batched pipeline is slow and adds nothing to the targets
+    return names, names[:-1] if device == "cpu" else names
 
 
 # ---------------------------------------------------------------------------------------
 # A bare library in its own warm process (so its memory is its own)
 # ---------------------------------------------------------------------------------------
 
-def worker_main(kind, model_dir, compute_type, batch_size):
+def worker_main(kind, model_dir, compute_type, batch_size, device):
     """`--worker KIND`: loads the model, then per stdin line {"path", "out"} transcribes
     the file, writes its .txt like the CLI, and answers {"seconds", "text"} on stdout.
     At end of input answers {"peak_rss_mib"}."""
@@ -87,16 +110,19 @@ def worker_main(kind, model_dir, compute_type, batch_size):
     from whisper.utils import get_writer
     if kind == "ow":
         import whisper
-        model = whisper.load_model(os.path.join(model_dir, "tiny.en.pt"), device="cpu")
+        model = whisper.load_model(os.path.join(model_dir, "tiny.en.pt"), device=device)
 
         def transcribe(path):
-            return whisper.transcribe(model, path, verbose=None, fp16=False, language=None,
+            return whisper.transcribe(model, path, verbose=None, fp16=device != "cpu",
+                                      language=None,
                                       task="transcribe", initial_prompt=None,
                                       word_timestamps=False,
                                       logprob_threshold=LOGPROB_THRESHOLD, **CLI_DECODING)
     else:
         import faster_whisper
-        model = faster_whisper.WhisperModel(os.path.join(model_dir, "tiny.en"), device="cpu",
+        kind, _, index = device.partition(":")
+        model = faster_whisper.WhisperModel(os.path.join(model_dir, "tiny.en"), device=kind,
+                                            device_index=int(index or 0),
                                             compute_type=compute_type)
         options = dict(CLI_DECODING, log_prob_threshold=LOGPROB_THRESHOLD, language=None,
                        task="transcribe", initial_prompt=None, word_timestamps=False)
@@ -122,10 +148,11 @@ def worker_main(kind, model_dir, compute_type, batch_size):
 class Bare:
     """The parent's handle on a --worker process."""
 
-    def __init__(self, kind, model_dir, compute_type="int8", batch_size=0):
+    def __init__(self, kind, model_dir, device, compute_type="int8", batch_size=0):
         self.proc = subprocess.Popen(
             [PYTHON, __file__, "--worker", kind, "--model-dir", str(model_dir),
-             "--compute-type", compute_type, "--batch-size", str(batch_size)],
+             "--device", device, "--compute-type", compute_type,
+             "--batch-size", str(batch_size)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             text=True, bufsize=1)
         self.ready = self._answer()["ready"]
@@ -165,8 +192,11 @@ class Bench:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def row(self, variant, files, wall, texts, peak, **more):
+    def row(self, variant, files, wall, texts, peak, pid=None, **more):
+        """`pid`: the process that did the work, alive still, for its GPU memory."""
         audio = sum(self.audio[str(f)] for f in files)
+        if self.args.device != "cpu" and pid:
+            more["gpu_mib"] = gpu_mib(pid)
         self.rows[variant] = {
             "files": len(files), "audio_s": round(audio, 1), "wall_s": round(wall, 2),
             "speed": audio / wall, "peak_rss_mib": round(peak),
@@ -174,13 +204,19 @@ class Bench:
         r = self.rows[variant]
         print(f"  {variant:22} {r['audio_s']:7.1f} s audio in {r['wall_s']:7.2f} s: "
               f"{r['speed']:5.2f}x real time, peak {r['peak_rss_mib']} MiB, "
-              f"WER {r['wer']:.3f}", flush=True)
+              f"WER {r['wer']:.3f}"
+              + (f", GPU {r['gpu_mib']} MiB" if r.get("gpu_mib") else ""), flush=True)
 
     def daemon(self, name, flags=()):
         state = self.folder(f"state-{name}")
-        daemon = Daemon(state, self.args.model_dir, ["--max-queue", "100000", *flags]).start()
+        daemon = Daemon(state, self.args.model_dir,
+                        ["--max-queue", "100000", "--device", self.args.device, *flags]).start()
         started = time.monotonic()
-        daemon.finished(daemon.submit(self.warm, self.folder("warm"))["id"])
+        try:
+            daemon.finished(daemon.submit(self.warm, self.folder("warm"))["id"])
+        except BaseException:
+            daemon.stop()
+            raise
         daemon.warmup_s = time.monotonic() - started
         return daemon
 
@@ -208,7 +244,7 @@ class Bench:
             if "whisperd-ow" in want:
                 wall, jobs = self.run_all(daemon, self.files, self.folder("whisperd-ow"))
                 self.row("whisperd-ow", self.files, wall, [j["result"] for j in jobs],
-                         peak_rss_mib(daemon.pid),
+                         peak_rss_mib(daemon.pid), daemon.pid,
                          duration_sum_s=round(sum(j["Duration"] for j in jobs), 2),
                          warmup_s=round(daemon.warmup_s, 2))
             if "cli" in want:  # the short files: the daemon that is already up ...
@@ -221,7 +257,8 @@ class Bench:
             daemon.stop()
         if "cli" in want:  # ... and one started for them
             started = time.monotonic()
-            cold = Daemon(self.folder("state-cold"), self.args.model_dir).start()
+            cold = Daemon(self.folder("state-cold"), self.args.model_dir,
+                          ["--device", self.args.device]).start()
             try:
                 up = time.monotonic() - started
                 self.run_all(cold, self.shorts, self.folder("shorts-cold"))
@@ -236,7 +273,7 @@ class Bench:
     def paired(self, daemon, want):
         """Per file, the bare library and one whisperd job (submit, wait) back to back,
         alternating which goes first, so that T1 compares like with like."""
-        bare = Bare("ow", self.args.model_dir)
+        bare = Bare("ow", self.args.model_dir, self.args.device)
         bare.transcribe(self.warm, self.folder("warm"))
         out_b, out_c = self.folder("paired-bare-ow"), self.folder("paired-whisperd-ow")
         per_file, texts = [], []
@@ -259,23 +296,24 @@ class Bench:
             "per_file": per_file}
         print(f"  paired: bare {p['bare_s']:.2f} s, whisperd jobs {p['whisperd_job_s']:.2f} s "
               f"(their Duration {p['whisperd_duration_s']:.2f} s)")
+        gpu = gpu_mib(bare.proc.pid) if self.args.device != "cpu" else None
         peak = bare.close()
         if "bare-ow" in want:
-            self.row("bare-ow", self.files, p["bare_s"], texts, peak,
+            self.row("bare-ow", self.files, p["bare_s"], texts, peak, gpu_mib=gpu,
                      load_s=round(bare.ready, 2), note="the paired pass")
 
     # -- a ------------------------------------------------------------------------------
 
     def cli(self, files, out):
         """The `whisper` command, one process per file; (wall, texts, peak MiB)."""
-        whisper = Path(PYTHON).parent / "whisper"
         model = os.path.join(self.args.model_dir, "tiny.en.pt")
         texts, peak, log = [], 0, self.scratch / "cli.log"
         started = time.monotonic()
         for f in files:
             with open(log, "w") as errors:
                 proc = subprocess.Popen(
-                    [str(whisper), str(f), "--model", model, "--fp16", "False",
+                    [PYTHON, "-m", "whisper", str(f), "--model", model,
+                     "--device", self.args.device, "--fp16", str(self.args.device != "cpu"),
                      "--output_format", "txt", "--output_dir", str(out)],
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
                 _, status, usage = os.wait4(proc.pid, 0)
@@ -299,26 +337,33 @@ class Bench:
 
     def faster_whisper(self, want):
         print("faster-whisper: bare library and whisperd", flush=True)
-        for variant, kind, compute, batch in (("bare-fw-int8", "fw", "int8", 0),
-                                              ("bare-fw-batch8", "fw", "int8", 8)):
-            if variant in want:
-                bare = Bare(kind, self.args.model_dir, compute, batch)
+        fw = FW_VARIANTS["cpu" if self.args.device == "cpu" else "cuda"]
+        for variant, compute, batch, bare in fw:
+            if variant in want and bare:
+                bare = Bare("fw", self.args.model_dir, self.args.device, compute, batch)
                 bare.transcribe(self.warm, self.folder("warm"))
                 seconds, texts = self.bare_pass(variant, bare, self.files)
-                self.row(variant, self.files, seconds, texts, bare.close(),
+                gpu = gpu_mib(bare.proc.pid) if self.args.device != "cpu" else None
+                self.row(variant, self.files, seconds, texts, bare.close(), gpu_mib=gpu,
                          load_s=round(bare.ready, 2))
-        for variant, flags in (
-                ("whisperd-fw-int8", ["--compute-type", "int8"]),
-                ("whisperd-fw-float32", ["--compute-type", "float32"]),
-                ("whisperd-fw-batch8", ["--compute-type", "int8", "--batch-size", "8"])):
-            if variant in want:
-                daemon = self.daemon(variant, ["--engine", "faster-whisper", *flags])
+        for variant, compute, batch, bare in fw:
+            if variant in want and not bare:
+                flags = ["--engine", "faster-whisper", "--compute-type", compute]
+                daemon = self.daemon(variant, flags + (["--batch-size", str(batch)]
+                                                       if batch else []))
                 try:
                     wall, jobs = self.run_all(daemon, self.files, self.folder(variant))
                     self.row(variant, self.files, wall, [j["result"] for j in jobs],
-                             peak_rss_mib(daemon.pid),
+                             peak_rss_mib(daemon.pid), daemon.pid,
                              duration_sum_s=round(sum(j["Duration"] for j in jobs), 2),
                              warmup_s=round(daemon.warmup_s, 2))
+                    if variant == fw[1][0] and "cli" in want:
+                        wall, _ = self.run_all(daemon, self.shorts,
+                                               self.folder("shorts-whisperd-fw"))
+                        self.extra["shorts_whisperd_fw"] = {"wall_s": wall,
+                                                            "variant": variant}
+                        print(f"  {len(self.shorts)} short files, warm {variant}: "
+                              f"{wall:.2f} s")
                 finally:
                     daemon.stop()
 
@@ -328,17 +373,20 @@ class Bench:
 # ---------------------------------------------------------------------------------------
 
 def report(bench, sizes):
-    rows, extra = bench.rows, bench.extra
+    rows, extra, device = bench.rows, bench.extra, bench.args.device
+    fw_default = FW_VARIANTS["cpu" if device == "cpu" else "cuda"][1][0]
     base = rows.get("bare-ow")
+    gpu = device != "cpu"
     print("\n| variant | files | audio s | wall s | audio s / wall s | vs bare-ow (b) "
-          "| peak RSS MiB | WER |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name in VARIANTS:
+          "| peak RSS MiB |" + (" GPU MiB |" if gpu else "") + " WER |")
+    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "") + "---:|")
+    for name in variants(device)[0]:
         if name in rows:
             r = rows[name]
             ratio = f"{r['speed'] / base['speed']:.2f}" if base else "-"
             print(f"| {name} | {r['files']} | {r['audio_s']:.1f} | {r['wall_s']:.2f} | "
-                  f"{r['speed']:.2f} | {ratio} | {r['peak_rss_mib']} | {r['wer']:.3f} |")
+                  f"{r['speed']:.2f} | {ratio} | {r['peak_rss_mib']} | "
+                  + (f"{r.get('gpu_mib') or '-'} | " if gpu else "") + f"{r['wer']:.3f} |")
     targets = []
 
     def target(name, value, ok, text):
@@ -353,23 +401,28 @@ def report(bench, sizes):
                f"{ratio:.3f} (jobs {p['whisperd_job_s']:.2f} s as the client saw them, "
                f"Duration {p['whisperd_duration_s']:.2f} s = "
                f"{p['whisperd_duration_s'] / p['bare_s']:.3f}, bare {p['bare_s']:.2f} s)")
-    if "whisperd-ow" in rows and "whisperd-fw-int8" in rows:
-        ow, fw = rows["whisperd-ow"], rows["whisperd-fw-int8"]
+    if "whisperd-ow" in rows and fw_default in rows:
+        ow, fw = rows["whisperd-ow"], rows[fw_default]
         speedup, worse = fw["speed"] / ow["speed"], fw["wer"] - ow["wer"]
-        target("T2 whisperd faster-whisper int8 / openai-whisper >= 1.5x, WER +<= 0.02",
+        target(f"T2 {fw_default} / whisperd-ow >= 1.5x, WER +<= 0.02",
                speedup, speedup >= 1.5 and worse <= 0.02,
                f"{speedup:.2f}x, WER {fw['wer']:.3f} vs {ow['wer']:.3f} ({worse:+.3f})")
     if "shorts_cli" in extra and "shorts_whisperd" in extra:
         cli, warm = extra["shorts_cli"]["wall_s"], extra["shorts_whisperd"]["wall_s"]
         cold = extra.get("shorts_whisperd_cold", {}).get("wall_s")
         n = len(bench.shorts)
-        target(f"T3 {n} short files: CLI per file / whisperd >= 3x", cli / warm,
+        each = sum(bench.audio[str(f)] for f in bench.shorts) / n
+        target(f"T3 {n} files of {each:.1f} s: CLI per file / whisperd >= 3x", cli / warm,
                cli / warm >= 3,
                f"{cli / warm:.2f}x (CLI {cli:.2f} s, warm whisperd {warm:.2f} s"
                + (f"; whisperd started for them {cold:.2f} s: {cli / cold:.2f}x)"
                   if cold else ")"))
+        fw = extra.get("shorts_whisperd_fw", {}).get("wall_s")
+        if fw:
+            print(f"      (for comparison, not judged: {fw_default} {fw:.2f} s: "
+                  f"{cli / fw:.2f}x)")
     result = {"when": time.strftime("%Y-%m-%d %H:%M:%S %z"), "sizes": sizes,
-              "machine": machine(), "audio_s": sum(bench.audio[str(f)] for f in bench.files),
+              "device": device, "machine": machine(), "audio_s": sum(bench.audio[str(f)] for f in bench.files),
               "rows": rows, "extra": extra, "targets": targets}
     return result
 
@@ -382,8 +435,13 @@ def main():
     parser.add_argument("--model-dir", default=os.environ.get("WHISPERD_MODEL_DIR")
                         or str(OUT / "models"), help="where tiny.en.pt and tiny.en/ are")
     parser.add_argument("--audio-dir", default=str(OUT / "audio"), help="audio cache")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default) or cuda[:N]: the bare libraries, the CLI and "
+                             "whisperd all run there (fp16 and float16 on a GPU)")
+    parser.add_argument("--variants", help="comma separated, of: "
+                        + ", ".join(variants("cpu")[0]) + " (on a GPU: "
+                        + ", ".join(variants("cuda")[0][3:]) + " for faster-whisper); "
+                        "default: all but bare-fw-batch8 on a CPU, all on a GPU")
     parser.add_argument("--json", default=str(OUT / "transcribe.json"), help="results file")
     parser.add_argument("--no-wait", action="store_true",
                         help="do not wait for running test suites to end")
@@ -392,21 +450,29 @@ def main():
     parser.add_argument("--batch-size", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker_main(args.worker, args.model_dir, args.compute_type, args.batch_size)
+        return worker_main(args.worker, args.model_dir, args.compute_type, args.batch_size,
+                           args.device)
 
-    want = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(want) - set(VARIANTS)
+    names, default = variants(args.device)
+    want = [v.strip() for v in (args.variants or ",".join(default)).split(",") if v.strip()]
+    unknown = set(want) - set(names)
     if unknown:
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
     args.model_dir = os.path.abspath(args.model_dir)
     subprocess.run([PYTHON, str(ROOT / "tools" / "tiny_en.py"), args.model_dir], check=True)
     sys.path.insert(0, str(ROOT))
     import whisperd  # the daemon's settings must be the CLI's, or the comparison is moot
-    assert whisperd.DECODING == CLI_DECODING and whisperd.LOGPROB_THRESHOLD == LOGPROB_THRESHOLD
+    decoding = dict(whisperd.DECODING)
+    if "temperature" not in decoding:  # a job option, whose default is the CLI's fallback
+        decoding["temperature"] = tuple(whisperd.temperatures(0.0))
+    if decoding != CLI_DECODING or whisperd.LOGPROB_THRESHOLD != LOGPROB_THRESHOLD:
+        sys.exit(f"whisperd decodes with {decoding} (logprob threshold "
+                 f"{whisperd.LOGPROB_THRESHOLD}), not the CLI's {CLI_DECODING} "
+                 f"({LOGPROB_THRESHOLD}): update the bench")
 
     sizes = "quick" if args.quick else "full" if args.full else "default"
     lengths, long, shorts = SIZES[sizes]
-    audio = Path(args.audio_dir)
+    audio = Path(args.audio_dir).resolve()  # whisperd wants absolute paths
     files = make_set(audio, lengths, "set") + (make_set(audio, [long], "long") if long else [])
     short_files = make_set(audio, shorts, "short")
     warm = speak("Thank you for calling. Please call me back tomorrow morning.",
