@@ -35,7 +35,7 @@ What it does
        T3  ten ~10 s files in a row: CLI per file / whisperd (warm daemon): >= 3x
      Everything is also written as JSON (bench/out/transcribe.json).
 
-Run (from the repository root, with the venv's python; about 10 minutes on 2 cores):
+Run (from the repository root, with the venv's python; 10 to 25 minutes on 2 cores):
   .venv/bin/python bench/transcribe.py                      # default sizes
   .venv/bin/python bench/transcribe.py --quick              # smoke run, about 2 minutes
   .venv/bin/python bench/transcribe.py --full               # the long file is 10 min (~16 min)
