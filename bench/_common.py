@@ -178,14 +178,18 @@ def wer(pairs):
 # Processes and the machine
 # ---------------------------------------------------------------------------------------
 
+def nvidia_smi(*args):
+    """What `nvidia-smi ARGS` prints, stripped; "" without one."""
+    try:
+        return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def gpu_mib(pid):
     """GPU memory a live process holds now (nvidia-smi), in MiB; None without a GPU."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
-                              "--format=csv,noheader,nounits"], capture_output=True,
-                             text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
+    out = nvidia_smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
     for line in out.splitlines():
         fields = [x.strip() for x in line.split(",")]
         if len(fields) == 2 and fields[0] == str(pid) and fields[1].isdigit():
@@ -286,12 +290,8 @@ def machine():
                "    try: print(p, m.version(p))\n"
                "    except Exception: print(p, '-')"],
         capture_output=True, text=True).stdout.split("\n")
-    try:
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                              "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=30).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        gpu = None
+    gpu = nvidia_smi("--query-gpu=name,driver_version,memory.total",
+                     "--format=csv,noheader") or None
     return {"cpus": os.cpu_count(), "cpu": cpu, "ram_gib": round(ram, 1), "gpu": gpu,
             "python": platform.python_version(), "kernel": platform.release(),
             **dict(line.split(" ", 1) for line in versions if line)}

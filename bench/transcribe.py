@@ -38,7 +38,7 @@ What it does
 Run (from the repository root, with the venv's python; 10 to 25 minutes on 2 cores):
   .venv/bin/python bench/transcribe.py                      # default sizes
   .venv/bin/python bench/transcribe.py --quick              # smoke run, about 2 minutes
-  .venv/bin/python bench/transcribe.py --full               # the long file is 10 min (~16 min)
+  .venv/bin/python bench/transcribe.py --full               # the long file is 10 min (16 to 35 min)
   .venv/bin/python bench/transcribe.py --model-dir /tmp/models --variants cli,bare-ow,whisperd-ow
   python bench/transcribe.py --device cuda --no-wait        # on a GPU host
 The model is Whisper tiny.en, made offline by tools/tiny_en.py in --model-dir (default
@@ -88,10 +88,14 @@ FW_VARIANTS = {
 }
 
 
+def fw_variants(device):
+    """FW_VARIANTS for `device` ("cpu" or "cuda[:N]")."""
+    return FW_VARIANTS["cpu" if device == "cpu" else "cuda"]
+
+
 def variants(device):
-    """All variants on `device` ("cpu" or "cuda[:N]"), and those run by default."""
-    fw = FW_VARIANTS["cpu" if device == "cpu" else "cuda"]
-    names = ("bare-ow", "whisperd-ow", "cli") + tuple(v[0] for v in fw)
+    """All variants on `device`, and those run by default."""
+    names = ("bare-ow", "whisperd-ow", "cli") + tuple(v[0] for v in fw_variants(device))
     # on a CPU the bare batched pipeline is slow and adds nothing to the targets
     return names, names[:-1] if device == "cpu" else names
 
@@ -120,8 +124,8 @@ def worker_main(kind, model_dir, compute_type, batch_size, device):
                                       logprob_threshold=LOGPROB_THRESHOLD, **CLI_DECODING)
     else:
         import faster_whisper
-        kind, _, index = device.partition(":")
-        model = faster_whisper.WhisperModel(os.path.join(model_dir, "tiny.en"), device=kind,
+        where, _, index = device.partition(":")
+        model = faster_whisper.WhisperModel(os.path.join(model_dir, "tiny.en"), device=where,
                                             device_index=int(index or 0),
                                             compute_type=compute_type)
         options = dict(CLI_DECODING, log_prob_threshold=LOGPROB_THRESHOLD, language=None,
@@ -192,11 +196,12 @@ class Bench:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def row(self, variant, files, wall, texts, peak, pid=None, **more):
-        """`pid`: the process that did the work, alive still, for its GPU memory."""
+    def gpu_mib(self, pid):
+        """GPU memory the live process `pid` holds; None on a CPU."""
+        return gpu_mib(pid) if self.args.device != "cpu" else None
+
+    def row(self, variant, files, wall, texts, peak, **more):
         audio = sum(self.audio[str(f)] for f in files)
-        if self.args.device != "cpu" and pid:
-            more["gpu_mib"] = gpu_mib(pid)
         self.rows[variant] = {
             "files": len(files), "audio_s": round(audio, 1), "wall_s": round(wall, 2),
             "speed": audio / wall, "peak_rss_mib": round(peak),
@@ -244,7 +249,7 @@ class Bench:
             if "whisperd-ow" in want:
                 wall, jobs = self.run_all(daemon, self.files, self.folder("whisperd-ow"))
                 self.row("whisperd-ow", self.files, wall, [j["result"] for j in jobs],
-                         peak_rss_mib(daemon.pid), daemon.pid,
+                         peak_rss_mib(daemon.pid), gpu_mib=self.gpu_mib(daemon.pid),
                          duration_sum_s=round(sum(j["Duration"] for j in jobs), 2),
                          warmup_s=round(daemon.warmup_s, 2))
             if "cli" in want:  # the short files: the daemon that is already up ...
@@ -296,7 +301,7 @@ class Bench:
             "per_file": per_file}
         print(f"  paired: bare {p['bare_s']:.2f} s, whisperd jobs {p['whisperd_job_s']:.2f} s "
               f"(their Duration {p['whisperd_duration_s']:.2f} s)")
-        gpu = gpu_mib(bare.proc.pid) if self.args.device != "cpu" else None
+        gpu = self.gpu_mib(bare.proc.pid)  # while it is alive
         peak = bare.close()
         if "bare-ow" in want:
             self.row("bare-ow", self.files, p["bare_s"], texts, peak, gpu_mib=gpu,
@@ -337,13 +342,13 @@ class Bench:
 
     def faster_whisper(self, want):
         print("faster-whisper: bare library and whisperd", flush=True)
-        fw = FW_VARIANTS["cpu" if self.args.device == "cpu" else "cuda"]
+        fw = fw_variants(self.args.device)
         for variant, compute, batch, bare in fw:
             if variant in want and bare:
                 bare = Bare("fw", self.args.model_dir, self.args.device, compute, batch)
                 bare.transcribe(self.warm, self.folder("warm"))
                 seconds, texts = self.bare_pass(variant, bare, self.files)
-                gpu = gpu_mib(bare.proc.pid) if self.args.device != "cpu" else None
+                gpu = self.gpu_mib(bare.proc.pid)  # while it is alive
                 self.row(variant, self.files, seconds, texts, bare.close(), gpu_mib=gpu,
                          load_s=round(bare.ready, 2))
         for variant, compute, batch, bare in fw:
@@ -354,7 +359,7 @@ class Bench:
                 try:
                     wall, jobs = self.run_all(daemon, self.files, self.folder(variant))
                     self.row(variant, self.files, wall, [j["result"] for j in jobs],
-                             peak_rss_mib(daemon.pid), daemon.pid,
+                             peak_rss_mib(daemon.pid), gpu_mib=self.gpu_mib(daemon.pid),
                              duration_sum_s=round(sum(j["Duration"] for j in jobs), 2),
                              warmup_s=round(daemon.warmup_s, 2))
                     if variant == fw[1][0] and "cli" in want:
@@ -374,7 +379,7 @@ class Bench:
 
 def report(bench, sizes):
     rows, extra, device = bench.rows, bench.extra, bench.args.device
-    fw_default = FW_VARIANTS["cpu" if device == "cpu" else "cuda"][1][0]
+    fw_default = fw_variants(device)[1][0]
     base = rows.get("bare-ow")
     gpu = device != "cpu"
     print("\n| variant | files | audio s | wall s | audio s / wall s | vs bare-ow (b) "
@@ -422,7 +427,8 @@ def report(bench, sizes):
             print(f"      (for comparison, not judged: {fw_default} {fw:.2f} s: "
                   f"{cli / fw:.2f}x)")
     result = {"when": time.strftime("%Y-%m-%d %H:%M:%S %z"), "sizes": sizes,
-              "device": device, "machine": machine(), "audio_s": sum(bench.audio[str(f)] for f in bench.files),
+              "device": device, "machine": machine(),
+              "audio_s": sum(bench.audio[str(f)] for f in bench.files),
               "rows": rows, "extra": extra, "targets": targets}
     return result
 
