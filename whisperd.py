@@ -1,26 +1,40 @@
 #!/usr/bin/env python3
 """whisperd: OpenAI's Whisper behind a small HTTP job API.
 
-A shell script POSTs a job naming an audio file on this host; one worker thread per
-device transcribes jobs in the order they came; the transcript lands as files in a
-folder (written by openai-whisper's own writers) and a webhook is called when the job
-ends. Jobs live in a SQLite database, so a job that was accepted is never lost: not to a
-crash, a `kill -9`, a reboot or a `systemctl restart`.
+A shell script POSTs a job naming an audio file on this host; one worker thread per device
+transcribes jobs in the order they came; the transcript lands as files in a folder
+(written by openai-whisper's own writers) and a webhook is called when the job ends. Jobs
+live in a SQLite database, so a job that was accepted is never lost: not to a crash, a
+`kill -9`, a reboot or a `systemctl restart`.
 
 The HTTP API is the one of the original "Whisper Api" (ORIGINAL-API.md) with the gaps
 settled by CONTRACT.md; README.md documents every endpoint and flag.
 
 Dependencies: the Python standard library for the server, the queue, the job store and
-the callbacks; openai-whisper (and torch) in the worker thread; faster-whisper only with
-`--engine faster-whisper`. Heavy imports happen in the worker, after the port answers.
+the callbacks; openai-whisper (and torch) in the worker threads; faster-whisper only with
+`--engine faster-whisper`. Heavy imports happen in the workers, after the port answers.
 
-Sections, in reading order: settings, jobs and validation, job store, engines, worker,
-callbacks, service, HTTP, systemd, main.
+Sections, in reading order:
+  settings      the flags, and the constants of the wire format
+  errors        what can go wrong, as exceptions carrying their HTTP status or their cause
+  jobs          a job's fields, declared once; validation derived from them
+  audio         ffprobe at the door
+  job store     where jobs are: in memory for reading, in SQLite for surviving
+  engines       openai-whisper and faster-whisper: models, decoding options, transcription
+  output files  openai-whisper's writers, each file renamed into place whole
+  worker        one thread per device: take a job, transcribe it, hand it on
+  callbacks     the webhook sender, retried with backoff
+  systemd       READY, STATUS, WATCHDOG and STOPPING over $NOTIFY_SOCKET
+  service       the one owner of a job's life: workers, finishing, callbacks, health
+  http          the routes, OpenAPI, OpenAI's audio API, the page
+  client        `whisperd submit | status | jobs`
+  main          bind, announce, wait for a signal, stop, exit
 """
 
 import argparse
 import collections
 import contextlib
+import dataclasses
 import email.parser
 import email.policy
 import errno
@@ -31,6 +45,7 @@ import hmac
 import heapq
 import http.client
 import io
+import itertools
 import json
 import math
 import os
@@ -47,16 +62,17 @@ import tempfile
 import threading
 import time
 import traceback
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 # ---------------------------------------------------------------------------------------
@@ -73,15 +89,16 @@ LANGUAGES = (
 AUTO_LANGUAGE = "auto"
 FORMATS = ("txt", "vtt", "srt", "tsv", "json", "all")
 WRITTEN_FORMATS = ("txt", "vtt", "srt", "tsv", "json")  # what "all" writes
-MODELS = ("tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en", "medium",
-          "large-v1", "large-v2", "large")
+# The original API's model names. Every one stays valid; the engines know more.
+SEED_MODELS = ("tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en",
+               "medium", "large-v1", "large-v2", "large")
 TASKS = ("transcribe", "translate")
-ENGINES = ("openai-whisper", "faster-whisper")
 
 MAX_BODY = 1 << 20          # bytes of a request body
 MAX_WAIT = 60.0             # seconds a GET ?wait= may hold a request
 CONNECTION_TIMEOUT = 30.0   # seconds a client may sit idle on its connection
 SMI_TIMEOUT = 10.0          # seconds nvidia-smi may take
+PROBE_TIMEOUT = 20.0        # seconds ffprobe may take to read a file's header
 
 
 def _default_model_dir():
@@ -108,6 +125,8 @@ def build_parser():
         value = os.environ.get(env)
         if kwargs.get("action") == "append":
             default = [d for d in value.split(os.pathsep) if d] if value else default
+        elif kwargs.get("action") == "store_true":
+            default = value is not None and value.lower() not in ("", "0", "false", "no")
         elif value is not None:
             default = value  # argparse converts string defaults with `type`
         parser.add_argument("--" + name, default=default, help=f"{help} [{env}]",
@@ -118,12 +137,17 @@ def build_parser():
     flag("model-dir", _default_model_dir(), help="folder of models: NAME.pt (openai-whisper) "
          "or NAME/ (faster-whisper); missing models are downloaded into it")
     flag("default-model", "large-v2", help="model for jobs that name none")
-    flag("device", "auto", help="auto, cpu, cuda or cuda:N (auto: cuda when a GPU is seen)")
+    flag("device", "auto", help="auto, cpu, cuda or cuda:N, or a comma-separated list for one "
+         "worker each (cuda:0,cuda:1; cpu,cpu splits the cores); auto: cuda when a GPU is seen")
     flag("engine", "openai-whisper", help="openai-whisper or faster-whisper")
     flag("compute-type", "auto", help="faster-whisper: int8, float16, float32... "
          "(auto: float16 on GPU, int8 on CPU)")
-    flag("batch-size", 0, int, "faster-whisper: >0 uses its batched pipeline (with VAD)")
-    flag("max-models", 1, int, "models kept loaded; the least recently used goes first")
+    flag("batch-size", 0, int, "faster-whisper: >0 decodes the 30 s windows of up to this many "
+         "queued jobs together, in one batch")
+    flag("pack", False, help="faster-whisper with --batch-size: pack the speech of several "
+         "short jobs into one 30 s window", action="store_true")
+    flag("max-models", 1, int, "models kept loaded per worker; the least recently used goes "
+         "first")
     flag("model-ttl", 0, float, "seconds a model may sit unused before it is unloaded "
          "(0: never)")
     flag("state-dir", _default_state_dir(), help="folder of the job database")
@@ -131,7 +155,7 @@ def build_parser():
     flag("max-attempts", 3, int, "times a job is started before a job that keeps "
          "interrupting the daemon is FAILED")
     flag("max-queue", 1000, int, "queued jobs accepted; past it POST answers 503")
-    flag("shutdown-grace", 30, float, "seconds SIGTERM waits for the running job")
+    flag("shutdown-grace", 30, float, "seconds SIGTERM waits for the running jobs")
     flag("max-upload", 25, float, "MiB an upload to /v1/audio/* may have")
     flag("token", None, help="require 'Authorization: Bearer TOKEN' on every request")
     flag("allow-dir", [], action="append", metavar="DIR",
@@ -150,16 +174,20 @@ def parse_settings(argv=None):
     settings = parser.parse_args(argv)
     if settings.engine not in ENGINES:
         parser.error(f"--engine must be one of {', '.join(ENGINES)}")
-    if settings.default_model not in MODELS:
-        parser.error(f"--default-model must be one of {', '.join(MODELS)}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", settings.device):
-        parser.error("--device must be auto, cpu, cuda or cuda:N")
+    if not settings.default_model or "/" in settings.default_model:
+        parser.error("--default-model must be a model name, like large-v2 or tiny.en")
+    settings.devices = [d.strip() for d in settings.device.split(",")]
+    for device in settings.devices:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            parser.error(f"--device: {device!r} is not auto, cpu, cuda or cuda:N")
     for name in ("history", "max_queue", "batch_size", "model_ttl"):
         if getattr(settings, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
     for name in ("max_attempts", "max_models", "callback_attempts"):
         if getattr(settings, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if settings.pack and not (settings.engine == "faster-whisper" and settings.batch_size):
+        parser.error("--pack needs --engine faster-whisper and a --batch-size")
     settings.model_dir = os.path.abspath(os.path.expanduser(settings.model_dir))
     settings.state_dir = os.path.abspath(os.path.expanduser(settings.state_dir))
     settings.allow_dir = [os.path.realpath(d) for d in settings.allow_dir]
@@ -175,13 +203,24 @@ def utcnow():
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-# ---------------------------------------------------------------------------------------
-# Jobs and validation
-# ---------------------------------------------------------------------------------------
+def _since(started):
+    return round(time.monotonic() - started, 3)
 
-QUEUED, RUNNING, COMPLETED, FAILED = "QUEUED", "RUNNING", "COMPLETED", "FAILED"
-FINISHED = (COMPLETED, FAILED)
 
+def _reason(error):
+    """A short, human reason from an exception (ffmpeg's last line, not its banner)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _inside(path, roots):
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, root]) == root for root in roots)
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------
 
 class HTTPError(Exception):
     """An answer other than success; raised anywhere, turned into JSON at the edge."""
@@ -192,200 +231,362 @@ class HTTPError(Exception):
         self.headers = headers or {}
 
 
-class Job:
-    """One transcription job. Its attributes, in this order, are its JSON."""
+class Invalid(ValueError):
+    """A job field that cannot be accepted; validate() names the field."""
 
-    # The original API's keys first, in its order; everything after them was added.
-    def __init__(self, id, path, language, format, output_path, callback, model,
-                 task="transcribe", initial_prompt="", word_timestamps=False,
-                 max_line_width=None, max_line_count=None, highlight_words=False,
-                 temperature=0.0):
-        self.id = id
-        self.path = path
-        self.language = language
-        self.format = format
-        self.output_path = output_path
-        self.progress = 0
-        self.status = QUEUED
-        self.result = ""
-        self.callback = callback
-        self.model = model
-        self.Duration = 0
-        self.error = ""
-        self.created_at = utcnow()
-        self.started_at = None
-        self.finished_at = None
-        self.attempts = 0
-        self.audio_duration = None
-        self.callback_status = ""       # pending, delivered or failed once there is one
-        self.callback_attempts = 0
-        self.task = task
-        self.initial_prompt = initial_prompt
-        self.word_timestamps = word_timestamps
-        self.max_line_width = max_line_width
-        self.max_line_count = max_line_count
-        self.highlight_words = highlight_words
-        self.temperature = temperature
+    def __init__(self, message, status=HTTPStatus.BAD_REQUEST):
+        super().__init__(message)
+        self.status = status
+
+
+class JobFailed(Exception):
+    """A job cannot be done, for a reason its owner can act on (the message says it)."""
+
+
+class AudioError(JobFailed):
+    """The job's audio cannot be decoded: the caller's input is at fault."""
+
+
+class ModelError(JobFailed):
+    """The job's model cannot be had (not on disk, no download)."""
+
+
+class Interrupted(Exception):
+    """Raised inside a transcription to stop it; the job goes back to the queue."""
+
+
+# ---------------------------------------------------------------------------------------
+# Jobs: every field declared once
+# ---------------------------------------------------------------------------------------
+#
+# A job's fields are the dataclass below, in the order of its JSON. Each field's metadata
+# says who sets it (`option`: the client; `state`: whisperd; `view`: computed when shown),
+# its JSON schema, a one-line description and, for options, how it reaches the decoder
+# or the writers. From these declarations come: validation (validate()), the JSON a client
+# sees (Job.to_json), the job store, the OpenAPI schemas and the client's flags.
+#
+# Adding a job option is ONE edit here: for example
+#     no_speech_threshold: float = option(0.6, {"type": "number", "minimum": 0,
+#         "maximum": 1}, "probability above which a window counts as silence", decode=True)
+# validates it, stores it, shows it, documents it in /openapi.json, gives
+# `whisperd submit --no-speech-threshold` and passes it to both engines. Then test it.
+
+QUEUED, RUNNING, COMPLETED, FAILED = "QUEUED", "RUNNING", "COMPLETED", "FAILED"
+FINISHED = (COMPLETED, FAILED)
+
+
+class Callback:
+    """A callback's status, one vocabulary from the log to the job to /metrics."""
+    NONE = ""               # the job has no callback
+    PENDING = "pending"     # not delivered yet; another attempt is due
+    DELIVERED = "delivered"
+    FAILED = "failed"       # a final answer (4xx but 429), or out of attempts
+    ALL = (NONE, PENDING, DELIVERED, FAILED)
+
+
+def _field(kind, default, schema, help, **more):
+    return dataclasses.field(default=default, metadata={"kind": kind, "schema": schema,
+                                                        "help": help, **more})
+
+
+def option(default, schema, help, parse=None, required=False, needs=None, decode=False,
+           writer=False):
+    """A field the client may send. `parse(value, job, context)` checks and converts one
+    (None when omitted) and raises Invalid; without it the schema is the check. `needs`:
+    an option that must be true for this one to be set. `decode`: passed to the engine
+    under its name; `writer`: passed to openai-whisper's subtitle writers."""
+    return _field("option", default, schema, help, parse=parse, required=required,
+                  needs=needs, decode=decode, writer=writer)
+
+
+def state(default, schema, help):
+    """A field whisperd sets; stored and shown."""
+    return _field("state", default, schema, help)
+
+
+def view(schema, help):
+    """A field computed when the job is shown (never stored)."""
+    return _field("view", None, schema, help)
+
+
+def _nullable(kind, **more):
+    return {"type": [kind, "null"], **more}
+
+
+def _parse_path(value, job, context):
+    if not value:
+        raise Invalid("path is required: the absolute path of an audio file on the "
+                      "whisperd host")
+    if not os.path.isabs(value):
+        raise Invalid(f"path must be absolute, got {value!r}")
+    if context.allow_dir and not _inside(value, context.allow_dir):
+        raise Invalid(f"path {value!r} is outside the folders whisperd may read "
+                      f"(--allow-dir: {', '.join(context.allow_dir)})", HTTPStatus.FORBIDDEN)
+    if not os.path.exists(value):
+        raise Invalid(f"no such file: {value}")
+    if not os.path.isfile(value):
+        raise Invalid(f"path is not a regular file: {value}")
+    if not os.access(value, os.R_OK):
+        raise Invalid(f"whisperd may not read {value}: check its permissions")
+    return value
+
+
+def _parse_output_path(value, job, context):
+    given = bool(value)
+    folder = os.path.normpath(value or os.path.dirname(job.path))
+    if not os.path.isabs(folder):
+        raise Invalid(f"output_path must be an absolute folder, got {folder!r}")
+    if context.allow_dir and not _inside(folder, context.allow_dir):
+        raise Invalid(f"output_path {folder!r} is outside the folders whisperd may write "
+                      f"(--allow-dir: {', '.join(context.allow_dir)})", HTTPStatus.FORBIDDEN)
+    if not os.path.isdir(folder):
+        raise Invalid(f"output_path must be an existing folder: {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        hint = "" if given else " (output_path was omitted, so output goes beside the audio)"
+        raise Invalid(f"whisperd may not write into {folder}{hint}")
+    return folder
+
+
+def _parse_callback(value, job, context):
+    url = urllib.parse.urlsplit(value or "")
+    if value and (url.scheme not in ("http", "https") or not url.hostname):
+        raise Invalid(f"callback must be an absolute http:// or https:// URL, got {value!r}")
+    return value or ""
+
+
+def _parse_model(value, job, context):
+    name = value or context.default_model
+    known = context.models()
+    if name not in known:
+        raise Invalid(f"model {name!r} is not one whisperd can load; valid values: "
+                      f"{', '.join(known)} (or NAME{context.model_suffix} in "
+                      f"{context.model_dir})")
+    return name
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Job:
+    """One transcription job. Its fields, in this order, are its JSON: the original API's
+    keys first, in its order; everything after them was added."""
+
+    id: str = state("", {"type": "string"}, "the job's id, a UUID")
+    path: str = option(None, {"type": "string"}, "absolute path of an audio file on the "
+                       "whisperd host", parse=_parse_path, required=True)
+    language: str = option(AUTO_LANGUAGE, {"type": "string", "enum": [AUTO_LANGUAGE,
+                                                                      *LANGUAGES]},
+                           "the spoken language; auto: detected (and shown once known)")
+    format: str = option("txt", {"type": "string", "enum": list(FORMATS)},
+                         "the file written; all: txt, vtt, srt, tsv and json")
+    output_path: str = option("", {"type": "string"}, "an existing folder for the files; "
+                              "default: the audio's folder", parse=_parse_output_path)
+    progress: int = state(0, {"type": "integer", "minimum": 0, "maximum": 100},
+                          "whole percent of the audio decoded; 100 once COMPLETED")
+    status: str = state(QUEUED, {"type": "string", "enum": [QUEUED, RUNNING, *FINISHED]},
+                        "QUEUED, RUNNING, then COMPLETED or FAILED")
+    result: str = state("", {"type": "string"}, "the transcript as TXT once COMPLETED")
+    callback: str = option("", {"type": "string", "pattern": "^(https?://[^/].*)?$"},
+                           "an http(s) URL POSTed the job when it ends",
+                           parse=_parse_callback)
+    model: str = option(None, {"type": "string"}, "the Whisper model; default: "
+                        "--default-model", parse=_parse_model)
+    Duration: float = state(0, {"type": "number"}, "seconds the transcription took; 0 "
+                            "until it finished")
+    error: str = state("", {"type": "string"}, "why the job FAILED; empty otherwise")
+    created_at: str = state("", {"type": "string"}, "ISO 8601 UTC")
+    started_at: str | None = state(None, _nullable("string"), "ISO 8601 UTC, or null")
+    finished_at: str | None = state(None, _nullable("string"), "ISO 8601 UTC, or null")
+    attempts: int = state(0, {"type": "integer"}, "times the job was started")
+    audio_duration: float | None = state(None, _nullable("number"), "seconds of audio")
+    position: int | None = view(_nullable("integer"), "place in the queue, 1 = next; null "
+                                "unless QUEUED")
+    eta: float | None = view(_nullable("number"), "seconds until the job is expected to "
+                             "finish, from the speed of recent jobs; null until one ran")
+    callback_status: str = state(Callback.NONE, {"type": "string", "enum": list(Callback.ALL)},
+                                 "pending, delivered or failed; empty without a callback")
+    callback_attempts: int = state(0, {"type": "integer"}, "callback deliveries tried")
+    worker: str | None = state(None, _nullable("string"), "the worker (device) that ran it")
+    upload: bool = state(False, {"type": "boolean"}, "true for an /v1/audio/* upload, "
+                         "whose file whisperd keeps only while the job runs")
+    task: str = option("transcribe", {"type": "string", "enum": list(TASKS)},
+                       "transcribe, or translate into English", decode=True)
+    initial_prompt: str = option("", {"type": "string"}, "text that primes the first "
+                                 "window (names, spellings)", decode=True)
+    word_timestamps: bool = option(False, {"type": "boolean"}, "word-level timings",
+                                   decode=True)
+    max_line_width: int | None = option(None, _nullable("integer", minimum=1),
+                                        "subtitle line width, in characters",
+                                        needs="word_timestamps", writer=True)
+    max_line_count: int | None = option(None, _nullable("integer", minimum=1),
+                                        "subtitle lines per cue", needs="word_timestamps",
+                                        writer=True)
+    highlight_words: bool = option(False, {"type": "boolean"}, "underline each word as it "
+                                   "is spoken (vtt, srt)", needs="word_timestamps",
+                                   writer=True)
+    temperature: float = option(0.0, {"type": "number", "minimum": 0, "maximum": 1},
+                                "first sampling temperature; the fallback goes on up to 1.0",
+                                decode=True)
 
     def to_json(self):
-        return dict(vars(self))
+        return {name: getattr(self, name) for name in WIRE}
+
+    def stored(self):
+        return {name: getattr(self, name) for name in STORED}
 
     @classmethod
     def from_json(cls, doc):
         # Keys a newer or older whisperd wrote are dropped or defaulted, not fatal.
-        job = cls(**{k: doc[k] for k in ("id",) + JOB_FIELDS if k in doc})
-        vars(job).update((k, v) for k, v in doc.items() if k in vars(job))
-        return job
+        return cls(**{name: doc[name] for name in STORED if name in doc})
 
-    @property
-    def writer_options(self):
-        """The options openai-whisper's subtitle writers take, as the CLI passes them."""
-        return {"max_line_width": self.max_line_width, "max_line_count": self.max_line_count,
-                "highlight_words": self.highlight_words}
+    def update(self, **changes):
+        for name, value in changes.items():  # slots: a misspelt name is an AttributeError
+            setattr(self, name, value)
 
 
-# The keys a client may send, and what each must be.
-JOB_FIELDS = ("path", "language", "format", "output_path", "callback", "model", "task",
-              "initial_prompt", "word_timestamps", "max_line_width", "max_line_count",
-              "highlight_words", "temperature")
+FIELDS = dataclasses.fields(Job)
+WIRE = tuple(f.name for f in FIELDS)
+STORED = tuple(f.name for f in FIELDS if f.metadata["kind"] != "view")
+OPTIONS = tuple(f for f in FIELDS if f.metadata["kind"] == "option")
 
 
-def _string(body, field):
-    value = body.get(field)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise HTTPError(400, f"{field} must be a string", field)
+def _check_schema(value, schema):
+    """Checks a value against the small JSON schema of an option; returns it or raises."""
+    kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    if value is None and "null" in kinds:
+        return value
+    kind = kinds[0]
+    if kind == "boolean" and not isinstance(value, bool):
+        raise Invalid("must be true or false")
+    if kind == "integer" and (type(value) is not int or value < schema.get("minimum", value)):
+        raise Invalid(f"must be a whole number of at least {schema.get('minimum', 0)}")
+    if kind == "number":
+        low, high = schema.get("minimum", -math.inf), schema.get("maximum", math.inf)
+        if type(value) not in (int, float) or not low <= value <= high:
+            raise Invalid(f"must be a number from {low:g} to {high:g}")
+        value = float(value)
+    if kind == "string":
+        if not isinstance(value, str):
+            raise Invalid("must be a string")
+        if "enum" in schema and value not in schema["enum"]:
+            raise Invalid(f"{value!r} is not supported; valid values: "
+                          f"{', '.join(schema['enum'])}")
     return value
 
 
-def _one_of(body, field, valid, default):
-    value = _string(body, field) or default
-    if value not in valid:
-        raise HTTPError(400, f"{field} {value!r} is not supported; valid values: "
-                             f"{', '.join(valid)}", field)
-    return value
-
-
-def _inside(path, roots):
-    real = os.path.realpath(path)
-    return any(os.path.commonpath([real, root]) == root for root in roots)
-
-
-def validate(body, settings):
+def validate(body, context):
     """Checks a submitted job body; returns the Job, or raises HTTPError naming the field.
 
     Everything a job needs is checked here, at submit time, so that a job that got its
-    201 fails later only for reasons nobody could see coming (audio that does not decode,
-    a model that cannot be had).
+    201 fails later only for reasons nobody could see coming. `context` gives what the
+    checks need from the daemon: allow_dir, default_model, models(), model_dir.
     """
     if not isinstance(body, dict):
         raise HTTPError(400, "the body must be a JSON object, like "
                              '{"path": "/abs/audio.mp3", "model": "tiny"}')
+    names = [f.name for f in OPTIONS]
     for key in body:
-        if key not in JOB_FIELDS:
-            raise HTTPError(400, f"unknown field {key!r}; known fields: "
-                                 f"{', '.join(JOB_FIELDS)}", key)
-    allowed = settings.allow_dir
+        if key not in names:
+            raise HTTPError(400, f"unknown field {key!r}; known fields: {', '.join(names)}",
+                            key)
+    job = Job(id=str(uuid.uuid4()), created_at=utcnow())
+    for f in OPTIONS:
+        value = body.get(f.name)
+        if value == "" and f.default != "":  # "" means omitted, as the original API had it
+            value = None
+        try:
+            if f.metadata["parse"]:
+                if value is not None and not isinstance(value, str):
+                    raise Invalid("must be a string")
+                value = f.metadata["parse"](value, job, context)
+            elif value is None:
+                value = f.default
+            else:
+                value = _check_schema(value, f.metadata["schema"])
+            needs = f.metadata["needs"]
+            if value and needs and not getattr(job, needs):
+                raise Invalid(f"needs {needs}: true (as in the whisper command line)")
+        except Invalid as e:
+            message = str(e)
+            if message.startswith(("must ", "needs ", "'")):
+                message = f"{f.name} {message}"
+            raise HTTPError(e.status, message, f.name) from None
+        setattr(job, f.name, value)
+    if job.model.endswith(".en"):
+        if job.language not in ("en", AUTO_LANGUAGE):
+            raise HTTPError(400, f"model {job.model} understands English only; use a "
+                                 f"multilingual model (like {job.model[:-3]}) for language "
+                                 f"{job.language!r}", "language")
+        if job.task == "translate":
+            raise HTTPError(400, f"model {job.model} cannot translate; use a multilingual "
+                                 f"model", "task")
+    return job
 
-    path = _string(body, "path")
-    if not path:
-        raise HTTPError(400, "path is required: the absolute path of an audio file on "
-                             "the whisperd host", "path")
-    if not os.path.isabs(path):
-        raise HTTPError(400, f"path must be absolute, got {path!r}", "path")
-    if allowed and not _inside(path, allowed):
-        raise HTTPError(403, f"path {path!r} is outside the folders whisperd may read "
-                             f"(--allow-dir: {', '.join(allowed)})", "path")
-    if not os.path.exists(path):
-        raise HTTPError(400, f"no such file: {path}", "path")
-    if not os.path.isfile(path):
-        raise HTTPError(400, f"path is not a regular file: {path}", "path")
-    if not os.access(path, os.R_OK):
-        raise HTTPError(400, f"whisperd may not read {path}: check its permissions", "path")
 
-    output_path = _string(body, "output_path")
-    given = bool(output_path)
-    output_path = os.path.normpath(output_path or os.path.dirname(path))
-    if not os.path.isabs(output_path):
-        raise HTTPError(400, f"output_path must be an absolute folder, got {output_path!r}",
-                        "output_path")
-    if allowed and not _inside(output_path, allowed):
-        raise HTTPError(403, f"output_path {output_path!r} is outside the folders whisperd "
-                             f"may write (--allow-dir: {', '.join(allowed)})", "output_path")
-    if not os.path.isdir(output_path):
-        raise HTTPError(400, f"output_path must be an existing folder: {output_path}",
-                        "output_path")
-    if not os.access(output_path, os.W_OK | os.X_OK):
-        hint = "" if given else " (output_path was omitted, so output goes beside the audio)"
-        raise HTTPError(400, f"whisperd may not write into {output_path}{hint}",
-                        "output_path")
+# ---------------------------------------------------------------------------------------
+# Audio at the door
+# ---------------------------------------------------------------------------------------
 
-    model = _one_of(body, "model", MODELS, settings.default_model)
-    language = _string(body, "language") or AUTO_LANGUAGE
-    if language != AUTO_LANGUAGE and language not in LANGUAGES:
-        raise HTTPError(400, f"language {language!r} is not supported; valid values: "
-                             f"{AUTO_LANGUAGE} (detect), {', '.join(LANGUAGES)}", "language")
-    if model.endswith(".en") and language not in ("en", AUTO_LANGUAGE):
-        raise HTTPError(400, f"model {model} understands English only; use a multilingual "
-                             f"model (like {model[:-3]}) for language {language!r}", "language")
-
-    callback = _string(body, "callback")
-    if callback:
-        url = urllib.parse.urlsplit(callback)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise HTTPError(400, f"callback must be an absolute http:// or https:// URL, "
-                                 f"got {callback!r}", "callback")
-
-    options = {"task": _one_of(body, "task", TASKS, "transcribe"),
-               "initial_prompt": _string(body, "initial_prompt")}
-    for field in ("word_timestamps", "highlight_words"):
-        value = body.get(field, False)
-        if not isinstance(value, bool):
-            raise HTTPError(400, f"{field} must be true or false", field)
-        options[field] = value
-    for field in ("max_line_width", "max_line_count"):
-        value = body.get(field)
-        if value is not None and (type(value) is not int or value < 1):
-            raise HTTPError(400, f"{field} must be a whole number of at least 1", field)
-        options[field] = value
-    temperature = body.get("temperature", 0.0)
-    if type(temperature) not in (int, float) or not 0 <= temperature <= 1:
-        raise HTTPError(400, "temperature must be a number from 0 to 1", "temperature")
-    options["temperature"] = float(temperature)
-    for field in ("max_line_width", "max_line_count", "highlight_words"):
-        if options[field] and not options["word_timestamps"]:
-            raise HTTPError(400, f"{field} needs word_timestamps: true (as in the whisper "
-                                 f"command line)", field)
-    if model.endswith(".en") and options["task"] == "translate":
-        raise HTTPError(400, f"model {model} cannot translate; use a multilingual model",
-                        "task")
-
-    return Job(id=str(uuid.uuid4()), path=path, language=language,
-               format=_one_of(body, "format", FORMATS, "txt"), output_path=output_path,
-               callback=callback, model=model, **options)
+def probe(path):
+    """Seconds of audio in `path`, read by ffprobe (from the ffmpeg that decodes it later),
+    or Invalid with one clear sentence: a file that is not audio is refused before its 201."""
+    command = ["ffprobe", "-v", "error", "-select_streams", "a", "-show_entries",
+               "stream=codec_type,duration:format=duration,format_name", "-of", "json", path]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise JobFailed("ffprobe is not installed: install ffmpeg") from None
+    except subprocess.TimeoutExpired:
+        raise Invalid(f"ffprobe could not read {os.path.basename(path)} within "
+                      f"{PROBE_TIMEOUT:g} s") from None
+    if done.returncode != 0:
+        raise Invalid(f"{os.path.basename(path)} is not audio ffmpeg can decode: "
+                      f"{_reason(done.stderr).removeprefix(path + ': ')}")
+    info = json.loads(done.stdout or "{}")
+    if not info.get("streams"):
+        kind = info.get("format", {}).get("format_name", "this file")
+        raise Invalid(f"{os.path.basename(path)} has no audio stream (ffprobe read it as "
+                      f"{kind})")
+    durations = [info.get("format", {}).get("duration")] + \
+        [s.get("duration") for s in info["streams"]]
+    seconds = next((float(d) for d in durations if d not in (None, "N/A")), None)
+    return None if seconds is None else round(seconds, 3)
 
 
 # ---------------------------------------------------------------------------------------
 # Job store
 # ---------------------------------------------------------------------------------------
 
-class JobStore:
-    """The durable record of every job that got its 201: SQLite in WAL mode.
+class QueueFull(Exception):
+    pass
 
-    A job row is written before the client hears 201 and on every status change, each in
-    its own committed transaction with synchronous=FULL, so a crash, `kill -9` or power
-    loss at any moment leaves every accepted job on disk in its last state.
+
+def _remaining(job):
+    """Seconds of a job's audio not decoded yet."""
+    return (job.audio_duration or 0) * (100 - job.progress) / 100
+
+
+class JobStore:
+    """Where jobs are: every job in memory for reading, and in SQLite (WAL) for surviving.
+
+    The queued and running jobs and the last `history` finished ones are kept; this is the
+    one place that knows them, their order, their counts and the history rule. Every
+    change goes through one of the methods below, each a committed transaction: a job's
+    arrival, end, deletion and requeue with synchronous=FULL (on disk before the caller
+    answers), a job's start and a callback's progress with synchronous=NORMAL (they survive
+    a crash or `kill -9`; a power cut may only forget an attempt, never a job).
+    `changed` is notified after every change.
     """
 
-    def __init__(self, state_dir):
+    def __init__(self, state_dir, history):
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, "whisperd.sqlite3")
-        self.lock = threading.Lock()
+        self.history = history
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
         self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=5000")
+        self.durable = None
         self.db.executescript("""
             CREATE TABLE IF NOT EXISTS jobs (
                 seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -398,72 +599,228 @@ class JobStore:
             CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
             INSERT OR IGNORE INTO counters VALUES ('processed', 0);
         """)
+        self.jobs = {}                           # id -> Job, oldest first
+        self.queued = collections.OrderedDict()  # ids of QUEUED jobs, next first
+        self.finished = collections.deque()      # ids of the finished jobs kept, oldest first
+        self.active = set()                      # ids of RUNNING jobs
+        self.counts = collections.Counter()      # status -> jobs
+        self.processed, = self.db.execute(
+            "SELECT value FROM counters WHERE name='processed'").fetchone()
+        self.closed = False
+        rows = self.db.execute("SELECT doc FROM jobs ORDER BY seq").fetchall()
+        for job in sorted((Job.from_json(json.loads(doc)) for doc, in rows),
+                          key=lambda job: job.created_at):
+            self._keep(job)
+        while len(self.finished) > self.history:
+            self._forget(self.jobs[self.finished[0]])
 
-    def _write(self, *statements):
+    # -- memory ---------------------------------------------------------------------------
+
+    def _keep(self, job):
+        self.jobs[job.id] = job
+        self.counts[job.status] += 1
+        if job.status == QUEUED:
+            self.queued[job.id] = None
+        elif job.status == RUNNING:
+            self.active.add(job.id)
+        elif job.status in FINISHED:
+            self.finished.append(job.id)
+
+    def _forget(self, job):
+        """Past the history: gone from memory; from disk too unless a callback is due."""
+        self.finished.remove(job.id)
+        del self.jobs[job.id]
+        self.counts[job.status] -= 1
+        if job.callback_status != Callback.PENDING:
+            self.db.execute("DELETE FROM jobs WHERE id=?", (job.id,))
+
+    def _set_status(self, job, status):
+        self.counts[job.status] -= 1
+        self.counts[status] += 1
+        self.queued.pop(job.id, None)
+        self.active.discard(job.id)
+        job.status = status
+        if status == QUEUED:
+            self.queued[job.id] = None
+        elif status == RUNNING:
+            self.active.add(job.id)
+        elif status in FINISHED:
+            self.finished.append(job.id)
+
+    # -- disk -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self, durable=True):
+        """One committed transaction; FULL waits for the disk, NORMAL does not."""
         with self.lock:
+            if self.closed:
+                raise RuntimeError("the job store is closed")
+            if durable is not self.durable:
+                self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self.durable = durable
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, args in statements:
-                    self.db.execute(sql, args)
+                yield
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+            self.changed.notify_all()
 
-    @staticmethod
-    def _row(job):
-        return (job.status, job.callback_status, job.finished_at,
-                json.dumps(job.to_json(), ensure_ascii=False), job.id)
+    def _save(self, job):
+        self.db.execute("UPDATE jobs SET status=?, callback_status=?, finished_at=?, doc=? "
+                        "WHERE id=?", (job.status, job.callback_status, job.finished_at,
+                                       json.dumps(job.stored(), ensure_ascii=False), job.id))
 
-    def insert(self, job):
-        self._write(("INSERT INTO jobs (status, callback_status, finished_at, doc, id) "
-                     "VALUES (?, ?, ?, ?, ?)", self._row(job)))
+    # -- changes --------------------------------------------------------------------------
 
-    def save(self, job, finished=False):
-        statements = [("UPDATE jobs SET status=?, callback_status=?, finished_at=?, doc=? "
-                       "WHERE id=?", self._row(job))]
-        if finished:
-            statements.append(("UPDATE counters SET value = value + 1 "
-                               "WHERE name='processed'", ()))
-        self._write(*statements)
+    def add(self, job, max_queue):
+        """Stores a new QUEUED job, unless `max_queue` jobs are queued already."""
+        with self._transaction():
+            if self.counts[QUEUED] >= max_queue:
+                raise QueueFull()
+            self.db.execute("INSERT INTO jobs (id, status, doc) VALUES (?, ?, ?)",
+                            (job.id, job.status, json.dumps(job.stored(), ensure_ascii=False)))
+            self._keep(job)
 
-    def delete(self, job_id, unless_pending=False):
-        sql = "DELETE FROM jobs WHERE id=?"
-        self._write((sql + (" AND callback_status != 'pending'" if unless_pending else ""),
-                     (job_id,)))
-
-    def _select(self, sql, args=()):
+    def claim(self, worker, accept=None):
+        """The next QUEUED job (the first that `accept` takes), now RUNNING on `worker`."""
         with self.lock:
-            return [Job.from_json(json.loads(doc)) for (doc,) in self.db.execute(sql, args)]
+            job_id = next((i for i in self.queued if accept is None or accept(self.jobs[i])),
+                          None)
+            if job_id is None:
+                return None
+            job = self.jobs[job_id]
+            with self._transaction(durable=False):
+                self._set_status(job, RUNNING)
+                job.update(attempts=job.attempts + 1, started_at=utcnow(), progress=0,
+                           worker=worker)
+                self._save(job)
+            return job
+
+    def touch(self, job, **changes):
+        """Changes kept in memory only (progress): a restart starts the job over anyway."""
+        with self.lock:
+            job.update(**changes)
+
+    def finish(self, ends):
+        """Ends jobs in one transaction: [(job, status, changes)]. The history rule: the
+        last `history` finished jobs are kept, and any whose callback is still due."""
+        with self._transaction():
+            for job, status, changes in ends:
+                self._set_status(job, status)
+                job.update(finished_at=utcnow(), **changes)
+                self._save(job)
+            self.db.execute("UPDATE counters SET value = value + ? WHERE name='processed'",
+                            (len(ends),))
+            self.processed += len(ends)
+            while len(self.finished) > self.history:
+                self._forget(self.jobs[self.finished[0]])
+
+    def requeue(self, jobs, count_attempt=True):
+        """Running jobs back to the front of the queue, in their order; a run that was
+        not the job's fault (a shutdown) does not count as an attempt."""
+        with self._transaction():
+            for job in reversed(jobs):
+                self._set_status(job, QUEUED)
+                job.update(progress=0, started_at=None, worker=None,
+                           attempts=job.attempts - (not count_attempt))
+                self.queued.move_to_end(job.id, last=False)  # they were next before they ran
+                self._save(job)
+
+    def delete(self, job_id):
+        """Removes a QUEUED job; returns it, or raises HTTPError 404 / 409."""
+        with self._transaction():
+            job = self._get(job_id)
+            if job.status != QUEUED:
+                raise HTTPError(409, f"job {job_id} is {job.status}; only QUEUED jobs can "
+                                     f"be deleted")
+            self.db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+            del self.jobs[job_id]
+            self.queued.pop(job_id)
+            self.counts[QUEUED] -= 1
+            return job
+
+    def callback_status(self, job, status, attempts):
+        with self._transaction(durable=False):
+            job.update(callback_status=status, callback_attempts=attempts)
+            if job.id in self.jobs or status == Callback.PENDING:
+                self._save(job)
+            else:  # past the history already: its record was only kept for this
+                self.db.execute("DELETE FROM jobs WHERE id=?", (job.id,))
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _get(self, job_id):
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise HTTPError(404, f"no job {job_id}: it never existed, was deleted, or "
+                                 f"finished more than {self.history} jobs ago")
+        return job
+
+    def running(self):
+        with self.lock:
+            return [self.jobs[i] for i in self.active]
 
     def unfinished(self):
-        return self._select("SELECT doc FROM jobs WHERE status IN (?, ?) ORDER BY seq",
-                            (QUEUED, RUNNING))
+        with self.lock:
+            return [job for job in self.jobs.values() if job.status not in FINISHED]
 
-    def last_finished(self, count):
-        jobs = self._select("SELECT doc FROM jobs WHERE status IN (?, ?) "
-                            "ORDER BY finished_at DESC, seq DESC LIMIT ?",
-                            (COMPLETED, FAILED, count))
-        return jobs[::-1]
+    def next_queued(self, count):
+        """The first `count` QUEUED jobs, next first."""
+        with self.lock:
+            return [self.jobs[i] for i in itertools.islice(self.queued, count)]
+
+    def show(self, job_id=None, eta=lambda seconds, running: None):
+        """The JSON of one job, or of every job kept (oldest first), with its `position`
+        and its `eta`: eta(seconds of audio until it is done, running) -> seconds."""
+        with self.lock:
+            wanted = None if job_id is None else self._get(job_id)
+            if wanted is not None and wanted.status != QUEUED:
+                doc = wanted.to_json()
+                if wanted.status == RUNNING:
+                    doc["eta"] = eta(_remaining(wanted), True)
+                return doc
+            shown = {}
+            ahead = sum(_remaining(self.jobs[i]) for i in self.active)
+            for position, queued_id in enumerate(self.queued, 1):
+                job = self.jobs[queued_id]
+                ahead += job.audio_duration or 0
+                if wanted is None or job is wanted:
+                    shown[queued_id] = dict(job.to_json(), position=position,
+                                            eta=eta(ahead, False))
+                    if job is wanted:
+                        return shown[queued_id]
+            for running_id in self.active:
+                job = self.jobs[running_id]
+                shown[running_id] = dict(job.to_json(), eta=eta(_remaining(job), True))
+            return [shown.get(i) or job.to_json() for i, job in self.jobs.items()]
+
+    def wait(self, job_id, seconds):
+        """Holds until the job has finished, at most `seconds`; 404 if it is gone."""
+        with self.changed:
+            job = self._get(job_id)
+            self.changed.wait_for(lambda: job.status in FINISHED or
+                                  self.jobs.get(job_id) is not job, timeout=seconds)
+            self._get(job_id)
 
     def pending_callbacks(self):
-        return self._select("SELECT doc FROM jobs WHERE callback_status='pending' "
-                            "ORDER BY finished_at")
-
-    def prune(self, keep_ids):
-        """Forgets finished jobs past the history, except those with a callback to send."""
-        marks = ",".join("?" * len(keep_ids))
-        self._write((f"DELETE FROM jobs WHERE status IN (?, ?) AND callback_status != "
-                     f"'pending' AND id NOT IN ({marks or 'NULL'})",
-                     (COMPLETED, FAILED, *keep_ids)))
-
-    def processed(self):
+        """Jobs whose callback is due, including those already past the history."""
         with self.lock:
-            return self.db.execute("SELECT value FROM counters WHERE name='processed'"
-                                   ).fetchone()[0]
+            rows = self.db.execute("SELECT doc FROM jobs WHERE callback_status=? "
+                                   "ORDER BY finished_at", (Callback.PENDING,)).fetchall()
+            return [self.jobs.get(job.id, job) for job in
+                    (Job.from_json(json.loads(doc)) for doc, in rows)]
+
+    def stats(self):
+        with self.lock:
+            return {"Queued": self.counts[QUEUED], "Running": self.counts[RUNNING],
+                    "Processed": self.processed}
 
     def close(self):
+        """Writes nothing more; a job still running stays as the store last saw it."""
         with self.lock:
+            self.closed = True
             self.db.close()
 
 
@@ -474,8 +831,8 @@ class JobStore:
 # The `whisper` command line's decoding defaults (not whisper.transcribe()'s greedy ones),
 # so a job's transcript is the one `whisper FILE` gives; both engines decode with them.
 DECODING = {"beam_size": 5, "best_of": 5, "compression_ratio_threshold": 2.4,
-            "no_speech_threshold": 0.6, "condition_on_previous_text": True}
-LOGPROB_THRESHOLD = -1.0
+            "logprob_threshold": -1.0, "no_speech_threshold": 0.6,
+            "condition_on_previous_text": True}
 
 
 def temperatures(start):
@@ -483,33 +840,59 @@ def temperatures(start):
     return tuple(round(start + 0.2 * i, 2) for i in range(int((1.0 - start) / 0.2 + 1e-6) + 1))
 
 
-class Interrupted(Exception):
-    """Raised inside a transcription to stop it; the job goes back to the queue."""
+def _load_error(name, path, error):
+    if os.path.exists(path):
+        return f"model {name} could not be loaded from {path}: {_reason(error)}"
+    return (f"model {name} could not be loaded: it is not at {path} and could not be "
+            f"downloaded there ({_reason(error)})")
 
 
-class JobFailed(Exception):
-    """A job cannot be done, for a reason its owner can act on (the message says it)."""
+ENGINES = {}  # name -> Engine subclass, filled as they are defined
 
 
 class Engine:
-    """Loads models once and keeps them (LRU, optional idle TTL); turns a job into
-    whisper's result dict: {"text", "segments", "language"}.
+    """One worker's models and decoding: loads models once and keeps them (LRU, optional
+    idle TTL) and turns a job into whisper's result dict {"text", "segments", "language"}.
 
-    Engines are used by one worker thread only, so they need no locks of their own.
+    The steps both engines share are here; a subclass names its library's calls: prepare()
+    (import, resolve the device), known() (model names), load(), load_audio() and
+    transcribe(). An engine belongs to one worker thread, so it needs no locks.
     """
 
     name = ""
+    model_suffix = ""  # NAME + this, in --model-dir, is a model on disk
 
-    def __init__(self, settings):
-        self.settings = settings
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        ENGINES[cls.name] = cls
+
+    def __init__(self, settings, device, threads=0):
+        self.settings, self.device, self.threads = settings, device, threads
         self.models = collections.OrderedDict()   # name -> model, least recently used first
+        self.loaded = ()                          # their names, for other threads to read
         self.last_used = {}
-        self.device = settings.device
         self.loads = 0
         self.loading = False  # a first download may take longer than the watchdog allows
 
-    def prepare(self):
-        """Imports the heavy libraries and resolves the device (in the worker thread)."""
+    # -- which models exist ---------------------------------------------------------------
+
+    @classmethod
+    def on_disk(cls, model_dir, name):
+        path = os.path.join(model_dir, name + cls.model_suffix)
+        return path if cls.is_model(path) else None
+
+    @classmethod
+    def catalog(cls, model_dir):
+        """Every model name a job may ask for: the original API's, the library's, and
+        those in --model-dir under their own names."""
+        with contextlib.suppress(OSError):
+            local = [entry[:len(entry) - len(cls.model_suffix)] for entry in
+                     sorted(os.listdir(model_dir)) if entry.endswith(cls.model_suffix)
+                     and cls.is_model(os.path.join(model_dir, entry))]
+            return list(dict.fromkeys([*SEED_MODELS, *cls.known(), *local]))
+        return list(dict.fromkeys([*SEED_MODELS, *cls.known()]))
+
+    # -- the model cache ------------------------------------------------------------------
 
     def model(self, name):
         if name in self.models:
@@ -518,23 +901,29 @@ class Engine:
             while len(self.models) >= self.settings.max_models:
                 self.unload(next(iter(self.models)))
             started = time.monotonic()
+            path = self.on_disk(self.settings.model_dir, name)
             self.loading = True
             try:
-                self.models[name] = self.load(name)
+                self.models[name] = self.load(name, path)
+            except Exception as e:
+                raise ModelError(_load_error(name, path or os.path.join(
+                    self.settings.model_dir, name + self.model_suffix), e)) from e
             finally:
                 self.loading = False
             self.loads += 1
-            log(f"model {name} loaded on {self.device} in "
-                f"{time.monotonic() - started:.1f} s ({self.name})")
+            self.loaded = tuple(self.models)
+            log(f"model {name} loaded on {self.device} in {time.monotonic() - started:.1f} s "
+                f"({self.name})")
         self.last_used[name] = time.monotonic()
         return self.models[name]
 
     def unload(self, name):
         self.models.pop(name, None)
         self.last_used.pop(name, None)
+        self.loaded = tuple(self.models)
         gc.collect()
         self.release_memory()
-        log(f"model {name} unloaded")
+        log(f"model {name} unloaded from {self.device}")
 
     def unload_idle(self):
         ttl = self.settings.model_ttl
@@ -543,30 +932,78 @@ class Engine:
                 if time.monotonic() - used > ttl:
                     self.unload(name)
 
+    # -- a job ----------------------------------------------------------------------------
+
+    def decode_options(self, job):
+        """The job's decoding options, named as openai-whisper names them."""
+        options = dict(DECODING)
+        for f in OPTIONS:
+            if f.metadata["decode"]:
+                options[f.name] = getattr(job, f.name)
+        options.update(language=None if job.language == AUTO_LANGUAGE else job.language,
+                       initial_prompt=job.initial_prompt or None,
+                       temperature=temperatures(job.temperature))
+        return options
+
+    def run(self, job, audio, report):
+        """Transcribes one job's decoded audio; report(fraction done) as it goes."""
+        model = self.model(job.model)
+        report(0.0)
+        return self.transcribe(model, audio, self.decode_options(job), report)
+
+    # -- what each library does its own way ----------------------------------------------
+
+    def prepare(self):
+        """Imports the library and resolves the device (in the worker thread)."""
+        raise NotImplementedError
+
+    @classmethod
+    def known(cls):
+        raise NotImplementedError
+
+    @staticmethod
+    def is_model(path):
+        raise NotImplementedError
+
+    def load(self, name, path):
+        raise NotImplementedError
+
     def release_memory(self):
         pass
 
-    def load(self, name):
+    def load_audio(self, path):
         raise NotImplementedError
 
-    def transcribe(self, job, report):
-        """Returns (result, audio seconds). Calls report(fraction done) as it goes."""
+    def transcribe(self, model, audio, options, report):
         raise NotImplementedError
 
 
-_progress = threading.local()  # .report: the running job's progress callback
+_progress = threading.local()  # .report: the running job's progress callback, per worker
 
 
-class OpenAIWhisperEngine(Engine):
+class OpenAIWhisper(Engine):
     name = "openai-whisper"
+    model_suffix = ".pt"
+
+    @classmethod
+    def known(cls):
+        import whisper
+        return whisper.available_models()
+
+    @staticmethod
+    def is_model(path):
+        return os.path.isfile(path)
 
     def prepare(self):
         import torch
         import tqdm
         import whisper
+        import whisper.transcribe
         self.torch, self.whisper = torch, whisper
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.threads:
+            torch.set_num_threads(self.threads)
 
         class ProgressBar(tqdm.tqdm):
             """Stands in for the bar inside whisper.transcribe(): prints nothing and
@@ -581,58 +1018,58 @@ class OpenAIWhisperEngine(Engine):
                 self.frames += n
                 report = getattr(_progress, "report", None)
                 if report and self.total:
-                    report(self.frames / self.total, self.total / 100)  # 100 frames/s
+                    report(self.frames / self.total)
 
         # whisper.transcribe() does `import tqdm` and calls `tqdm.tqdm(...)`: give its
         # module a tqdm namespace whose bar is ours.
         sys.modules["whisper.transcribe"].tqdm = type(sys)("tqdm")
         sys.modules["whisper.transcribe"].tqdm.tqdm = ProgressBar
 
-    def load(self, name):
-        path = os.path.join(self.settings.model_dir, name + ".pt")
-        try:
-            if os.path.isfile(path):
-                model = self.whisper.load_model(path, device=self.device)
-                heads = getattr(self.whisper, "_ALIGNMENT_HEADS", {}).get(name)
-                if heads:  # whisper only sets them for the checkpoints it downloads
-                    try:
-                        model.set_alignment_heads(heads)
-                    except RuntimeError:  # a checkpoint of another shape: keep the default
-                        log(f"model {path} is not OpenAI's {name}; word timings use "
-                            f"whisper's default alignment heads")
-                return model
+    def load(self, name, path):
+        if path is None:
             return self.whisper.load_model(name, device=self.device,
                                            download_root=self.settings.model_dir)
-        except Exception as e:
-            raise JobFailed(_load_error(name, path, os.path.isfile(path), e)) from e
+        model = self.whisper.load_model(path, device=self.device)
+        heads = getattr(self.whisper, "_ALIGNMENT_HEADS", {}).get(name)
+        if heads:  # whisper only sets them for the checkpoints it downloads
+            try:
+                model.set_alignment_heads(heads)
+            except RuntimeError:  # a checkpoint of another shape: keep the default
+                log(f"model {path} is not OpenAI's {name}; word timings use whisper's "
+                    f"default alignment heads")
+        return model
 
     def release_memory(self):
         if self.device.startswith("cuda"):
             self.torch.cuda.empty_cache()
 
-    def transcribe(self, job, report):
-        model = self.model(job.model)
-        report(0.0)
-        audio_seconds = []
-        _progress.report = lambda done, total: (audio_seconds.append(total), report(done))
+    def load_audio(self, path):
         try:
-            audio = self.whisper.load_audio(job.path)
+            return self.whisper.load_audio(path)
         except Exception as e:
-            raise JobFailed(f"could not decode the audio in {job.path}: {_reason(e)}") from e
+            raise AudioError(f"could not decode the audio in {path}: {_reason(e)}") from e
+
+    def transcribe(self, model, audio, options, report):
+        _progress.report = report
         try:
-            result = self.whisper.transcribe(
-                model, audio, verbose=None, fp16=self.device.startswith("cuda"),
-                language=None if job.language == AUTO_LANGUAGE else job.language,
-                task=job.task, initial_prompt=job.initial_prompt or None,
-                word_timestamps=job.word_timestamps, logprob_threshold=LOGPROB_THRESHOLD,
-                temperature=temperatures(job.temperature), **DECODING)
+            return self.whisper.transcribe(model, audio, verbose=None,
+                                           fp16=self.device.startswith("cuda"), **options)
         finally:
             _progress.report = None
-        return result, (audio_seconds[-1] if audio_seconds else len(audio) / 16000)
 
 
-class FasterWhisperEngine(Engine):
+class FasterWhisper(Engine):
     name = "faster-whisper"
+    model_suffix = ""  # a CTranslate2 folder
+
+    @classmethod
+    def known(cls):
+        import faster_whisper
+        return faster_whisper.available_models()
+
+    @staticmethod
+    def is_model(path):
+        return os.path.isfile(os.path.join(path, "model.bin"))
 
     def prepare(self):
         import ctranslate2
@@ -644,36 +1081,28 @@ class FasterWhisperEngine(Engine):
         if self.compute_type == "auto":
             self.compute_type = "float16" if self.device.startswith("cuda") else "int8"
 
-    def load(self, name):
-        path = os.path.join(self.settings.model_dir, name)
+    def load(self, name, path):
         device, _, index = self.device.partition(":")
-        try:
-            model = self.faster_whisper.WhisperModel(
-                path if os.path.isdir(path) else name, device=device,
-                device_index=int(index or 0), compute_type=self.compute_type,
-                download_root=self.settings.model_dir)
-        except Exception as e:
-            raise JobFailed(_load_error(name, path + "/", os.path.isdir(path), e)) from e
+        model = self.faster_whisper.WhisperModel(
+            path or name, device=device, device_index=int(index or 0),
+            compute_type=self.compute_type, cpu_threads=self.threads,
+            download_root=self.settings.model_dir)
         if self.settings.batch_size:
             return self.faster_whisper.BatchedInferencePipeline(model)
         return model
 
-    def transcribe(self, job, report):
-        model = self.model(job.model)
-        report(0.0)
-        options = dict(DECODING, log_prob_threshold=LOGPROB_THRESHOLD,
-                       language=None if job.language == AUTO_LANGUAGE else job.language,
-                       task=job.task, initial_prompt=job.initial_prompt or None,
-                       word_timestamps=job.word_timestamps,
-                       temperature=list(temperatures(job.temperature)))
+    def load_audio(self, path):
+        try:
+            return self.faster_whisper.decode_audio(path)
+        except Exception as e:
+            raise AudioError(f"could not decode the audio in {path}: {_reason(e)}") from e
+
+    def transcribe(self, model, audio, options, report):
+        options["log_prob_threshold"] = options.pop("logprob_threshold")
+        options["temperature"] = list(options["temperature"])
         if self.settings.batch_size:
             options["batch_size"] = self.settings.batch_size
-        try:
-            pieces, info = model.transcribe(job.path, **options)
-        except Exception as e:
-            if "audio" in type(e).__module__ or isinstance(e, (OSError, ValueError)):
-                raise JobFailed(f"could not decode the audio in {job.path}: {_reason(e)}") from e
-            raise
+        pieces, info = model.transcribe(audio, **options)
         segments = []
         for piece in pieces:  # a generator: decoding happens as we iterate
             segment = {"id": len(segments), "seek": piece.seek, "start": piece.start,
@@ -688,28 +1117,35 @@ class FasterWhisperEngine(Engine):
             if info.duration:
                 report(min(piece.end / info.duration, 1.0))
         text = "".join(segment["text"] for segment in segments)
-        return {"text": text, "segments": segments, "language": info.language}, info.duration
+        return {"text": text, "segments": segments, "language": info.language}
 
 
-def _load_error(name, path, present, error):
-    if present:
-        return f"model {name} could not be loaded from {path}: {_reason(error)}"
-    return (f"model {name} could not be loaded: it is not at {path} and could not be "
-            f"downloaded there ({_reason(error)})")
+# ---------------------------------------------------------------------------------------
+# Output files
+# ---------------------------------------------------------------------------------------
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
-def _reason(error):
-    """A short, human reason from an exception (ffmpeg's last line, not its banner)."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+UMASK = _umask()
+
+
+def transcript(result):
+    """The TXT transcript of whisper's result, as openai-whisper's txt writer writes it."""
+    from whisper.utils import get_writer
+    text = io.StringIO()
+    get_writer("txt", ".").write_result(result, file=text)
+    return text.getvalue()
 
 
 def write_outputs(result, job):
     """Writes the job's files with openai-whisper's own writers, each atomically.
 
     Every file is written to a hidden temp file in the output folder, flushed to disk and
-    renamed over `<input name>.<ext>`, so a reader never sees half a file. Returns the TXT
-    transcript, which is the job's `result`.
+    renamed over `<input name>.<ext>`, so a reader never sees half a file.
     """
     from whisper.utils import get_writer
 
@@ -720,13 +1156,13 @@ def write_outputs(result, job):
         if name.startswith(prefix) and name.endswith(suffix):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(folder, name))
-    formats = WRITTEN_FORMATS if job.format == "all" else (job.format,)
-    for ext in formats:
+    options = {f.name: getattr(job, f.name) for f in OPTIONS if f.metadata["writer"]}
+    for ext in WRITTEN_FORMATS if job.format == "all" else (job.format,):
         writer = get_writer(ext, folder)
         fd, temp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as file:
-                writer.write_result(result, file=file, **job.writer_options)
+                writer.write_result(result, file=file, **options)
                 file.flush()
                 os.fsync(file.fileno())
             os.chmod(temp, 0o666 & ~UMASK)  # mkstemp makes 0600; honour the umask
@@ -741,18 +1177,6 @@ def write_outputs(result, job):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    text = io.StringIO()
-    get_writer("txt", folder).write_result(result, file=text)
-    return text.getvalue()
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-UMASK = _umask()
 
 
 # ---------------------------------------------------------------------------------------
@@ -760,22 +1184,22 @@ UMASK = _umask()
 # ---------------------------------------------------------------------------------------
 
 class Worker(threading.Thread):
-    """The one thread that owns the models and runs jobs, in order, one at a time.
+    """One device's thread: its models live here, and its jobs run here one at a time.
 
-    Its whole life: take the next id off the queue; `service.take()` turns it into a
-    RUNNING job unless it was deleted meanwhile; run it; never die of what a job raises.
+    Its whole life: prepare the engine, then `service.next_job(self)` until it says stop
+    (None); each job is run and handed back to the service, whatever it raises.
     """
 
-    TICK = 1.0  # seconds between idle housekeeping rounds (TTL, watchdog)
+    TICK = 1.0  # seconds between idle housekeeping rounds (model TTL, watchdog)
 
-    def __init__(self, service, engine):
-        super().__init__(name="worker", daemon=True)
-        self.service, self.engine = service, engine
-        self.stopping = threading.Event()   # take no further job
+    def __init__(self, service, engine, suffix=""):
+        super().__init__(name=f"worker {engine.device}{suffix}", daemon=True)
+        self.service, self.engine, self.suffix = service, engine, suffix
         self.abort = threading.Event()      # interrupt the running job
         self.beat = time.monotonic()        # last sign of life, for the watchdog
         self.ready = False
         self.prepare_error = None
+        self.job = None                     # the running job
 
     def run(self):
         try:
@@ -784,18 +1208,19 @@ class Worker(threading.Thread):
             self.prepare_error = f"the {self.engine.name} engine cannot start: {_reason(e)}"
             log(self.prepare_error)
         self.ready = True
-        while not self.stopping.is_set():
-            self.beat = time.monotonic()
-            try:
-                job_id = self.service.queue.get(timeout=self.TICK)
-            except queue.Empty:
-                self.engine.unload_idle()
-                continue
-            if job_id is None or self.stopping.is_set():
-                break
-            job = self.service.take(job_id)
-            if job is not None:
-                self.run_job(job)
+        while (job := self.service.next_job(self)) is not None:
+            self.job = job
+            self.run_job(job)
+            self.job = None
+
+    @property
+    def label(self):
+        """The worker's name: its device (auto until resolved), numbered when it repeats."""
+        return self.engine.device + self.suffix
+
+    def idle(self):
+        self.beat = time.monotonic()
+        self.engine.unload_idle()
 
     def report(self, job, done):
         self.beat = time.monotonic()
@@ -808,26 +1233,18 @@ class Worker(threading.Thread):
         try:
             if self.prepare_error:
                 raise JobFailed(self.prepare_error)
-            result, audio_seconds = self.engine.transcribe(job, lambda done: self.report(job, done))
-            text = write_outputs(result, job)
+            audio = self.service.audio(job, self.engine)
+            result = self.engine.run(job, audio, lambda done: self.report(job, done))
         except Interrupted:
-            self.service.requeue(job)
-            return
+            self.service.interrupted(job)
         except JobFailed as e:
-            self.service.finish(job, FAILED, error=str(e), Duration=_since(started))
-            return
+            self.service.ended(job, e, _since(started))
         except Exception as e:  # anything else is still only this job's failure
             log(f"job {job.id} raised: " + "".join(traceback.format_exception_only(e)).strip())
-            self.service.finish(job, FAILED, error=f"transcription failed: {type(e).__name__}: "
-                                                   f"{_reason(e)}", Duration=_since(started))
-            return
-        language = result.get("language") or job.language
-        self.service.finish(job, COMPLETED, result=text, language=language,
-                            Duration=_since(started), audio_duration=round(audio_seconds, 3))
-
-
-def _since(started):
-    return round(time.monotonic() - started, 3)
+            self.service.ended(job, JobFailed(f"transcription failed: {type(e).__name__}: "
+                                              f"{_reason(e)}"), _since(started))
+        else:
+            self.service.ended(job, result, _since(started))
 
 
 # ---------------------------------------------------------------------------------------
@@ -839,17 +1256,24 @@ def sign(secret, body):
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+def _retry_after(value):
+    try:
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        return None
+
+
 class Callbacks:
-    """Delivers each finished job's JSON to its callback URL, off the worker thread.
+    """Delivers each finished job's JSON to its callback URL, off the worker threads.
 
     Deliveries are retried with exponential backoff and jitter on connection errors,
     timeouts, 5xx and 429 (a Retry-After is honoured); any other answer is final. Each
-    attempt runs on a small pool, so a slow receiver holds up neither the worker nor
-    another job's callback. Pending deliveries are in the job store and resume on start.
+    attempt runs on a small pool, so a slow receiver holds up neither a worker nor another
+    job's callback. `record(job, status, attempts, detail)` hears every attempt's outcome.
     """
 
-    def __init__(self, service, settings):
-        self.service, self.settings = service, settings
+    def __init__(self, settings, record):
+        self.settings, self.record = settings, record
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="callback")
         self.due = []                      # heap of (when, seq, job)
         self.seq = 0
@@ -880,14 +1304,14 @@ class Callbacks:
 
     def attempt(self, job):
         try:
+            attempt = job.callback_attempts + 1
             body = json.dumps(job.to_json(), ensure_ascii=False).encode()
-            outcome, retry_after = self.deliver(job, body, job.callback_attempts + 1)
-            attempts = job.callback_attempts + 1
-            retry = outcome.startswith("retry") and attempts < self.settings.callback_attempts
-            status = "pending" if retry else ("delivered" if outcome.startswith("delivered") else "failed")
-            self.service.callback_outcome(job, status, attempts, outcome)
-            if retry:
-                backoff = self.settings.callback_backoff * 2 ** (attempts - 1)
+            status, detail, retry_after = self.deliver(job, body, attempt)
+            if status == Callback.PENDING and attempt >= self.settings.callback_attempts:
+                status = Callback.FAILED
+            self.record(job, status, attempt, detail)
+            if status == Callback.PENDING:
+                backoff = self.settings.callback_backoff * 2 ** (attempt - 1)
                 delay = max(retry_after or 0, backoff * random.uniform(0.8, 1.2))
                 self.schedule(job, min(delay, 3600))
         except Exception as e:  # a bug here must not silently drop the delivery
@@ -898,8 +1322,7 @@ class Callbacks:
                 self.wake.notify_all()
 
     def deliver(self, job, body, attempt):
-        """One POST. Returns (outcome, Retry-After seconds); outcome starts with
-        'delivered', 'retry' or 'final'."""
+        """One POST. Returns (the callback's status after it, what happened, Retry-After)."""
         headers = {"Content-Type": "application/json", "User-Agent": f"whisperd/{__version__}",
                    "X-Whisperd-Job": job.id, "X-Whisperd-Attempt": str(attempt)}
         if self.settings.callback_secret:
@@ -908,14 +1331,14 @@ class Callbacks:
                                          method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.settings.callback_timeout) as r:
-                return f"delivered (HTTP {r.status})", None
+                return Callback.DELIVERED, f"HTTP {r.status}", None
         except urllib.error.HTTPError as e:
-            if e.code == 429 or e.code >= 500:
-                return f"retry (HTTP {e.code})", _retry_after(e.headers.get("Retry-After"))
-            return f"final (HTTP {e.code})", None
+            if e.code == HTTPStatus.TOO_MANY_REQUESTS or e.code >= 500:
+                return Callback.PENDING, f"HTTP {e.code}", _retry_after(
+                    e.headers.get("Retry-After"))
+            return Callback.FAILED, f"HTTP {e.code}", None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            reason = getattr(e, "reason", e)
-            return f"retry ({reason})", None
+            return Callback.PENDING, str(getattr(e, "reason", e)), None
 
     def stop(self, wait=5.0):
         """Stops scheduling; waits a little for deliveries already on the wire."""
@@ -924,711 +1347,6 @@ class Callbacks:
             self.wake.notify_all()
             self.wake.wait_for(lambda: self.in_flight == 0, timeout=wait)
         self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _retry_after(value):
-    try:
-        return max(0.0, float(value))
-    except (TypeError, ValueError):
-        return None
-
-
-# ---------------------------------------------------------------------------------------
-# Service: the jobs, in memory and on disk
-# ---------------------------------------------------------------------------------------
-
-class Service:
-    """Holds the jobs and is the one place that changes them.
-
-    `jobs` holds the queued and running jobs and the last `--history` finished ones, in
-    the order they were created; every status change goes through `_change()`, which
-    persists it, counts it, wakes waiters and logs it.
-    """
-
-    def __init__(self, settings):
-        self.settings = settings
-        self.store = JobStore(settings.state_dir)
-        self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)
-        self.jobs = {}
-        self.finished = collections.deque()   # ids of the finished jobs kept, oldest first
-        self.counts = collections.Counter()
-        self.processed = self.store.processed()
-        self.queue = queue.Queue()
-        self.accepting = True
-        self.closed = False   # once set, nothing more is written (see serve())
-        self.started = time.monotonic()
-        self.metrics = collections.Counter()
-        self.callbacks = Callbacks(self, settings)
-        self.engine = (FasterWhisperEngine if settings.engine == "faster-whisper"
-                       else OpenAIWhisperEngine)(settings)
-        self.worker = Worker(self, self.engine)
-        self._recover()
-
-    def _recover(self):
-        """Loads the store: queued jobs queue again, interrupted ones run again.
-
-        Uploads (/v1/audio/*) are the exception: their client waited on the connection,
-        which the restart closed, so their files are removed and their jobs FAILED.
-        """
-        self.uploads = os.path.join(self.settings.state_dir, "uploads")
-        shutil.rmtree(self.uploads, ignore_errors=True)
-        os.makedirs(self.uploads)
-        for job in self.store.last_finished(self.settings.history):
-            self.jobs[job.id] = job
-            self.finished.append(job.id)
-        self.store.prune(list(self.finished))
-        for job in self.store.unfinished():
-            self.jobs[job.id] = job
-            self.counts[job.status] += 1
-            if _inside(job.path, [self.uploads]):
-                self.finish(job, FAILED, error="whisperd restarted while this upload was "
-                                               "waiting; its client was disconnected")
-                continue
-            if job.status == RUNNING:
-                if job.attempts >= self.settings.max_attempts:
-                    self.finish(job, FAILED, error=(
-                        f"whisperd stopped while running this job {job.attempts} times "
-                        f"(crash, kill or power loss); giving up after --max-attempts="
-                        f"{self.settings.max_attempts}"))
-                    continue
-                self._change(job, QUEUED, f"requeued after an interrupted run "
-                                          f"(attempt {job.attempts} of "
-                                          f"{self.settings.max_attempts})", progress=0)
-            self.queue.put(job.id)
-        self.jobs = dict(sorted(self.jobs.items(), key=lambda item: item[1].created_at))
-        for job in self.store.pending_callbacks():
-            self.callbacks.schedule(self.jobs.get(job.id, job))
-
-    def start(self):
-        self.worker.start()
-        self.callbacks.start()
-
-    # -- the one place jobs change ------------------------------------------------------
-
-    def _change(self, job, status, event, finished=False, **changes):
-        with self.lock:
-            if self.closed:
-                return
-            self.counts[job.status] -= 1
-            self.counts[status] += 1
-            job.status = status
-            vars(job).update(changes)
-            self.store.save(job, finished=finished)
-            if finished:
-                self.processed += 1
-                self.finished.append(job.id)
-                while len(self.finished) > self.settings.history:
-                    old = self.jobs.pop(self.finished.popleft())
-                    self.store.delete(old.id, unless_pending=True)
-            self.changed.notify_all()
-        log(f"job {job.id} {event}")
-
-    def submit(self, job):
-        with self.lock:
-            if not self.accepting:
-                raise HTTPError(503, "whisperd is shutting down and takes no new jobs; "
-                                     "retry once it is back", headers={"Retry-After": "10"})
-            if self.counts[QUEUED] >= self.settings.max_queue:
-                raise HTTPError(503, f"the queue is full ({self.settings.max_queue} jobs "
-                                     f"waiting); retry later", headers={"Retry-After": "30"})
-            self.store.insert(job)
-            self.jobs[job.id] = job
-            self.counts[QUEUED] += 1
-            self.queue.put(job.id)
-        log(f"job {job.id} queued: {job.path} -> {job.output_path} "
-            f"(model {job.model}, format {job.format})")
-        return job
-
-    def take(self, job_id):
-        """The worker's claim on a queued job; None if it was deleted meanwhile."""
-        with self.lock:
-            job = self.jobs.get(job_id)
-            if job is None or job.status != QUEUED:
-                return None
-            self._change(job, RUNNING, f"running (attempt {job.attempts + 1})",
-                         attempts=job.attempts + 1, started_at=utcnow(), progress=0)
-            return job
-
-    def progress(self, job, done):
-        percent = min(99, int(done * 100))  # 100 is for COMPLETED
-        if percent != job.progress:
-            with self.lock:
-                job.progress = percent
-
-    def requeue(self, job):
-        """A run cut short by shutdown is not the job's fault: it does not count."""
-        self._change(job, QUEUED, "interrupted by shutdown; it runs again on start",
-                     attempts=job.attempts - 1, progress=0, started_at=None)
-
-    def finish(self, job, status, **changes):
-        with self.lock:
-            if job.callback:
-                changes["callback_status"] = "pending"
-            changes.setdefault("finished_at", utcnow())
-            if status == COMPLETED:
-                changes["progress"] = 100
-            event = (f"completed in {changes.get('Duration', 0)} s" if status == COMPLETED
-                     else f"failed: {changes.get('error')}")
-            self._change(job, status, event, finished=True, **changes)
-            self.metrics[f"jobs_{status.lower()}"] += 1
-            self.metrics["audio_seconds"] += changes.get("audio_duration") or 0
-            self.metrics["transcription_seconds"] += changes.get("Duration") or 0
-        if job.callback:
-            self.callbacks.schedule(job)
-
-    def callback_outcome(self, job, status, attempts, outcome):
-        with self.lock:
-            if self.closed:
-                return
-            job.callback_status, job.callback_attempts = status, attempts
-            if job.id in self.jobs:
-                self.store.save(job)
-            elif status == "pending":
-                self.store.save(job)
-            else:  # past the history already: its record was only kept for this
-                self.store.delete(job.id)
-            self.metrics[f"callbacks_{outcome.split()[0]}"] += 1
-        log(f"job {job.id} callback {status}: {outcome}, attempt {attempts} to {job.callback}")
-
-    def delete(self, job_id):
-        with self.lock:
-            job = self.get(job_id)
-            if job.status != QUEUED:
-                raise HTTPError(409, f"job {job_id} is {job.status}; only QUEUED jobs can be "
-                                     f"deleted")
-            del self.jobs[job_id]
-            self.counts[QUEUED] -= 1
-            self.store.delete(job_id)
-            self.changed.notify_all()
-        log(f"job {job_id} deleted")
-        return job
-
-    # -- reading ------------------------------------------------------------------------
-
-    def get(self, job_id):
-        job = self.jobs.get(job_id)
-        if job is None:
-            raise HTTPError(404, f"no job {job_id}: it never existed, was deleted, or "
-                                 f"finished more than {self.settings.history} jobs ago")
-        return job
-
-    def wait(self, job_id, seconds):
-        """Holds until the job has finished, at most `seconds` (None: no limit)."""
-        with self.changed:
-            job = self.get(job_id)
-            self.changed.wait_for(lambda: job.status in FINISHED or
-                                  self.jobs.get(job_id) is not job, timeout=seconds)
-            if job.status not in FINISHED:
-                job = self.get(job_id)  # 404 if it was deleted meanwhile
-            return job.to_json()
-
-    def snapshot(self, job_id=None):
-        with self.lock:
-            if job_id is not None:
-                return self.get(job_id).to_json()
-            return [job.to_json() for job in self.jobs.values()]
-
-    def stats(self):
-        with self.lock:
-            return {"Queued": self.counts[QUEUED], "Running": self.counts[RUNNING],
-                    "Processed": self.processed}
-
-    def running_job(self):
-        with self.lock:
-            return next((j for j in self.jobs.values() if j.status == RUNNING), None)
-
-    def close(self):
-        """Writes nothing more; a job still running stays as the store last saw it."""
-        with self.lock:
-            self.closed = True
-            self.store.close()
-
-
-# ---------------------------------------------------------------------------------------
-# HTTP
-# ---------------------------------------------------------------------------------------
-
-def route(method, pattern):
-    """Marks a Handler method as the answer to METHOD on a path matching `pattern`."""
-    def mark(function):
-        function.route = (method, re.compile(pattern + "/?"))
-        return function
-    return mark
-
-
-class Handler(BaseHTTPRequestHandler):
-    """Routes requests to the `@route` methods below; every answer is JSON but /smi's and
-    /metrics' text. Errors are raised as HTTPError and turned into JSON in one place."""
-
-    server_version = f"whisperd/{__version__}"
-    protocol_version = "HTTP/1.1"        # keep-alive
-    disable_nagle_algorithm = True       # headers and body leave without a 40 ms stall
-    timeout = CONNECTION_TIMEOUT         # an idle or slow client cannot hold a thread
-    default_request_version = "HTTP/1.0"  # garbage gets a status line, not HTTP/0.9's bare body
-
-    @property
-    def service(self):
-        return self.server.service
-
-    # -- dispatch -----------------------------------------------------------------------
-
-    def handle_request(self):
-        try:
-            url = urllib.parse.urlsplit(self.path)
-            self.query = urllib.parse.parse_qs(url.query)
-            self.check_token()
-            answer, params = self.find_route(url.path)
-            status, payload, *headers = answer(self, *params)
-            self.respond(status, payload, **(headers[0] if headers else {}))
-        except HTTPError as e:
-            if self.path.startswith("/v1/"):  # OpenAI's error shape, which its SDKs read
-                body = {"error": {"message": e.message, "param": e.field, "code": None,
-                                  "type": "invalid_request_error" if e.status < 500
-                                  else "server_error"}}
-            else:
-                body = {"error": e.message, **({"field": e.field} if e.field else {})}
-            self.respond(e.status, body, **e.headers)
-        except (ConnectionError, TimeoutError):
-            self.close_connection = True
-        except Exception:
-            log(f"internal error on {self.command} {self.path}:\n{traceback.format_exc()}")
-            self.respond(500, {"error": "internal error; the daemon's log says more"})
-
-    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_OPTIONS = do_HEAD = handle_request
-
-    def find_route(self, path):
-        allowed = []
-        for method, pattern, answer in ROUTES:
-            match = pattern.fullmatch(path)
-            if match:
-                if method == self.command:
-                    return answer, match.groups()
-                allowed.append(method)
-        if allowed:
-            raise HTTPError(405, f"{self.command} is not allowed on {path}; use "
-                                 f"{', '.join(allowed)}", headers={"Allow": ", ".join(allowed)})
-        raise HTTPError(404, f"no such endpoint: {path}; see GET /openapi.json")
-
-    def check_token(self):
-        token = self.server.settings.token
-        if not token:
-            return
-        given = self.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if not (scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(),
-                                                                    token.encode())):
-            raise HTTPError(401, "missing or wrong token: send 'Authorization: Bearer "
-                                 "<token>' (whisperd --token)",
-                            headers={"WWW-Authenticate": 'Bearer realm="whisperd"'})
-
-    def respond(self, status, payload, content_type=None, **headers):
-        if isinstance(payload, str):
-            body = payload.encode()
-            content_type = content_type or "text/plain; charset=utf-8"
-        else:
-            body = json.dumps(payload, ensure_ascii=False).encode()
-            content_type = content_type or "application/json"
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in headers.items():
-            self.send_header(name.replace("_", "-"), value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def read_json(self):
-        raw = self.read_body(MAX_BODY)
-        try:
-            return json.loads(raw)
-        except ValueError as e:  # UnicodeDecodeError is a ValueError too
-            raise HTTPError(400, f"the body is not valid JSON: {e}") from None
-
-    def read_body(self, limit):
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise HTTPError(411, "send the body with a Content-Length; chunked transfer "
-                                 "encoding is not supported")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise HTTPError(411, "a Content-Length header is required") from None
-        if length > limit:
-            self.close_connection = True  # the unread body must not be parsed as a request
-            raise HTTPError(413, f"the body is {length} bytes; at most {limit} are accepted")
-        raw = self.rfile.read(length)
-        if len(raw) < length:
-            raise ConnectionError("client closed the connection mid-body")
-        return raw
-
-    # -- the original API ---------------------------------------------------------------
-
-    @route("POST", r"/transcription/job")
-    def post_job(self):
-        job = self.service.submit(validate(self.read_json(), self.server.settings))
-        return 201, job.to_json(), {"Location": f"/transcription/job/{job.id}"}
-
-    @route("GET", r"/transcription/job/([^/]+)")
-    def get_job(self, job_id):
-        if "wait" not in self.query:
-            return 200, self.service.snapshot(job_id)
-        try:
-            seconds = float(self.query["wait"][-1])
-            if not 0 <= seconds < math.inf:
-                raise ValueError
-        except ValueError:
-            raise HTTPError(400, "wait must be a number of seconds (at most 60)", "wait") from None
-        return 200, self.service.wait(job_id, min(seconds, MAX_WAIT))
-
-    @route("DELETE", r"/transcription/job/([^/]+)")
-    def delete_job(self, job_id):
-        return 200, {**self.service.delete(job_id).to_json(), "deleted": True}
-
-    @route("GET", r"/transcription/jobs")
-    def list_jobs(self):
-        return 200, self.service.snapshot()
-
-    @route("GET", r"/smi")
-    def smi(self):
-        try:
-            done = subprocess.run(["nvidia-smi"], capture_output=True, text=True,
-                                  timeout=SMI_TIMEOUT, stdin=subprocess.DEVNULL)
-        except FileNotFoundError:
-            return 503, "nvidia-smi is not installed on this host (no NVIDIA driver?)\n"
-        except subprocess.TimeoutExpired:
-            return 503, f"nvidia-smi did not answer within {SMI_TIMEOUT:.0f} s\n"
-        except OSError as e:
-            return 503, f"nvidia-smi could not run: {e}\n"
-        if done.returncode != 0:
-            return 503, f"nvidia-smi failed (exit {done.returncode}):\n{done.stdout}{done.stderr}"
-        return 200, done.stdout
-
-    @route("GET", r"/stats")
-    def stats(self):
-        return 200, self.service.stats()
-
-    # -- OpenAI's audio API -------------------------------------------------------------
-
-    @route("POST", r"/v1/audio/(transcriptions|translations)")
-    def openai_audio(self, kind):
-        """OpenAI's `audio.transcriptions.create` and `audio.translations.create`, answered
-        synchronously: the upload becomes an ordinary job in the same queue."""
-        form = self.read_form()
-        upload = form.get("file")
-        if not isinstance(upload, tuple):
-            raise HTTPError(400, "send the audio as a multipart file field named 'file'", "file")
-        response_format = _one_of(form, "response_format", OPENAI_FORMATS, "json")
-        granularities = form.get("timestamp_granularities[]", [])
-        granularities = [granularities] if isinstance(granularities, str) else granularities
-        for value in granularities:
-            if value not in ("word", "segment"):
-                raise HTTPError(400, f"timestamp_granularities[] {value!r} is not supported; "
-                                     f"valid values: word, segment", "timestamp_granularities[]")
-        try:
-            temperature = float(form.get("temperature") or 0)
-        except (TypeError, ValueError):
-            raise HTTPError(400, "temperature must be a number from 0 to 1", "temperature") \
-                from None
-        model = form.get("model") if isinstance(form.get("model"), str) else ""
-        folder = tempfile.mkdtemp(dir=self.service.uploads)
-        try:
-            name = "audio" + os.path.splitext(os.path.basename(upload[0] or ""))[1][:16]
-            audio = os.path.join(folder, name)
-            with open(audio, "wb") as file:
-                file.write(upload[1])
-            job = self.service.submit(validate({
-                "path": audio, "output_path": folder, "format": "json",
-                "model": "" if model.startswith(("whisper-", "gpt-")) else model,
-                "language": form.get("language") or None, "initial_prompt": form.get("prompt"),
-                "task": "translate" if kind == "translations" else "transcribe",
-                "word_timestamps": "word" in granularities, "temperature": temperature,
-            }, self.server.settings))
-            done = self.service.wait(job.id, None)
-            if done["status"] != COMPLETED:
-                raise HTTPError(400 if "decode" in done["error"] else 500, done["error"])
-            with open(os.path.join(folder, "audio.json"), encoding="utf-8") as file:
-                result = json.load(file)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        return 200, *openai_answer(result, done, response_format)
-
-    def read_form(self):
-        """A multipart/form-data body as {name: text, or [texts], or (filename, bytes)}."""
-        content_type = self.headers.get("Content-Type", "")
-        if not content_type.startswith("multipart/form-data"):
-            raise HTTPError(400, "send the body as multipart/form-data, as OpenAI's clients do")
-        limit = int(self.server.settings.max_upload * 1024 * 1024)
-        raw = self.read_body(limit)
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
-        if not message.is_multipart():
-            raise HTTPError(400, "the multipart body could not be read")
-        form = {}
-        for part in message.iter_parts():
-            name = part.get_param("name", header="content-disposition")
-            value = part.get_payload(decode=True) or b""
-            if part.get_filename() is not None:
-                form[name] = (part.get_filename(), value)
-            else:
-                text = value.decode("utf-8", "replace")
-                form[name] = form[name] + [text] if isinstance(form.get(name), list) else \
-                    ([form[name], text] if name in form else text)
-        return form
-
-    # -- operations ---------------------------------------------------------------------
-
-    @route("GET", r"/health")
-    def health(self):
-        service, engine = self.service, self.service.engine
-        body = {"status": "ok" if service.accepting else "shutting down",
-                "version": __version__, "engine": engine.name, "device": engine.device,
-                "models_loaded": list(engine.models), "worker_ready": service.worker.ready,
-                **service.stats(), "uptime": round(time.monotonic() - service.started, 1)}
-        return (200 if service.accepting else 503), body
-
-    @route("GET", r"/openapi.json")
-    def openapi(self):
-        return 200, OPENAPI
-
-    @route("GET", r"/metrics")
-    def metrics(self):
-        return 200, prometheus_text(self.service), \
-            {"content_type": "text/plain; version=0.0.4; charset=utf-8"}
-
-    # -- quiet under abuse --------------------------------------------------------------
-
-    def send_error(self, code, message=None, explain=None):
-        # The stdlib's own errors (bad request line, headers too long...) as JSON too.
-        self.close_connection = True
-        phrase = HTTPStatus(code).phrase if code in HTTPStatus._value2member_map_ else ""
-        message = message or phrase
-        self.respond(code, {"error": message if len(message) < 200 else message[:200] + "..."})
-
-    def log_message(self, format, *args):
-        pass  # no access log: a job's events are logged, requests are not
-
-    def log_error(self, format, *args):
-        message = format % args
-        if "timed out" not in message:
-            log(f"client {self.client_address[0]}: {message}"[:200])
-
-
-ROUTES = [(f.route[0], f.route[1], f) for f in vars(Handler).values() if hasattr(f, "route")]
-
-
-def prometheus_text(service):
-    """/metrics in Prometheus' text format."""
-    with service.lock:
-        m, counts = service.metrics, dict(service.counts)
-        loads = service.engine.loads
-    lines = []
-
-    def metric(name, kind, help, samples):
-        lines.append(f"# HELP whisperd_{name} {help}")
-        lines.append(f"# TYPE whisperd_{name} {kind}")
-        for labels, value in samples:
-            lines.append(f"whisperd_{name}{labels} {value}")
-
-    metric("jobs_finished_total", "counter", "Jobs finished since start, by final status.",
-           [(f'{{status="{s}"}}', m[f"jobs_{s.lower()}"]) for s in FINISHED])
-    metric("jobs", "gauge", "Jobs now queued or running.",
-           [(f'{{status="{s}"}}', counts.get(s, 0)) for s in (QUEUED, RUNNING)])
-    metric("queue_length", "gauge", "Jobs waiting in the queue.", [("", counts.get(QUEUED, 0))])
-    metric("audio_seconds_total", "counter", "Seconds of audio transcribed.",
-           [("", round(m["audio_seconds"], 3))])
-    metric("transcription_seconds_total", "counter", "Seconds spent transcribing.",
-           [("", round(m["transcription_seconds"], 3))])
-    metric("callbacks_total", "counter", "Callback delivery attempts, by outcome.",
-           [(f'{{outcome="{o}"}}', m[f"callbacks_{o}"]) for o in ("delivered", "retry", "final")])
-    metric("model_loads_total", "counter", "Models loaded.", [("", loads)])
-    return "\n".join(lines) + "\n"
-
-
-OPENAI_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
-
-
-def _openapi():
-    """GET /openapi.json: every endpoint, request and response, as OpenAPI 3.1."""
-    def ref(name):
-        return {"$ref": f"#/components/schemas/{name}"}
-
-    def nullable(kind, **more):
-        return {"type": [kind, "null"], **more}
-
-    def answer(description, schema=None, text=False, **more):
-        media = "text/plain" if text else "application/json"
-        return {"description": description,
-                **({"content": {media: {"schema": schema or {"type": "string"}}}}
-                   if schema or text else {}), **more}
-
-    def errors(*codes, schema="Error"):
-        meaning = {400: "Invalid input; `field` names it", 401: "Missing or wrong token",
-                   403: "Outside --allow-dir", 404: "No such job", 409: "Job not QUEUED",
-                   411: "No Content-Length", 413: "Body too large",
-                   500: "The job failed", 503: "Queue full or shutting down"}
-        return {str(c): answer(meaning[c], ref(schema)) for c in codes + (401,)}
-
-    job_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-    string = {"type": "string"}
-    job_properties = {
-        "path": {"type": "string", "description": "Absolute path of an audio file on the host"},
-        "language": nullable("string", enum=["", AUTO_LANGUAGE, *LANGUAGES, None]),
-        "format": nullable("string", enum=["", *FORMATS, None]),
-        "output_path": nullable("string", description="An existing folder; default: the "
-                                                      "audio's folder"),
-        "callback": nullable("string", pattern="^https?://[^/]"),
-        "model": nullable("string", enum=["", *MODELS, None]),
-        "task": nullable("string", enum=["", *TASKS, None]),
-        "initial_prompt": nullable("string"),
-        "word_timestamps": {"type": "boolean"},
-        "max_line_width": nullable("integer", minimum=1),
-        "max_line_count": nullable("integer", minimum=1),
-        "highlight_words": {"type": "boolean"},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
-    }
-    job = {"type": "object", "required": list(vars(Job("", "", "", "", "", "", ""))),
-           "properties": {
-               "id": string, "path": string, "language": string,
-               "format": {"type": "string", "enum": list(FORMATS)}, "output_path": string,
-               "progress": {"type": "integer", "minimum": 0, "maximum": 100},
-               "status": {"type": "string", "enum": [QUEUED, RUNNING, COMPLETED, FAILED]},
-               "result": string, "callback": string, "model": string,
-               "Duration": {"type": "number"}, "error": string, "created_at": string,
-               "started_at": nullable("string"), "finished_at": nullable("string"),
-               "attempts": {"type": "integer"}, "audio_duration": nullable("number"),
-               "callback_status": {"type": "string",
-                                   "enum": ["", "pending", "delivered", "failed"]},
-               "callback_attempts": {"type": "integer"}, "task": string,
-               "initial_prompt": string, "word_timestamps": {"type": "boolean"},
-               "max_line_width": nullable("integer"), "max_line_count": nullable("integer"),
-               "highlight_words": {"type": "boolean"}, "temperature": {"type": "number"}}}
-    counts = {k: {"type": "integer"} for k in ("Queued", "Running", "Processed")}
-    audio_form = {"type": "object", "required": ["file"], "properties": {
-        "file": {"type": "string", "format": "binary"}, "model": string,
-        "language": string, "prompt": string,
-        "response_format": {"type": "string", "enum": list(OPENAI_FORMATS)},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
-        "timestamp_granularities[]": {"type": "array",
-                                      "items": {"type": "string", "enum": ["word", "segment"]}}}}
-    audio = {"requestBody": {"required": True,
-                             "content": {"multipart/form-data": {"schema": audio_form}}},
-             "responses": {"200": {"description": "The transcript, in response_format",
-                                   "content": {"application/json": {"schema": {"type": "object"}},
-                                               "text/plain": {"schema": string}}},
-                           **errors(400, 411, 413, 500, 503, schema="OpenAIError")}}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "whisperd", "version": __version__,
-                 "description": "Whisper speech-to-text behind a small HTTP job API."},
-        "paths": {
-            "/transcription/job": {"post": {
-                "summary": "Create a job",
-                "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": {"type": "object", "required": ["path"],
-                               "properties": job_properties, "additionalProperties": False}}}},
-                "responses": {"201": answer("Created", ref("Job"), headers={"Location": {
-                    "schema": string, "description": "/transcription/job/{id}"}}),
-                    **errors(400, 403, 411, 413, 503)}}},
-            "/transcription/job/{id}": {
-                "get": {"summary": "A job", "parameters": [job_id, {
-                    "name": "wait", "in": "query", "required": False,
-                    "description": "Hold up to this many seconds (at most 60) until it finished",
-                    "schema": {"type": "number", "minimum": 0}}],
-                    "responses": {"200": answer("The job", ref("Job")), **errors(400, 404)}},
-                "delete": {"summary": "Delete a QUEUED job", "parameters": [job_id],
-                           "responses": {"200": answer("The job as it was, and deleted: true", {
-                               "allOf": [ref("Job"), {"type": "object", "required": ["deleted"],
-                                   "properties": {"deleted": {"const": True}}}]}),
-                               **errors(404, 409)}}},
-            "/transcription/jobs": {"get": {
-                "summary": "Queued and running jobs and the last --history finished ones",
-                "responses": {"200": answer("Oldest first", {"type": "array", "items": ref("Job")}),
-                              **errors()}}},
-            "/stats": {"get": {"summary": "Counts", "responses": {
-                "200": answer("Counts", {"type": "object", "properties": counts,
-                                         "required": list(counts)}), **errors()}}},
-            "/smi": {"get": {"summary": "nvidia-smi's output, for a person", "responses": {
-                "200": answer("nvidia-smi's text", text=True),
-                "503": answer("No nvidia-smi, or it failed", text=True), **errors()}}},
-            "/health": {"get": {"summary": "Liveness and what is loaded", "responses": {
-                "200": answer("Serving", ref("Health")),
-                "503": answer("Shutting down", ref("Health")), **errors()}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
-                "200": answer("Prometheus text format", text=True), **errors()}}},
-            "/openapi.json": {"get": {"summary": "This document", "responses": {
-                "200": answer("OpenAPI 3.1", {"type": "object"}), **errors()}}},
-            "/v1/audio/transcriptions": {"post": {"summary": "OpenAI-compatible", **audio}},
-            "/v1/audio/translations": {"post": {"summary": "OpenAI-compatible", **audio}},
-        },
-        "components": {
-            "schemas": {
-                "Job": job,
-                "Error": {"type": "object", "required": ["error"],
-                          "properties": {"error": string, "field": string}},
-                "OpenAIError": {"type": "object", "required": ["error"], "properties": {
-                    "error": {"type": "object", "required": ["message", "type"], "properties": {
-                        "message": string, "type": string, "param": nullable("string"),
-                        "code": {"type": "null"}}}}},
-                "Health": {"type": "object", "required": ["status", "engine", "device"],
-                           "properties": {"status": string, "engine": string, "device": string,
-                                          "models_loaded": {"type": "array", "items": string},
-                                          **counts}}},
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{}, {"bearer": []}],
-    }
-
-
-OPENAPI = _openapi()
-
-
-def openai_answer(result, job, response_format):
-    """(body, headers) in OpenAI's shape for one response_format, from whisper's result."""
-    if response_format in ("srt", "vtt"):
-        from whisper.utils import get_writer
-        text = io.StringIO()
-        get_writer(response_format, ".").write_result(result, file=text)
-        return text.getvalue(), {"content_type": "text/plain; charset=utf-8"}
-    if response_format == "text":
-        return job["result"], {"content_type": "text/plain; charset=utf-8"}
-    text = result["text"].strip()
-    if response_format == "json":
-        return {"text": text}, {}
-    from whisper.tokenizer import LANGUAGES as NAMES
-    keys = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
-            "compression_ratio", "no_speech_prob")
-    body = {"task": job["task"], "language": NAMES.get(job["language"], job["language"]),
-            "duration": job["audio_duration"], "text": text,
-            "segments": [{k: segment[k] for k in keys} for segment in result["segments"]]}
-    if job["word_timestamps"]:
-        body["words"] = [{"word": w["word"], "start": w["start"], "end": w["end"]}
-                         for segment in result["segments"] for w in segment.get("words", [])]
-    return body, {}
-
-
-class Server(ThreadingHTTPServer):
-    """ThreadingHTTPServer, bound to the service, quiet about clients that go away."""
-
-    daemon_threads = True
-    request_queue_size = 128
-
-    def __init__(self, settings, service):
-        self.settings, self.service = settings, service
-        if ":" in settings.host:
-            self.address_family = socket.AF_INET6
-        super().__init__((settings.host, settings.port), Handler)
-
-    def handle_error(self, request, client_address):
-        error = sys.exc_info()[1]
-        if isinstance(error, OSError):  # resets, broken pipes, timeouts: one short line
-            log(f"client {client_address[0]}: {type(error).__name__}: {error}"[:200])
-        else:
-            super().handle_error(request, client_address)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1655,6 +1373,1153 @@ def watchdog_interval():
     if not usec or (pid and pid != str(os.getpid())):
         return None
     return int(usec) / 2e6
+
+
+# ---------------------------------------------------------------------------------------
+# Service: the one owner of a job's life
+# ---------------------------------------------------------------------------------------
+
+def _suffixes(devices):
+    """What tells workers on the same device apart: cpu, cpu#2, cpu#3."""
+    seen = collections.Counter()
+    for device in devices:
+        seen[device] += 1
+        yield "" if seen[device] == 1 else f"#{seen[device]}"
+
+
+class Service:
+    """The one owner of a job's life, from its 201 to its callback.
+
+    It holds the job store, starts and stops the workers (one per --device entry) and the
+    callback sender, decodes the audio of the next jobs ahead of the workers, finishes
+    jobs off their path (the files, the final commit, the callback), and answers for all
+    of it: the jobs, health, metrics and the systemd status line. Nothing outside reads
+    its store, workers or engines.
+    """
+
+    AHEAD_JOBS = 4         # queued jobs whose audio is decoded ahead of the workers
+    AHEAD_SECONDS = 600    # at most this much audio held decoded
+    SPEED_WINDOW = 20      # recent jobs whose speed gives the eta
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.store = JobStore(settings.state_dir, settings.history)
+        engine = ENGINES[settings.engine]
+        self.context = types.SimpleNamespace(  # what validate() needs to know
+            allow_dir=settings.allow_dir, default_model=settings.default_model,
+            model_dir=settings.model_dir, model_suffix=engine.model_suffix or "/",
+            models=lambda: engine.catalog(settings.model_dir))
+        cpu_workers = settings.devices.count("cpu")
+        threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers > 1 else 0
+        self.workers = [Worker(self, engine(settings, device, threads if device == "cpu" else 0),
+                               suffix)
+                        for device, suffix in zip(settings.devices, _suffixes(settings.devices))]
+        self.callbacks = Callbacks(settings, self._callback_attempted)
+        self.finishing = queue.Queue()   # (job, result or JobFailed, seconds), from workers
+        self.decoded = {}                # job id -> audio (or AudioError), decoded ahead
+        self.decoding = None             # the job id being decoded ahead
+        self.results = {}                # job id -> Future of an upload's result
+        self.lock = threading.Lock()     # metrics and speeds
+        self.metrics = collections.Counter()
+        self.speeds = collections.deque(maxlen=self.SPEED_WINDOW)  # (audio s, decoding s)
+        self.accepting = True
+        self.stopping = False
+        self.started = time.monotonic()
+        self.threads = [threading.Thread(target=target, name=name, daemon=True) for
+                        target, name in ((self._finish, "finisher"),
+                                         (self._decode_ahead, "decoder"),
+                                         (self._tell_systemd, "systemd"))]
+        self.uploads = os.path.join(settings.state_dir, "uploads")
+        self._recover()
+
+    def _recover(self):
+        """Jobs left QUEUED run as queued; a RUNNING one (the daemon died under it) runs
+        again, up to --max-attempts starts. Uploads end FAILED: the client that waited for
+        the answer was disconnected, and its file is gone."""
+        shutil.rmtree(self.uploads, ignore_errors=True)
+        os.makedirs(self.uploads)
+        limit, again, ends = self.settings.max_attempts, [], []
+        for job in self.store.unfinished():
+            if job.upload:
+                ends.append(self._end(job, JobFailed(
+                    "whisperd restarted while this upload was waiting; its client was "
+                    "disconnected"), 0))
+            elif job.status == RUNNING and job.attempts >= limit:
+                ends.append(self._end(job, JobFailed(
+                    f"whisperd stopped while running this job {job.attempts} times (crash, "
+                    f"kill or power loss); giving up after --max-attempts={limit}"), 0))
+            elif job.status == RUNNING:
+                again.append(job)
+        if ends:
+            self.store.finish(ends)
+            for job, status, _ in ends:
+                log(f"job {job.id} failed: {job.error}")
+        if again:
+            self.store.requeue(again)
+            for job in again:
+                log(f"job {job.id} requeued after an interrupted run (attempt {job.attempts} "
+                    f"of {limit})")
+        for job in self.store.pending_callbacks():
+            self.callbacks.schedule(job)
+
+    def start(self):
+        for thread in self.workers + self.threads:
+            thread.start()
+        self.callbacks.start()
+
+    def stop(self, grace):
+        """Takes no new job (503); lets the running ones finish within `grace` seconds,
+        else interrupts them (they run again on start, not counted as an attempt);
+        finishes what was transcribed. False when a worker is stuck in native code."""
+        with self.store.changed:
+            self.accepting, self.stopping = False, True
+            self.store.changed.notify_all()
+        running = [w.job for w in self.workers if w.job]
+        log(f"stopping: no new jobs; waiting up to {grace:g} s for {len(running)} running "
+            f"job(s)" if running else "stopping: no new jobs; no job is running")
+        deadline = time.monotonic() + grace
+        for worker in self.workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        late = [worker for worker in self.workers if worker.is_alive()]
+        if late:
+            log(f"the running jobs did not finish within {grace:g} s; interrupting them, they "
+                f"run again on start")
+            for worker in late:
+                worker.abort.set()
+            for worker in late:
+                worker.join(10)
+        stuck = [worker for worker in self.workers if worker.is_alive()]
+        if stuck:  # deep in a model load or a decode: leave their jobs to run again
+            self.store.requeue([w.job for w in stuck if w.job], count_attempt=False)
+        self.finishing.put(None)
+        self.threads[0].join()
+        self.callbacks.stop()
+        for future in list(self.results.values()):
+            future.set_exception(HTTPError(503, "whisperd is shutting down; send it again "
+                                                "once it is back", headers={"Retry-After": "10"}))
+        self.store.close()
+        return not stuck
+
+    # -- the API's side -------------------------------------------------------------------
+
+    def submit(self, body, future=None, context=None):
+        """Validates a job, probes its audio and queues it; returns its JSON as created.
+        With `future` (an upload), the result is handed to it in memory when it ends."""
+        if not self.accepting:
+            raise HTTPError(503, "whisperd is shutting down and takes no new jobs; retry once "
+                                 "it is back", headers={"Retry-After": "10"})
+        full = HTTPError(503, f"the queue is full ({self.settings.max_queue} jobs waiting); "
+                              f"retry later", headers={"Retry-After": "30"})
+        if self.store.counts[QUEUED] >= self.settings.max_queue:
+            raise full  # before the costly checks
+        job = validate(body, context or self.context)
+        try:
+            job.audio_duration = probe(job.path)
+        except Invalid as e:
+            raise HTTPError(e.status, str(e), "path") from None
+        job.upload = future is not None
+        if future is not None:
+            self.results[job.id] = future
+        with self.store.lock:  # the job as created, before a worker can take it
+            try:
+                self.store.add(job, self.settings.max_queue)
+            except QueueFull:
+                self.results.pop(job.id, None)
+                raise full from None
+            log(f"job {job.id} queued: {job.path} -> {job.output_path} (model {job.model}, "
+                f"format {job.format})")
+            return self.job(job.id)
+
+    def transcribe_upload(self, upload, fields):
+        """An OpenAI-style upload, run as a job in the same queue: returns (whisper's
+        result, the job's JSON) from memory once it is done. Errors name the uploaded
+        file's own name, never where it was kept."""
+        filename, data = upload
+        name = os.path.basename(filename or "").lstrip(".")[-100:] or "audio"
+        folder = tempfile.mkdtemp(dir=self.uploads)
+        audio = os.path.join(folder, name)
+        context = self.context
+        if context.allow_dir:  # the upload folder is whisperd's own
+            context = types.SimpleNamespace(**dict(vars(context), allow_dir=[
+                *context.allow_dir, os.path.realpath(self.uploads)]))
+        try:
+            with open(audio, "wb") as file:
+                file.write(data)
+            future = Future()
+            try:
+                self.submit(dict(fields, path=audio, output_path=folder), future, context)
+                return future.result()
+            except HTTPError as e:
+                e.message = e.message.replace(audio, name)
+                e.field = "file" if e.field == "path" else e.field
+                raise
+            except JobFailed as e:
+                status = HTTPStatus.BAD_REQUEST if isinstance(e, AudioError) \
+                    else HTTPStatus.INTERNAL_SERVER_ERROR
+                raise HTTPError(status, str(e).replace(audio, name)) from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def job(self, job_id, wait=None):
+        if wait:
+            self.store.wait(job_id, wait)
+        return self.store.show(job_id, eta=self._eta)
+
+    def jobs(self):
+        return self.store.show(eta=self._eta)
+
+    def delete(self, job_id):
+        job = self.store.delete(job_id)
+        log(f"job {job_id} deleted")
+        future = self.results.pop(job_id, None)
+        if future is not None:
+            future.set_exception(JobFailed("the job was deleted before it ran"))
+        return job.to_json()
+
+    def stats(self):
+        return self.store.stats()
+
+    def models(self):
+        engine = ENGINES[self.settings.engine]
+        shown = []
+        for name in engine.catalog(self.settings.model_dir):
+            path = engine.on_disk(self.settings.model_dir, name)
+            loaded = [w.label for w in self.workers if name in w.engine.loaded]
+            shown.append({"name": name, "state": "loaded" if loaded else "on disk" if path
+                          else "download", "path": path, "loaded_on": loaded})
+        return shown
+
+    # -- the workers' side ----------------------------------------------------------------
+
+    def next_job(self, worker):
+        """The worker's next job, now RUNNING on it; None once the service stops."""
+        while True:
+            with self.store.changed:
+                if self.stopping:
+                    return None
+                job = self.store.claim(worker.label)
+                if job is None:
+                    self.store.changed.wait(Worker.TICK)
+            if job is not None:
+                log(f"job {job.id} running on {worker.label} (attempt {job.attempts})")
+                return job
+            worker.idle()
+
+    def audio(self, job, engine):
+        """The job's audio, decoded ahead when it could be, else now."""
+        with self.store.changed:
+            self.store.changed.wait_for(lambda: self.decoding != job.id)
+            audio = self.decoded.pop(job.id, None)
+        if audio is None:
+            audio = engine.load_audio(job.path)
+        if isinstance(audio, Exception):
+            raise audio
+        if job.audio_duration is None:
+            self.store.touch(job, audio_duration=round(len(audio) / 16000, 3))
+        return audio
+
+    def progress(self, job, done):
+        percent = min(99, int(done * 100))  # 100 is for COMPLETED
+        if percent != job.progress:
+            self.store.touch(job, progress=percent)
+
+    def interrupted(self, job):
+        self.store.requeue([job], count_attempt=False)
+        log(f"job {job.id} interrupted by shutdown; it runs again on start")
+
+    def ended(self, job, outcome, seconds):
+        """A worker is done with a job: whisper's result, or the JobFailed that ended it.
+        The rest (files, commit, callback) happens on the finisher, off its path."""
+        self.finishing.put((job, outcome, seconds))
+
+    # -- off the workers' path ------------------------------------------------------------
+
+    def _end(self, job, outcome, seconds):
+        """(job, final status, changes) for a result or a JobFailed; writes the files."""
+        changes = {"Duration": seconds,
+                   "callback_status": Callback.PENDING if job.callback else Callback.NONE}
+        if isinstance(outcome, dict):
+            try:
+                if not job.upload:
+                    write_outputs(outcome, job)
+                return job, COMPLETED, dict(changes, result=transcript(outcome), progress=100,
+                                            language=outcome.get("language") or job.language)
+            except OSError as e:
+                outcome = JobFailed(f"could not write the files into {job.output_path}: "
+                                    f"{e.strerror or e}")
+        return job, FAILED, dict(changes, error=str(outcome))
+
+    def _finish(self):
+        """The finisher: writes the files of transcribed jobs and commits their ends (those
+        that fall together share one commit), then lets their waiters and callbacks go."""
+        stop = False
+        while not stop:
+            items = [self.finishing.get()]
+            while not self.finishing.empty():
+                items.append(self.finishing.get())
+            stop = None in items
+            items = [item for item in items if item is not None]
+            if not items:
+                continue
+            ends = [self._end(*item) for item in items]
+            self.store.finish(ends)
+            for (job, status, _), (_, outcome, _) in zip(ends, items):
+                self._ended(job, status, outcome)
+
+    def _ended(self, job, status, outcome):
+        with self.lock:
+            self.metrics[("jobs", status, job.worker)] += 1
+            if status == COMPLETED:
+                self.metrics[("audio", job.worker)] += job.audio_duration or 0
+                self.metrics[("busy", job.worker)] += job.Duration
+                self.speeds.append((job.audio_duration or 0, job.Duration))
+        log(f"job {job.id} completed in {job.Duration} s" if status == COMPLETED else
+            f"job {job.id} failed: {job.error}")
+        future = self.results.pop(job.id, None)
+        if future is not None:
+            if status == COMPLETED:
+                future.set_result((outcome, job.to_json()))
+            else:
+                future.set_exception(outcome if isinstance(outcome, JobFailed)
+                                     else JobFailed(job.error))
+        if job.callback:
+            self.callbacks.schedule(job)
+
+    def _callback_attempted(self, job, status, attempts, detail):
+        self.store.callback_status(job, status, attempts)
+        with self.lock:
+            self.metrics[("callbacks", status)] += 1
+        log(f"job {job.id} callback {status} ({detail}) after attempt {attempts} to "
+            f"{job.callback}")
+
+    def _decode_ahead(self):
+        """Decodes the audio of the next queued jobs while the workers are busy, so that a
+        worker goes from one job to the next without waiting for ffmpeg. Bounded: a few
+        jobs and a few minutes of audio, however long the queue."""
+        worker = self.workers[0]
+        while True:
+            with self.store.changed:
+                while True:
+                    if self.stopping:
+                        return
+                    upcoming = self.store.next_queued(self.AHEAD_JOBS) \
+                        if worker.ready and not worker.prepare_error else []
+                    keep = {job.id for job in upcoming} | self.store.active
+                    for job_id in set(self.decoded) - keep:  # deleted meanwhile
+                        del self.decoded[job_id]
+                    held = sum(len(a) for a in self.decoded.values()
+                               if not isinstance(a, Exception)) / 16000
+                    todo = next((job for job in upcoming if job.id not in self.decoded), None)
+                    if todo is not None and held < self.AHEAD_SECONDS:
+                        self.decoding = todo.id
+                        break
+                    self.store.changed.wait(Worker.TICK)
+            try:
+                audio = worker.engine.load_audio(todo.path)
+            except AudioError as e:
+                audio = e
+            with self.store.changed:
+                self.decoded[todo.id] = audio
+                self.decoding = None
+                self.store.changed.notify_all()
+
+    # -- health, metrics, systemd ---------------------------------------------------------
+
+    def speed(self):
+        """Seconds of audio transcribed per second of decoding, over recent jobs."""
+        with self.lock:
+            audio, busy = map(sum, zip(*self.speeds)) if self.speeds else (0, 0)
+        return round(audio / busy, 2) if busy else None
+
+    def _eta(self, seconds, running):
+        speed = self.speed()
+        if speed is None:
+            return None
+        return round(seconds / (speed * (1 if running else len(self.workers))), 1)
+
+    def health(self):
+        workers = [{"name": w.label, "device": w.engine.device, "ready": w.ready,
+                    "models_loaded": list(w.engine.loaded),
+                    "running": w.job.id if w.job else None,
+                    **({"error": w.prepare_error} if w.prepare_error else {})}
+                   for w in self.workers]
+        return {"status": "ok" if self.accepting else "shutting down", "version": __version__,
+                "engine": self.settings.engine,
+                "device": ",".join(w["device"] for w in workers),
+                "models_loaded": sorted({m for w in workers for m in w["models_loaded"]}),
+                "worker_ready": all(w["ready"] for w in workers), "workers": workers,
+                **self.stats(), "speed": self.speed(),
+                "uptime": round(time.monotonic() - self.started, 1)}
+
+    def metrics_text(self):
+        """/metrics in Prometheus' text format."""
+        with self.lock:
+            m = dict(self.metrics)
+        stats, labels = self.stats(), [w.label for w in self.workers]
+        lines = []
+
+        def metric(name, kind, help, samples):
+            lines.append(f"# HELP whisperd_{name} {help}")
+            lines.append(f"# TYPE whisperd_{name} {kind}")
+            for sample_labels, value in samples:
+                pairs = ",".join(f'{k}="{v}"' for k, v in sample_labels.items())
+                lines.append(f"whisperd_{name}{{{pairs}}} {value}" if pairs else
+                             f"whisperd_{name} {value}")
+
+        metric("jobs_finished_total", "counter", "Jobs finished since start, by final status "
+               "and worker.", [({"status": s, "worker": w}, m.get(("jobs", s, w), 0))
+                               for s in FINISHED for w in labels])
+        metric("jobs", "gauge", "Jobs now queued or running.",
+               [({"status": s}, stats[s.title()]) for s in (QUEUED, RUNNING)])
+        metric("queue_length", "gauge", "Jobs waiting in the queue.", [({}, stats["Queued"])])
+        metric("audio_seconds_total", "counter", "Seconds of audio transcribed, by worker.",
+               [({"worker": w}, round(m.get(("audio", w), 0), 3)) for w in labels])
+        metric("transcription_seconds_total", "counter", "Seconds spent transcribing, by "
+               "worker.", [({"worker": w}, round(m.get(("busy", w), 0), 3)) for w in labels])
+        metric("worker_busy", "gauge", "1 while the worker runs a job.",
+               [({"worker": w.label}, int(w.job is not None)) for w in self.workers])
+        metric("callback_attempts_total", "counter", "Callback deliveries tried, by the "
+               "callback's status after each (pending: another attempt is due).",
+               [({"status": s}, m.get(("callbacks", s), 0)) for s in Callback.ALL[1:]])
+        metric("model_loads_total", "counter", "Models loaded, by worker.",
+               [({"worker": w.label}, w.engine.loads) for w in self.workers])
+        return "\n".join(lines) + "\n"
+
+    def status_line(self):
+        running = [f"running {w.job.id} ({w.job.progress}%)" + (
+            f" on {w.label}" if len(self.workers) > 1 else "") for w in self.workers if w.job]
+        return f"{self.stats()['Queued']} queued; " + ("; ".join(running) or "idle")
+
+    def alive(self, ping):
+        """Every worker alive, and none stuck: each took a job, reported progress or sat
+        idle within two pings (a model load, which may download, is allowed longer)."""
+        return all(w.is_alive() and (w.engine.loading or time.monotonic() - w.beat < 2 * ping)
+                   for w in self.workers)
+
+    def _tell_systemd(self):
+        ping, said = watchdog_interval(), None
+        while not self.stopping:
+            if ping and self.alive(ping):
+                sd_notify("WATCHDOG=1")
+            now = self.status_line()
+            if now != said:
+                sd_notify(f"STATUS={now}")
+                said = now
+            time.sleep(min(ping or 1.0, 1.0))
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------------------
+
+OPENAI_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+
+
+def route(method, path, public=False):
+    """Marks a Handler method as the answer to METHOD on `path` (a regular expression
+    where it has a group). `public`: answered without the token (the page itself)."""
+    def mark(function):
+        function.route = (method, path, public)
+        return function
+    return mark
+
+
+def openai_answer(result, job, response_format):
+    """(body, content type) in OpenAI's shape for one response_format, from whisper's
+    result and the job's JSON."""
+    if response_format in ("srt", "vtt"):
+        from whisper.utils import get_writer
+        text = io.StringIO()
+        get_writer(response_format, ".").write_result(result, file=text)
+        return text.getvalue(), "text/plain; charset=utf-8"
+    if response_format == "text":
+        return job["result"], "text/plain; charset=utf-8"
+    text = result["text"].strip()
+    if response_format == "json":
+        return {"text": text}, None
+    from whisper.tokenizer import LANGUAGES as NAMES
+    keys = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
+            "compression_ratio", "no_speech_prob")
+    body = {"task": job["task"], "language": NAMES.get(job["language"], job["language"]),
+            "duration": job["audio_duration"], "text": text,
+            "segments": [{k: segment[k] for k in keys} for segment in result["segments"]]}
+    if job["word_timestamps"]:
+        body["words"] = [{"word": w["word"], "start": w["start"], "end": w["end"]}
+                         for segment in result["segments"] for w in segment.get("words", [])]
+    return body, None
+
+
+def read_form(content_type, raw):
+    """A multipart/form-data body as {name: text, or [texts], or (filename, bytes)}."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+    if not message.is_multipart():
+        raise HTTPError(400, "the multipart body could not be read")
+    form = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        value = part.get_payload(decode=True) or b""
+        if part.get_filename() is not None:
+            form[name] = (part.get_filename(), value)
+        else:
+            text = value.decode("utf-8", "replace")
+            form[name] = form[name] + [text] if isinstance(form.get(name), list) else \
+                ([form[name], text] if name in form else text)
+    return form
+
+
+def _openapi():
+    """GET /openapi.json: every endpoint, request and response, as OpenAPI 3.1; the job's
+    schemas come from its field declarations."""
+    def ref(name):
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def answer(description, schema=None, text=False, **more):
+        media = "text/plain" if text else "application/json"
+        return {"description": description,
+                **({"content": {media: {"schema": schema or {"type": "string"}}}}
+                   if schema or text else {}), **more}
+
+    def errors(*codes, schema="Error"):
+        meaning = {400: "Invalid input; `field` names it", 401: "Missing or wrong token",
+                   403: "Outside --allow-dir", 404: "No such job", 409: "Job not QUEUED",
+                   411: "No Content-Length", 413: "Body too large",
+                   500: "The job failed", 503: "Queue full or shutting down"}
+        return {str(c): answer(meaning[c], ref(schema)) for c in codes + (401,)}
+
+    def request(f):  # what a client may send: null (and "" for strings) mean the default
+        schema = dict(f.metadata["schema"], description=f.metadata["help"])
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        schema["type"] = list(dict.fromkeys(kinds + ["null"]))
+        if "enum" in schema:
+            schema["enum"] = [*schema["enum"], "", None]
+        return schema
+
+    job_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    string = {"type": "string"}
+    job = {"type": "object", "required": list(WIRE), "properties": {
+        f.name: dict(f.metadata["schema"], description=f.metadata["help"]) for f in FIELDS}}
+    counts = {k: {"type": "integer"} for k in ("Queued", "Running", "Processed")}
+    audio_form = {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}, "model": string,
+        "language": string, "prompt": string,
+        "response_format": {"type": "string", "enum": list(OPENAI_FORMATS)},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+        "timestamp_granularities[]": {"type": "array",
+                                      "items": {"type": "string", "enum": ["word", "segment"]}}}}
+    audio = {"requestBody": {"required": True,
+                             "content": {"multipart/form-data": {"schema": audio_form}}},
+             "responses": {"200": {"description": "The transcript, in response_format",
+                                   "content": {"application/json": {"schema": {"type": "object"}},
+                                               "text/plain": {"schema": string}}},
+                           **errors(400, 411, 413, 500, 503, schema="OpenAIError")}}
+    worker = {"type": "object", "required": ["name", "device", "ready"], "properties": {
+        "name": string, "device": string, "ready": {"type": "boolean"},
+        "models_loaded": {"type": "array", "items": string},
+        "running": {"type": ["string", "null"]}, "error": string}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "whisperd", "version": __version__,
+                 "description": "Whisper speech-to-text behind a small HTTP job API."},
+        "paths": {
+            "/transcription/job": {"post": {
+                "summary": "Create a job",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"type": "object", "required": ["path"],
+                               "properties": {f.name: request(f) for f in OPTIONS},
+                               "additionalProperties": False}}}},
+                "responses": {"201": answer("Created", ref("Job"), headers={"Location": {
+                    "schema": string, "description": "/transcription/job/{id}"}}),
+                    **errors(400, 403, 411, 413, 503)}}},
+            "/transcription/job/{id}": {
+                "get": {"summary": "A job", "parameters": [job_id, {
+                    "name": "wait", "in": "query", "required": False,
+                    "description": "Hold up to this many seconds (at most 60) until it finished",
+                    "schema": {"type": "number", "minimum": 0}}],
+                    "responses": {"200": answer("The job", ref("Job")), **errors(400, 404)}},
+                "delete": {"summary": "Delete a QUEUED job", "parameters": [job_id],
+                           "responses": {"200": answer("The job as it was, and deleted: true", {
+                               "allOf": [ref("Job"), {"type": "object", "required": ["deleted"],
+                                   "properties": {"deleted": {"const": True}}}]}),
+                               **errors(404, 409)}}},
+            "/transcription/jobs": {"get": {
+                "summary": "Queued and running jobs and the last --history finished ones",
+                "responses": {"200": answer("Oldest first", {"type": "array", "items": ref("Job")}),
+                              **errors()}}},
+            "/stats": {"get": {"summary": "Counts", "responses": {
+                "200": answer("Counts", {"type": "object", "properties": counts,
+                                         "required": list(counts)}), **errors()}}},
+            "/smi": {"get": {"summary": "nvidia-smi's output, for a person", "responses": {
+                "200": answer("nvidia-smi's text", text=True),
+                "503": answer("No nvidia-smi, or it failed", text=True), **errors()}}},
+            "/models": {"get": {"summary": "Every model name a job may ask for", "responses": {
+                "200": answer("Each with its state", {"type": "array", "items": {
+                    "type": "object", "required": ["name", "state"], "properties": {
+                        "name": string, "state": {"enum": ["loaded", "on disk", "download"]},
+                        "path": {"type": ["string", "null"]},
+                        "loaded_on": {"type": "array", "items": string}}}}), **errors()}}},
+            "/health": {"get": {"summary": "Liveness, the workers and what is loaded",
+                                "responses": {"200": answer("Serving", ref("Health")),
+                                              "503": answer("Shutting down", ref("Health")),
+                                              **errors()}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+                "200": answer("Prometheus text format", text=True), **errors()}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {
+                "200": answer("OpenAPI 3.1", {"type": "object"}), **errors()}}},
+            "/v1/audio/transcriptions": {"post": {"summary": "OpenAI-compatible", **audio}},
+            "/v1/audio/translations": {"post": {"summary": "OpenAI-compatible", **audio}},
+        },
+        "components": {
+            "schemas": {
+                "Job": job,
+                "Error": {"type": "object", "required": ["error"],
+                          "properties": {"error": string, "field": string}},
+                "OpenAIError": {"type": "object", "required": ["error"], "properties": {
+                    "error": {"type": "object", "required": ["message", "type"], "properties": {
+                        "message": string, "type": string, "param": {"type": ["string", "null"]},
+                        "code": {"type": "null"}}}}},
+                "Health": {"type": "object", "required": ["status", "engine", "device",
+                                                          "workers"],
+                           "properties": {"status": string, "engine": string, "device": string,
+                                          "models_loaded": {"type": "array", "items": string},
+                                          "workers": {"type": "array", "items": worker},
+                                          "speed": {"type": ["number", "null"]}, **counts}}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{}, {"bearer": []}],
+    }
+
+
+OPENAPI = _openapi()
+
+
+# GET /: one page for a person, no assets from elsewhere; it reads the API every second.
+PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>whisperd</title>
+<style>
+:root{color-scheme:light dark;--mut:#888;--ok:#2a7;--bad:#c33;--line:#8884}
+body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;padding:12px 16px;max-width:1100px}
+h1{font-size:20px;margin:0 12px 0 0;display:inline}
+h2{font-size:15px;margin:18px 0 6px;border-bottom:1px solid var(--line)}
+header{display:flex;flex-wrap:wrap;align-items:baseline;gap:4px 16px}
+.mut,.empty,.na{color:var(--mut)}
+#conn{color:var(--bad)}
+#auth{border:1px solid var(--line);padding:8px;margin:10px 0;border-radius:6px}
+#auth[hidden],[hidden]{display:none}
+.run{display:grid;grid-template-columns:minmax(0,2fr) 1fr 1fr minmax(160px,2fr) 4em;gap:8px;align-items:center;padding:4px 0}
+progress{width:100%;height:14px}
+.pct{text-align:right;font-variant-numeric:tabular-nums}
+table{border-collapse:collapse;width:100%}
+td,th{text-align:left;padding:2px 8px 2px 0;border-bottom:1px solid var(--line)}
+.name{font-weight:600;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+summary{cursor:pointer;padding:3px 0}
+summary span{margin-right:12px}
+.st{font-size:12px;font-weight:700}
+[data-status=COMPLETED] .st{color:var(--ok)}[data-status=FAILED] .st{color:var(--bad)}
+pre{white-space:pre-wrap;margin:4px 0 8px 16px;padding:6px;border-left:3px solid var(--line);max-height:320px;overflow:auto}
+.error{color:var(--bad)}
+#smi{white-space:pre;overflow:auto;font-size:12px;margin:4px 0}
+</style></head><body>
+<header><h1>whisperd</h1><span id="summary" class="mut"></span><span id="counts"></span>
+<span>speed: <b id="speed" data-speed="">-</b></span><span id="conn"></span></header>
+<form id="auth" hidden><label>This whisperd needs a token:
+<input id="token" type="password" autocomplete="off" size="28"></label>
+<button id="token-ok" type="submit">Use token</button> <span id="auth-msg" class="error"></span></form>
+<h2>Running</h2><div id="running"></div><p class="empty" data-for="running">Nothing running.</p>
+<h2>Queue</h2><table><thead><tr><th>#</th><th>File</th><th>Model</th><th>ETA</th></tr></thead>
+<tbody id="queue"></tbody></table><p class="empty" data-for="queue">Queue empty.</p>
+<h2>Finished</h2><div id="done"></div><p class="empty" data-for="done">No finished jobs yet.</p>
+<h2>Devices</h2><ul id="workers"></ul><pre id="smi" class="na">nvidia-smi: waiting…</pre>
+<script>
+"use strict";
+const KEY = 'whisperd-token', DONE_MAX = 20, $ = s => document.querySelector(s);
+let authWait = false, smiAt = 0, timer = 0, busy = false;
+const opened = new Set();
+
+function txt(el, s) { s = s == null ? '' : String(s); if (el.textContent !== s) el.textContent = s; }
+function attr(el, k, v) { v = String(v); if (el.getAttribute(k) !== v) el.setAttribute(k, v); }
+function mk(tag, cls, parent) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (parent) parent.appendChild(e);
+  return e;
+}
+const base = p => (p || '').split(/[\\/]/).pop() || p || '?';
+function dur(s) {
+  if (s == null || !isFinite(s)) return '-';
+  s = Math.max(0, Math.round(s));
+  if (s < 60) return s + ' s';
+  const h = Math.floor(s / 3600), m = Math.floor(s % 3600 / 60), r = String(s % 60).padStart(2, '0');
+  return h ? `${h}h ${String(m).padStart(2, '0')}m` : `${m}m ${r}s`;
+}
+const clock = t => t ? new Date(t).toLocaleTimeString() : '';
+
+async function api(path) {
+  const h = {}, t = sessionStorage.getItem(KEY);
+  if (t) h.Authorization = 'Bearer ' + t;
+  const r = await fetch(path, {headers: h, cache: 'no-store'});
+  if (r.status === 401) { askToken(t); throw Error('auth'); }
+  return r;
+}
+function askToken(had) {
+  if (authWait) return;
+  authWait = true;
+  if (had) sessionStorage.removeItem(KEY);
+  txt($('#auth-msg'), had ? 'wrong token, try again' : '');
+  $('#auth').hidden = false;
+  $('#token').value = '';
+  $('#token').focus();
+}
+$('#auth').addEventListener('submit', e => {
+  e.preventDefault();
+  const t = $('#token').value.trim();
+  if (!t) return;
+  sessionStorage.setItem(KEY, t);
+  $('#auth').hidden = true;
+  authWait = false;
+  smiAt = 0;
+  tick();
+});
+
+// Keyed list update: reuse each job's element (so an open <details> stays open), move and drop as needed.
+function sync(box, list, key, make, upd) {
+  const old = new Map();
+  for (const e of box.children) old.set(e._k, e);
+  let prev = null;
+  for (const it of list) {
+    const k = key(it);
+    let el = old.get(k);
+    if (el) old.delete(k); else { el = make(it); el._k = k; }
+    const sig = JSON.stringify(it);
+    if (el._sig !== sig) { el._sig = sig; upd(el, it); }
+    const want = prev ? prev.nextSibling : box.firstChild;
+    if (el !== want) box.insertBefore(el, want);
+    prev = el;
+  }
+  old.forEach(e => e.remove());
+  const empty = document.querySelector(`.empty[data-for="${box.id}"]`);
+  if (empty) empty.hidden = list.length > 0;
+}
+const byId = j => j.id;
+
+function render(jobs, health) {
+  let workers = health.workers;
+  if (!Array.isArray(workers))  // older daemons: one implicit worker
+    workers = health.device ? [{name: health.device, device: health.device, ready: health.worker_ready,
+      models_loaded: health.models_loaded || [], running: []}] : [];
+  const wdev = {};
+  workers.forEach(w => wdev[w.name] = w.device);
+
+  txt($('#summary'), [health.version && 'v' + health.version, health.engine, health.device,
+    health.uptime != null && 'up ' + dur(health.uptime), health.status !== 'ok' && health.status]
+    .filter(Boolean).join(' · '));
+  txt($('#counts'), `queued ${health.Queued ?? '-'} · running ${health.Running ?? '-'} · processed ${health.Processed ?? '-'}`);
+  const sp = $('#speed');
+  attr(sp, 'data-speed', health.speed ?? '');
+  txt(sp, health.speed == null ? '-' : `${(+health.speed).toFixed(1)}× realtime`);
+
+  const run = jobs.filter(j => j.status === 'RUNNING');
+  const queued = jobs.filter(j => j.status === 'QUEUED')
+    .map((j, i) => [j.position ?? 1e9, i, j]).sort((a, b) => a[0] - b[0] || a[1] - b[1]).map(x => x[2]);
+  const fin = jobs.filter(j => j.status === 'COMPLETED' || j.status === 'FAILED')
+    .map((j, i) => [Date.parse(j.finished_at || j.created_at) || 0, i, j])
+    .sort((a, b) => b[0] - a[0] || b[1] - a[1]).slice(0, DONE_MAX).map(x => x[2]);
+
+  sync($('#running'), run.map(j => ({id: j.id, path: j.path, model: j.model, worker: j.worker,
+    dev: wdev[j.worker] || '', progress: Math.max(0, Math.min(100, Math.round(+j.progress || 0))), eta: j.eta})), byId,
+  j => {
+    const d = mk('div', 'run job');
+    d.dataset.jobId = j.id;
+    for (const c of ['name', 'model', 'worker']) mk('span', c, d);
+    mk('progress', '', d).max = 100;
+    mk('span', 'pct', d);
+    return d;
+  }, (d, j) => {
+    attr(d, 'data-status', 'RUNNING');
+    attr(d, 'data-progress', j.progress);
+    txt(d.querySelector('.name'), base(j.path));
+    attr(d.querySelector('.name'), 'title', j.path || '');
+    txt(d.querySelector('.model'), j.model);
+    txt(d.querySelector('.worker'), j.worker ? (j.dev && j.dev !== j.worker ? `${j.worker} (${j.dev})` : j.worker) : '-');
+    const p = d.querySelector('progress');
+    p.value = j.progress;
+    attr(p, 'data-progress', j.progress);
+    txt(d.querySelector('.pct'), j.progress + '%');
+    attr(d, 'title', 'ETA ' + dur(j.eta));
+  });
+  document.title = (run.length ? run.map(j => (Math.round(+j.progress) || 0) + '%').join(' ') + ' · ' : '') + 'whisperd';
+
+  sync($('#queue'), queued.map(j => ({id: j.id, path: j.path, model: j.model, position: j.position, eta: j.eta})), byId,
+  j => {
+    const r = mk('tr', 'job');
+    r.dataset.jobId = j.id;
+    for (const c of ['position', 'name', 'model', 'eta']) mk('td', c, r);
+    return r;
+  }, (r, j) => {
+    attr(r, 'data-status', 'QUEUED');
+    attr(r, 'data-position', j.position ?? '');
+    attr(r, 'data-eta', j.eta ?? '');
+    txt(r.querySelector('.position'), j.position ?? '-');
+    txt(r.querySelector('.name'), base(j.path));
+    attr(r.querySelector('.name'), 'title', j.path || '');
+    txt(r.querySelector('.model'), j.model);
+    txt(r.querySelector('.eta'), dur(j.eta));
+  });
+
+  sync($('#done'), fin.map(j => ({id: j.id, path: j.path, model: j.model, status: j.status, result: j.result,
+    error: j.error, finished_at: j.finished_at, Duration: j.Duration, audio: j.audio_duration})), byId,
+  j => {
+    const d = mk('details', 'job');
+    d.dataset.jobId = j.id;
+    d.open = opened.has(j.id);
+    d.addEventListener('toggle', () => d.open ? opened.add(j.id) : opened.delete(j.id));
+    const s = mk('summary', '', d);
+    for (const c of ['st', 'name', 'model', 'when', 'took']) mk('span', c, s);
+    mk('pre', '', d);
+    return d;
+  }, (d, j) => {
+    attr(d, 'data-status', j.status);
+    txt(d.querySelector('.st'), j.status);
+    txt(d.querySelector('.name'), base(j.path));
+    attr(d.querySelector('.name'), 'title', j.path || '');
+    txt(d.querySelector('.model'), j.model);
+    txt(d.querySelector('.when'), clock(j.finished_at));
+    txt(d.querySelector('.took'), [j.Duration && 'took ' + dur(j.Duration), j.audio && dur(j.audio) + ' of audio'].filter(Boolean).join(' for '));
+    const pre = d.querySelector('pre'), ok = j.status === 'COMPLETED';
+    attr(pre, 'class', ok ? 'result' : 'error');
+    txt(pre, ok ? (j.result || '(empty transcript)') : (j.error || '(no error text)'));
+  });
+
+  sync($('#workers'), workers.map(w => ({name: w.name, device: w.device, ready: w.ready,
+    models: w.models_loaded || [], running: (w.running || []).length})), w => w.name,
+  w => { const li = mk('li', 'worker'); li.dataset.worker = w.name; return li; },
+  (li, w) => {
+    attr(li, 'data-device', w.device);
+    attr(li, 'data-ready', !!w.ready);
+    txt(li, `${w.name}: ${w.device} · ${w.ready ? 'ready' : 'not ready'} · models ${w.models.join(', ') || 'none'} · running ${w.running}`);
+  });
+}
+
+async function smi() {
+  const el = $('#smi');
+  try {
+    const r = await api('/smi');
+    const t = await r.text();
+    attr(el, 'class', r.ok ? '' : 'na');
+    attr(el, 'data-http', r.status);
+    txt(el, t.trimEnd() || '(empty)');
+  } catch (e) {
+    if (e.message !== 'auth') { attr(el, 'class', 'na'); txt(el, 'nvidia-smi: ' + e.message); }
+  }
+}
+
+async function tick() {
+  clearTimeout(timer);
+  if (!authWait && !busy) {
+    busy = true;
+    try {
+      const [jr, hr] = await Promise.all([api('/transcription/jobs'), api('/health')]);
+      if (!jr.ok) throw Error('/transcription/jobs: HTTP ' + jr.status);
+      const jobs = await jr.json(), health = await hr.json().catch(() => ({}));
+      render(Array.isArray(jobs) ? jobs : [], health || {});
+      txt($('#conn'), '');
+      if (Date.now() - smiAt >= 10000) { smiAt = Date.now(); smi(); }
+    } catch (e) {
+      if (e.message !== 'auth') txt($('#conn'), 'daemon unreachable: ' + e.message);
+    } finally { busy = false; }
+  }
+  timer = setTimeout(tick, 1000);
+}
+tick();
+</script></body></html>
+"""
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes requests to the `@route` methods below; every answer is JSON but the page's,
+    /smi's and /metrics' text. Errors are raised as HTTPError and turned into JSON in one
+    place, handle()."""
+
+    server_version = f"whisperd/{__version__}"
+    protocol_version = "HTTP/1.1"        # keep-alive
+    disable_nagle_algorithm = True       # headers and body leave without a 40 ms stall
+    timeout = CONNECTION_TIMEOUT         # an idle or slow client cannot hold a thread
+    default_request_version = "HTTP/1.0"  # garbage gets a status line, not HTTP/0.9's bare body
+
+    @property
+    def service(self):
+        return self.server.service
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    def handle_one(self):
+        path, _, query = self.path.partition("?")
+        try:
+            self.query = urllib.parse.parse_qs(query) if query else {}
+            answer, params = self.find_route(path)
+            status, payload, *headers = answer(self, *params)
+            self.respond(status, payload, **(headers[0] if headers else {}))
+        except HTTPError as e:
+            if path.startswith("/v1/"):  # OpenAI's error shape, which its SDKs read
+                body = {"error": {"message": e.message, "param": e.field, "code": None,
+                                  "type": "invalid_request_error" if e.status < 500
+                                  else "server_error"}}
+            else:
+                body = {"error": e.message, **({"field": e.field} if e.field else {})}
+            self.respond(e.status, body, **e.headers)
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception:
+            log(f"internal error on {self.command} {self.path}:\n{traceback.format_exc()}")
+            self.respond(HTTPStatus.INTERNAL_SERVER_ERROR,
+                         {"error": "internal error; the daemon's log says more"})
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_OPTIONS = do_HEAD = handle_one
+
+    def find_route(self, path):
+        routes = EXACT_ROUTES.get(path.rstrip("/") or "/")
+        params = ()
+        if routes is None:
+            for pattern, candidates in PATTERN_ROUTES:
+                match = pattern.fullmatch(path)
+                if match:
+                    routes, params = candidates, match.groups()
+                    break
+            else:
+                raise HTTPError(404, f"no such endpoint: {path}; see GET /openapi.json")
+        answer = routes.get(self.command)
+        if answer is None:
+            allowed = ", ".join(routes)
+            raise HTTPError(405, f"{self.command} is not allowed on {path}; use {allowed}",
+                            headers={"Allow": allowed})
+        if not answer.route[2]:
+            self.check_token()
+        return answer, params
+
+    def check_token(self):
+        token = self.server.settings.token
+        if not token:
+            return
+        scheme, _, value = self.headers.get("Authorization", "").partition(" ")
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(),
+                                                                    token.encode())):
+            raise HTTPError(401, "missing or wrong token: send 'Authorization: Bearer "
+                                 "<token>' (whisperd --token)",
+                            headers={"WWW-Authenticate": 'Bearer realm="whisperd"'})
+
+    def respond(self, status, payload, content_type=None, **headers):
+        if isinstance(payload, str):
+            body = payload.encode()
+            content_type = content_type or "text/plain; charset=utf-8"
+        else:
+            body = json.dumps(payload, ensure_ascii=False).encode()
+            content_type = content_type or "application/json"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def read_body(self, limit):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise HTTPError(411, "send the body with a Content-Length; chunked transfer "
+                                 "encoding is not supported")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise HTTPError(411, "a Content-Length header is required") from None
+        if length > limit:
+            self.close_connection = True  # the unread body must not be parsed as a request
+            raise HTTPError(413, f"the body is {length} bytes; at most {limit} are accepted")
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            raise ConnectionError("client closed the connection mid-body")
+        return raw
+
+    def read_json(self):
+        try:
+            return json.loads(self.read_body(MAX_BODY))
+        except ValueError as e:  # UnicodeDecodeError is a ValueError too
+            raise HTTPError(400, f"the body is not valid JSON: {e}") from None
+
+    # -- the original API ---------------------------------------------------------------
+
+    @route("POST", r"/transcription/job")
+    def post_job(self):
+        job = self.service.submit(self.read_json())
+        return HTTPStatus.CREATED, job, {"Location": f"/transcription/job/{job['id']}"}
+
+    @route("GET", r"/transcription/job/([^/]+)/?")
+    def get_job(self, job_id):
+        wait = None
+        if "wait" in self.query:
+            try:
+                wait = float(self.query["wait"][-1])
+                if not 0 <= wait < math.inf:
+                    raise ValueError
+            except ValueError:
+                raise HTTPError(400, "wait must be a number of seconds (at most 60)",
+                                "wait") from None
+        return HTTPStatus.OK, self.service.job(job_id, wait and min(wait, MAX_WAIT))
+
+    @route("DELETE", r"/transcription/job/([^/]+)/?")
+    def delete_job(self, job_id):
+        return HTTPStatus.OK, {**self.service.delete(job_id), "deleted": True}
+
+    @route("GET", r"/transcription/jobs")
+    def list_jobs(self):
+        return HTTPStatus.OK, self.service.jobs()
+
+    @route("GET", r"/smi")
+    def smi(self):
+        unavailable = HTTPStatus.SERVICE_UNAVAILABLE
+        try:
+            done = subprocess.run(["nvidia-smi"], capture_output=True, text=True,
+                                  timeout=SMI_TIMEOUT, stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            return unavailable, "nvidia-smi is not installed on this host (no NVIDIA driver?)\n"
+        except subprocess.TimeoutExpired:
+            return unavailable, f"nvidia-smi did not answer within {SMI_TIMEOUT:.0f} s\n"
+        except OSError as e:
+            return unavailable, f"nvidia-smi could not run: {e}\n"
+        if done.returncode != 0:
+            return unavailable, (f"nvidia-smi failed (exit {done.returncode}):\n"
+                                 f"{done.stdout}{done.stderr}")
+        return HTTPStatus.OK, done.stdout
+
+    @route("GET", r"/stats")
+    def stats(self):
+        return HTTPStatus.OK, self.service.stats()
+
+    # -- OpenAI's audio API -------------------------------------------------------------
+
+    @route("POST", r"/v1/audio/(transcriptions|translations)")
+    def openai_audio(self, kind):
+        """OpenAI's `audio.transcriptions.create` and `audio.translations.create`, answered
+        when done: the upload becomes an ordinary job in the same queue, and the answer
+        comes from its result in memory."""
+        content_type = self.headers.get("Content-Type", "")
+        if not content_type.startswith("multipart/form-data"):
+            raise HTTPError(400, "send the body as multipart/form-data, as OpenAI's clients do")
+        form = read_form(content_type, self.read_body(int(self.server.settings.max_upload
+                                                              * 1024 * 1024)))
+        upload = form.get("file")
+        if not isinstance(upload, tuple):
+            raise HTTPError(400, "send the audio as a multipart file field named 'file'", "file")
+        response_format = form.get("response_format") or "json"
+        if response_format not in OPENAI_FORMATS:
+            raise HTTPError(400, f"response_format {response_format!r} is not supported; valid "
+                                 f"values: {', '.join(OPENAI_FORMATS)}", "response_format")
+        granularities = form.get("timestamp_granularities[]", [])
+        granularities = [granularities] if isinstance(granularities, str) else granularities
+        for value in granularities:
+            if value not in ("word", "segment"):
+                raise HTTPError(400, f"timestamp_granularities[] {value!r} is not supported; "
+                                     f"valid values: word, segment", "timestamp_granularities[]")
+        try:
+            temperature = float(form.get("temperature") or 0)
+        except (TypeError, ValueError):
+            raise HTTPError(400, "temperature must be a number from 0 to 1",
+                            "temperature") from None
+        model = form.get("model") if isinstance(form.get("model"), str) else ""
+        result, job = self.service.transcribe_upload(upload, {
+            "model": "" if model.startswith(("whisper-", "gpt-")) else model,
+            "language": form.get("language") or None, "initial_prompt": form.get("prompt"),
+            "task": "translate" if kind == "translations" else "transcribe",
+            "word_timestamps": "word" in granularities, "temperature": temperature})
+        body, content_type = openai_answer(result, job, response_format)
+        return HTTPStatus.OK, body, {"content_type": content_type} if content_type else {}
+
+    # -- for people and operators -------------------------------------------------------
+
+    @route("GET", r"/", public=True)
+    def page(self):
+        return HTTPStatus.OK, PAGE, {"content_type": "text/html; charset=utf-8"}
+
+    @route("GET", r"/models")
+    def models(self):
+        return HTTPStatus.OK, self.service.models()
+
+    @route("GET", r"/health")
+    def health(self):
+        body = self.service.health()
+        return HTTPStatus.OK if body["status"] == "ok" else HTTPStatus.SERVICE_UNAVAILABLE, body
+
+    @route("GET", r"/metrics")
+    def metrics(self):
+        return HTTPStatus.OK, self.service.metrics_text(), \
+            {"content_type": "text/plain; version=0.0.4; charset=utf-8"}
+
+    @route("GET", r"/openapi.json")
+    def openapi(self):
+        return HTTPStatus.OK, OPENAPI
+
+    # -- quiet under abuse --------------------------------------------------------------
+
+    LIMITS = {  # the stdlib's own refusals, said so that a person knows what to change
+        "Line too long": "a header line is longer than 65536 bytes, the limit",
+        "Too many headers": "more than 100 headers were sent; 100 is the limit",
+        "Request-URI Too Long": "the request line is longer than 65536 bytes, the limit",
+    }
+
+    def send_error(self, code, message=None, explain=None):
+        # The stdlib's own errors (bad request line, headers too long...) as JSON too.
+        self.close_connection = True
+        message = self.LIMITS.get(message, message) or HTTPStatus(code).phrase
+        self.respond(code, {"error": message if len(message) < 200 else message[:200] + "..."})
+
+    def log_message(self, format, *args):
+        pass  # no access log: a job's events are logged, requests are not
+
+    def log_error(self, format, *args):
+        message = format % args
+        if "timed out" not in message:
+            log(f"client {self.client_address[0]}: {message}"[:200])
+
+
+def _routes():
+    """EXACT_ROUTES {path: {method: answer}} and PATTERN_ROUTES [(regex, {method: answer})]
+    from the Handler's @route methods."""
+    exact, patterns = {}, {}
+    for answer in vars(Handler).values():
+        if hasattr(answer, "route"):
+            method, path, _ = answer.route
+            table = patterns.setdefault(path, {}) if "(" in path else exact.setdefault(path, {})
+            table[method] = answer
+    return exact, [(re.compile(path), table) for path, table in patterns.items()]
+
+
+EXACT_ROUTES, PATTERN_ROUTES = _routes()
+
+
+class Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer, bound to the service, quiet about clients that go away."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, settings, service):
+        self.settings, self.service = settings, service
+        if ":" in settings.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((settings.host, settings.port), Handler)
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # resets, broken pipes, timeouts: one short line
+            log(f"client {client_address[0]}: {type(error).__name__}: {error}"[:200])
+        else:
+            super().handle_error(request, client_address)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1687,7 +2552,24 @@ class Client:
             except ValueError:
                 return e.code, {"error": f"HTTP {e.code}"}
         except (urllib.error.URLError, OSError) as e:
-            sys.exit(f"whisperd: cannot reach {self.url}: {getattr(e, 'reason', e)}")
+            print(f"whisperd: cannot reach {self.url}: {getattr(e, 'reason', e)}",
+                  file=sys.stderr)
+            sys.exit(2)
+
+
+def _option_flag(parser, f):
+    """A `whisperd submit` flag for a job option, from its declaration."""
+    schema, help = f.metadata["schema"], f.metadata["help"]
+    kind = schema["type"][0] if isinstance(schema["type"], list) else schema["type"]
+    flag = "--" + f.name.replace("_", "-")
+    default = "" if f.default in (None, "") else f" (default: {str(f.default).lower()})"
+    if kind == "boolean":
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                            help=help + default)
+    else:
+        parser.add_argument(flag, type={"integer": int, "number": float}.get(kind, str),
+                            choices=schema.get("enum"), default=None, help=help + default,
+                            metavar=None if "enum" in schema else f.name.upper())
 
 
 def client_main(argv):
@@ -1695,13 +2577,21 @@ def client_main(argv):
         prog="whisperd", description="Talk to a running whisperd ($WHISPERD_URL, default "
                                      "http://127.0.0.1:9000; $WHISPERD_TOKEN).")
     commands = parser.add_subparsers(dest="command", required=True)
-    submit = commands.add_parser("submit", help="queue audio files; print their job ids")
-    submit.add_argument("files", nargs="+", metavar="FILE")
-    for name in ("model", "format", "language", "output-path", "callback"):
-        submit.add_argument(f"--{name}")
+    submit = commands.add_parser(
+        "submit", help="queue audio files; print their job ids (or, with --wait, what they "
+                       "made)",
+        description="Queues each FILE as a job, with the options given (omitted: the "
+                    "daemon's defaults). Exit status: 0 when every job was accepted (and, with "
+                    "--wait, completed), 1 when one FAILED, 2 when one was refused.")
+    submit.add_argument("files", nargs="+", metavar="FILE",
+                        help="audio files on the whisperd host (relative paths are taken "
+                             "from here)")
+    for f in OPTIONS:
+        if f.name != "path":
+            _option_flag(submit, f)
     submit.add_argument("--wait", action="store_true",
-                        help="wait for the jobs, with a progress bar on a terminal; print the "
-                             "transcripts (txt) or where the files went")
+                        help="wait for the jobs, with a progress bar each on a terminal; "
+                             "print the transcripts (txt) or where the files went")
     commands.add_parser("status", help="one job, as JSON").add_argument("id")
     commands.add_parser("jobs", help="the queued, running and recently finished jobs")
     args = parser.parse_args(argv)
@@ -1709,26 +2599,27 @@ def client_main(argv):
 
     if args.command == "status":
         status, job = client.call("GET", f"/transcription/job/{args.id}")
-        if status != 200:
+        if status != HTTPStatus.OK:
             sys.exit(f"whisperd: {job['error']}")
         print(json.dumps(job, indent=2, ensure_ascii=False))
         return 1 if job["status"] == FAILED else 0
     if args.command == "jobs":
         status, jobs = client.call("GET", "/transcription/jobs")
-        if status != 200:
+        if status != HTTPStatus.OK:
             sys.exit(f"whisperd: {jobs['error']}")
         for job in jobs:
             print(f"{job['id']}  {job['status']:<9} {job['progress']:>3}%  {job['path']}")
         return 0
 
     jobs, exit_status = [], 0
-    options = {k: v for k, v in (("model", args.model), ("format", args.format),
-                                 ("language", args.language), ("output_path", args.output_path),
-                                 ("callback", args.callback)) if v}
+    options = {f.name: getattr(args, f.name) for f in OPTIONS
+               if f.name != "path" and getattr(args, f.name) is not None}
+    if options.get("output_path"):
+        options["output_path"] = os.path.abspath(options["output_path"])
     for file in args.files:
         status, job = client.call("POST", "/transcription/job",
                                   {"path": os.path.abspath(file), **options})
-        if status != 201:
+        if status != HTTPStatus.CREATED:
             print(f"whisperd: {file}: {job['error']}", file=sys.stderr)
             exit_status = 2
             continue
@@ -1741,25 +2632,27 @@ def client_main(argv):
 
 
 def watch(client, jobs):
-    """Waits for the jobs, a progress bar each on a terminal; prints what they made."""
+    """Waits for the jobs, a progress bar each on a terminal from the start (the queue
+    position while queued); prints what they made."""
     bars = {}
     if sys.stderr.isatty():
         import tqdm
         width = shutil.get_terminal_size().columns  # tqdm draws nothing on a 0-wide tty
-        bars = {job["id"]: tqdm.tqdm(total=100, position=i, desc=os.path.basename(job["path"]),
-                                     ncols=width,
-                                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
-                for i, job in enumerate(jobs)}
+        for i, job in enumerate(jobs):
+            bars[job["id"]] = tqdm.tqdm(total=100, position=i, ncols=width,
+                                        bar_format="{desc} {percentage:3.0f}%|{bar}|")
     pending = {job["id"]: job for job in jobs}
     while pending:
         for job_id in list(pending):
             status, job = client.call("GET", f"/transcription/job/{job_id}"
                                              + ("" if bars else "?wait=30"))
-            if status != 200:
+            if status != HTTPStatus.OK:
                 job = dict(pending[job_id], status=FAILED, error=job["error"])
             if job_id in bars:
+                state = f"queued #{job['position']}" if job["position"] else job["status"].lower()
                 bars[job_id].n = job["progress"]
-                bars[job_id].set_postfix_str(job["status"].lower())
+                bars[job_id].set_description_str(
+                    f"{os.path.basename(job['path'])}: {state:<10}")  # refreshes it
             if job["status"] in FINISHED:
                 pending.pop(job_id)
                 jobs[[j["id"] for j in jobs].index(job_id)] = job
@@ -1801,6 +2694,7 @@ def lock_state_dir(state_dir):
 
 
 def serve(settings):
+    """Binds, announces, waits for SIGTERM or SIGINT, stops the service, exits 0."""
     lock = lock_state_dir(settings.state_dir)
     service = Service(settings)
     try:
@@ -1812,53 +2706,22 @@ def serve(settings):
         signal.signal(signum, lambda *_: stop.set())
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     host, port = server.server_address[:2]
-    log(f"listening on http://{host}:{port} (engine {settings.engine}, state "
-        f"{settings.state_dir}, models {settings.model_dir})")
+    log(f"listening on http://{host}:{port} (engine {settings.engine}, workers "
+        f"{', '.join(settings.devices)}, state {settings.state_dir}, models "
+        f"{settings.model_dir})")
     service.start()
     sd_notify("READY=1")
-
-    ping = watchdog_interval()
-    status = None
-    while not stop.wait(min(ping or 1.0, 1.0)):
-        worker = service.worker
-        if ping and worker.is_alive() and (service.engine.loading or
-                                           time.monotonic() - worker.beat < 2 * ping):
-            sd_notify("WATCHDOG=1")
-        running = service.running_job()
-        now = (f"{service.counts[QUEUED]} queued; " +
-               (f"running {running.id} ({running.progress}%)" if running else "idle"))
-        if now != status:
-            sd_notify(f"STATUS={now}")
-            status = now
-
-    log("stopping: no new jobs; waiting for the running job")
+    while not stop.wait(3600):
+        pass
     sd_notify("STOPPING=1")
-    with service.lock:
-        service.accepting = False
-    worker = service.worker
-    worker.stopping.set()
-    service.queue.put(None)  # wakes an idle worker
-    worker.join(settings.shutdown_grace)
-    if worker.is_alive():
-        log(f"the running job did not finish within {settings.shutdown_grace:g} s; "
-            f"interrupting it, it runs again on start")
-        worker.abort.set()
-        worker.join(10)
-    stuck = worker.is_alive()
-    if stuck:  # deep in a model load or a decode: leave its job to run again
-        with service.lock:
-            job = service.running_job()
-            if job:
-                service.requeue(job)
+    clean = service.stop(settings.shutdown_grace)
     server.shutdown()
     server.server_close()
-    service.callbacks.stop()
-    service.close()
     lock.close()
     log("stopped")
-    if stuck:
-        # Interpreter exit would tear torch's threads down under the worker and abort;
-        # everything is on disk, so leave at once, cleanly.
+    if not clean:
+        # Interpreter exit would tear torch's threads down under the stuck worker and
+        # abort; everything is on disk, so leave at once, cleanly.
         sys.stderr.flush()
         os._exit(0)
     return 0
@@ -1867,7 +2730,11 @@ def serve(settings):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in CLIENT_COMMANDS:
-        return client_main(argv)
+        try:
+            return client_main(argv)
+        except BrokenPipeError:  # `whisperd status ID | head`
+            sys.stderr.close()
+            return 0
     return serve(parse_settings(argv))
 
 
