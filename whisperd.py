@@ -425,6 +425,15 @@ class Job:
     temperature: float = option(0.0, {"type": "number", "minimum": 0, "maximum": 1},
                                 "first sampling temperature; the fallback goes on up to 1.0",
                                 decode=True)
+    vad: bool = option(False, {"type": "boolean"}, "voice activity detection first (Silero "
+                       "VAD): silence is never decoded, so no text is invented over it",
+                       decode=True)
+    condition_on_previous_text: bool = option(True, {"type": "boolean"}, "prompt each window "
+                                              "with the text before it; false breaks "
+                                              "repetition loops", decode=True)
+    hallucination_silence_threshold: float | None = option(
+        None, _nullable("number", minimum=0), "seconds of silence skipped where a "
+        "hallucination is suspected", needs="word_timestamps", decode=True)
 
     def to_json(self):
         return {name: getattr(self, name) for name in WIRE}
@@ -831,8 +840,7 @@ class JobStore:
 # The `whisper` command line's decoding defaults (not whisper.transcribe()'s greedy ones),
 # so a job's transcript is the one `whisper FILE` gives; both engines decode with them.
 DECODING = {"beam_size": 5, "best_of": 5, "compression_ratio_threshold": 2.4,
-            "logprob_threshold": -1.0, "no_speech_threshold": 0.6,
-            "condition_on_previous_text": True}
+            "logprob_threshold": -1.0, "no_speech_threshold": 0.6}
 
 
 def temperatures(start):
@@ -845,6 +853,45 @@ def _load_error(name, path, error):
         return f"model {name} could not be loaded from {path}: {_reason(error)}"
     return (f"model {name} could not be loaded: it is not at {path} and could not be "
             f"downloaded there ({_reason(error)})")
+
+
+def _vad():
+    try:
+        from faster_whisper import vad
+    except ImportError:
+        raise JobFailed("vad needs faster-whisper, which ships the Silero VAD model: "
+                        "pip install 'whisperd[faster]'") from None
+    return vad
+
+
+def speech_only(audio):
+    """The speech in 16 kHz audio, found by the Silero VAD model that ships with
+    faster-whisper (with the defaults its vad_filter uses), cut out and joined: (speech
+    audio, a map of times in it back to the original's), as faster-whisper does it."""
+    vad = _vad()
+    chunks = vad.get_speech_timestamps(audio, vad.VadOptions())
+    if not chunks:
+        return audio[:0], None
+    import numpy
+    speech = numpy.concatenate([audio[c["start"]:c["end"]] for c in chunks])
+    return speech, vad.SpeechTimestampsMap(chunks, 16000)
+
+
+def restore_times(result, times):
+    """Times in whisper's result, from the speech-only audio back to the original's
+    (faster-whisper's restore_speech_timestamps, for whisper's dicts)."""
+    for segment in result["segments"]:
+        if segment.get("words"):
+            for word in segment["words"]:
+                chunk = times.get_chunk_index((word["start"] + word["end"]) / 2)
+                word["start"] = times.get_original_time(word["start"], chunk)
+                word["end"] = times.get_original_time(word["end"], chunk)
+            segment["start"], segment["end"] = (segment["words"][0]["start"],
+                                                segment["words"][-1]["end"])
+        else:
+            segment["start"] = times.get_original_time(segment["start"])
+            segment["end"] = times.get_original_time(segment["end"], is_end=True)
+    return result
 
 
 ENGINES = {}  # name -> Engine subclass, filled as they are defined
@@ -1050,12 +1097,18 @@ class OpenAIWhisper(Engine):
             raise AudioError(f"could not decode the audio in {path}: {_reason(e)}") from e
 
     def transcribe(self, model, audio, options, report):
+        times = None
+        if options.pop("vad"):  # decode the speech alone; its times map back after
+            audio, times = speech_only(audio)
+            if times is None:  # nothing but silence: nothing to decode
+                return {"text": "", "segments": [], "language": options["language"]}
         _progress.report = report
         try:
-            return self.whisper.transcribe(model, audio, verbose=None,
-                                           fp16=self.device.startswith("cuda"), **options)
+            result = self.whisper.transcribe(model, audio, verbose=None,
+                                             fp16=self.device.startswith("cuda"), **options)
         finally:
             _progress.report = None
+        return restore_times(result, times) if times else result
 
 
 class FasterWhisper(Engine):
@@ -1100,8 +1153,9 @@ class FasterWhisper(Engine):
     def transcribe(self, model, audio, options, report):
         options["log_prob_threshold"] = options.pop("logprob_threshold")
         options["temperature"] = list(options["temperature"])
-        if self.settings.batch_size:
-            options["batch_size"] = self.settings.batch_size
+        options["vad_filter"] = options.pop("vad")
+        if self.settings.batch_size:  # its batched pipeline always cuts the audio by VAD
+            options.update(batch_size=self.settings.batch_size, vad_filter=True)
         pieces, info = model.transcribe(audio, **options)
         segments = []
         for piece in pieces:  # a generator: decoding happens as we iterate
@@ -1740,7 +1794,7 @@ class Service:
     def health(self):
         workers = [{"name": w.label, "device": w.engine.device, "ready": w.ready,
                     "models_loaded": list(w.engine.loaded),
-                    "running": w.job.id if w.job else None,
+                    "running": [w.job.id] if w.job else [],
                     **({"error": w.prepare_error} if w.prepare_error else {})}
                    for w in self.workers]
         return {"status": "ok" if self.accepting else "shutting down", "version": __version__,
@@ -1916,7 +1970,7 @@ def _openapi():
     worker = {"type": "object", "required": ["name", "device", "ready"], "properties": {
         "name": string, "device": string, "ready": {"type": "boolean"},
         "models_loaded": {"type": "array", "items": string},
-        "running": {"type": ["string", "null"]}, "error": string}}
+        "running": {"type": "array", "items": string}, "error": string}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "whisperd", "version": __version__,
@@ -2104,10 +2158,7 @@ function sync(box, list, key, make, upd) {
 const byId = j => j.id;
 
 function render(jobs, health) {
-  let workers = health.workers;
-  if (!Array.isArray(workers))  // older daemons: one implicit worker
-    workers = health.device ? [{name: health.device, device: health.device, ready: health.worker_ready,
-      models_loaded: health.models_loaded || [], running: []}] : [];
+  const workers = health.workers || [];
   const wdev = {};
   workers.forEach(w => wdev[w.name] = w.device);
 
@@ -2711,7 +2762,7 @@ def serve(settings):
         f"{settings.model_dir})")
     service.start()
     sd_notify("READY=1")
-    while not stop.wait(3600):
+    while not stop.wait(1.0):  # the signal's handler runs between two waits
         pass
     sd_notify("STOPPING=1")
     clean = service.stop(settings.shutdown_grace)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -62,10 +63,13 @@ def speak(text, wav, rate=SPEECH_RATE):
     return wav
 
 
-def convert(source, target, *options):
-    """ffmpeg source -> target (the format follows target's extension)."""
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-nostdin", "-y", "-i", str(source),
-                    *options, str(target)], check=True)
+def convert(source, target, *more, before=()):
+    """ffmpeg -i source [more inputs and options] target (the format follows target's
+    extension); `before`: options for the first input (-f lavfi)."""
+    inputs = [x for item in more if isinstance(item, Path) for x in ("-i", str(item))]
+    options = [str(item) for item in more if not isinstance(item, Path)]
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-nostdin", "-y", *before, "-i",
+                    str(source), *inputs, *options, str(target)], check=True)
     return Path(target)
 
 
@@ -93,9 +97,24 @@ def prompt(language, name):
     raise KeyError(f"no prompt {name!r} in {scripts}")
 
 
+LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
+
+
+def reading(name):
+    """(path, script) of a LibriVox reading in Debian's pocketsphinx-testdata."""
+    for line in (LIBRIVOX / "transcription").read_text().splitlines():
+        found = re.fullmatch(r"<s> (.*) </s> \((.*)\)", line.strip())
+        if found and found.group(2) == name:
+            return LIBRIVOX / f"{name}.wav", found.group(1)
+    raise KeyError(f"no reading {name!r} in {LIBRIVOX}")
+
+
 def words(text):
-    """Lower case, punctuation gone (hyphens split words): what the WER compares."""
-    return re.sub(r"[^\w' ]", " ", text.lower().replace("-", " ")).split()
+    """Lower case, accents and punctuation gone (hyphens split words): what the WER
+    compares (the Asterisk scripts spell "numero" where Whisper writes "número")."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", text.lower())
+                   if not unicodedata.combining(c))
+    return re.sub(r"[^\w' ]", " ", text.replace("-", " ")).split()
 
 
 def edit_distance(reference, hypothesis):
