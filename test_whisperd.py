@@ -1172,3 +1172,31 @@ def test_the_page_shows_progress_and_transcripts_and_asks_for_the_token_once(
     wait_until(lambda: find(done), message="after a reload the page showed no jobs")
     assert not find("form#auth")[0].is_displayed()
     guarded.completed(queued["id"])
+
+
+# ---------------------------------------------------------------------------------------
+# One worker per device
+# ---------------------------------------------------------------------------------------
+
+def test_two_workers_run_two_jobs_at_once_none_twice_and_kill_9_loses_neither(
+        start, speech, tmp_path):
+    daemon = start("--device", "cpu,cpu")
+    jobs = [daemon.submit(path=speech[n], output_path=tmp_path / n)
+            for n in ("busy.wav", "long.wav", "call.wav", "report.wav")
+            if (tmp_path / n).mkdir() is None]
+    both = wait_until(lambda: len(running := [j for j in daemon.request(
+        "GET", "/transcription/jobs")[2] if j["status"] == "RUNNING"]) == 2 and running,
+        message="two jobs were never RUNNING at once")
+    assert {j["worker"] for j in both} == {"cpu", "cpu#2"}
+    health = daemon.request("GET", "/health")[2]
+    assert [w["name"] for w in health["workers"]] == ["cpu", "cpu#2"]
+    assert sorted(j for w in health["workers"] for j in w["running"]) == \
+        sorted(j["id"] for j in both)
+    daemon.kill()
+
+    again = start("--device", "cpu,cpu")
+    for job in jobs:
+        done = again.completed(job["id"])
+        assert done["attempts"] == (2 if job["id"] in {j["id"] for j in both} else 1)
+        assert again.log.count(f"job {job['id']} running on") == 1  # one worker each
+    assert again.stats()["Processed"] == 4

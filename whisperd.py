@@ -56,6 +56,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from http import HTTPStatus
@@ -195,8 +197,10 @@ def parse_settings(argv=None):
 
 
 def log(message):
-    """One line per event on stderr; journald adds the timestamp."""
-    print(f"whisperd: {message}", file=sys.stderr, flush=True)
+    """One line per event on stderr; journald adds the timestamp. One write, so that
+    lines from several threads never run into each other."""
+    sys.stderr.write(f"whisperd: {message}\n")
+    sys.stderr.flush()
 
 
 def utcnow():
@@ -434,6 +438,9 @@ class Job:
     hallucination_silence_threshold: float | None = option(
         None, _nullable("number", minimum=0), "seconds of silence skipped where a "
         "hallucination is suspected", needs="word_timestamps", decode=True)
+    pack: bool = option(True, {"type": "boolean"}, "with --batch-size: may be decoded in "
+                        "a batch with other jobs (and with --pack, share windows); false: "
+                        "decoded alone, exactly as the whisper command line decodes it")
 
     def to_json(self):
         return {name: getattr(self, name) for name in WIRE}
@@ -548,8 +555,8 @@ def probe(path):
         raise Invalid(f"ffprobe could not read {os.path.basename(path)} within "
                       f"{PROBE_TIMEOUT:g} s") from None
     if done.returncode != 0:
-        raise Invalid(f"{os.path.basename(path)} is not audio ffmpeg can decode: "
-                      f"{_reason(done.stderr).removeprefix(path + ': ')}")
+        raise Invalid(f"{os.path.basename(path)} is not audio ffmpeg can decode (ffprobe: "
+                      f"{_reason(done.stderr).removeprefix(path + ': ')})")
     info = json.loads(done.stdout or "{}")
     if not info.get("streams"):
         kind = info.get("format", {}).get("format_name", "this file")
@@ -693,11 +700,11 @@ class JobStore:
             self._keep(job)
 
     def claim(self, worker, accept=None):
-        """The next QUEUED job (the first that `accept` takes), now RUNNING on `worker`."""
+        """The next QUEUED job, now RUNNING on `worker`; None when none is queued, or
+        when `accept` does not take it (jobs start in the order they came)."""
         with self.lock:
-            job_id = next((i for i in self.queued if accept is None or accept(self.jobs[i])),
-                          None)
-            if job_id is None:
+            job_id = next(iter(self.queued), None)
+            if job_id is None or (accept is not None and not accept(self.jobs[job_id])):
                 return None
             job = self.jobs[job_id]
             with self._transaction(durable=False):
@@ -992,6 +999,11 @@ class Engine:
                        temperature=temperatures(job.temperature))
         return options
 
+    def batchable(self, job):
+        """Whether the job may share a batch (--batch-size): faster-whisper only, and
+        not for options that only sequential decoding honours."""
+        return False
+
     def run(self, job, audio, report):
         """Transcribes one job's decoded audio; report(fraction done) as it goes."""
         model = self.model(job.model)
@@ -1136,13 +1148,19 @@ class FasterWhisper(Engine):
 
     def load(self, name, path):
         device, _, index = self.device.partition(":")
-        model = self.faster_whisper.WhisperModel(
+        return self.faster_whisper.WhisperModel(
             path or name, device=device, device_index=int(index or 0),
             compute_type=self.compute_type, cpu_threads=self.threads,
             download_root=self.settings.model_dir)
-        if self.settings.batch_size:
-            return self.faster_whisper.BatchedInferencePipeline(model)
-        return model
+
+    def batchable(self, job):
+        return bool(self.settings.batch_size) and job.pack and not (
+            job.word_timestamps or job.initial_prompt)
+
+    def batch(self, name):
+        """A Batch of this model's windows (--batch-size, --pack); see Batches."""
+        return Batch(BatchDecoder(self.model(name)), self.settings.batch_size,
+                     self.settings.pack)
 
     def load_audio(self, path):
         try:
@@ -1154,8 +1172,6 @@ class FasterWhisper(Engine):
         options["log_prob_threshold"] = options.pop("logprob_threshold")
         options["temperature"] = list(options["temperature"])
         options["vad_filter"] = options.pop("vad")
-        if self.settings.batch_size:  # its batched pipeline always cuts the audio by VAD
-            options.update(batch_size=self.settings.batch_size, vad_filter=True)
         pieces, info = model.transcribe(audio, **options)
         segments = []
         for piece in pieces:  # a generator: decoding happens as we iterate
@@ -1172,6 +1188,399 @@ class FasterWhisper(Engine):
                 report(min(piece.end / info.duration, 1.0))
         text = "".join(segment["text"] for segment in segments)
         return {"text": text, "segments": segments, "language": info.language}
+
+
+# ---------------------------------------------------------------------------------------
+# Batches: the windows of several jobs decoded together (faster-whisper, --batch-size)
+# ---------------------------------------------------------------------------------------
+#
+# Whisper decodes 30 s windows, and a window costs the same however little speech is in
+# it. With --batch-size N the worker keeps several jobs active at once and decodes up to
+# N of their windows in one go (one encoder pass, one beam search), taking windows
+# round-robin from the active jobs: each job ends as soon as its own windows are done,
+# and a long job neither starves nor is starved by short ones. With --pack, the speech
+# of several short jobs (after voice activity detection) shares one window, GAP seconds
+# of silence apart, and each job gets back exactly its own segments, timed against its
+# own file. Batched decoding is faster-whisper's batched pipeline's: the voice activity
+# detector cuts the audio, temperature 0 only (no fallback), no conditioning on the text
+# before.
+
+RATE = 16000            # samples a second, in everything Whisper decodes
+WINDOW = 30 * RATE      # samples in one window
+GAP = 2.0               # seconds of silence between two jobs in a window (measured:
+                        # shorter gaps let a segment run from one job into the next)
+
+
+@dataclasses.dataclass(eq=False)
+class Track:
+    """One job's audio in a batch."""
+    job: Job
+    audio: object        # numpy float32, 16 kHz mono
+    language: str | None  # None: detected per window
+
+
+@dataclasses.dataclass(eq=False)
+class Piece:
+    """A stretch of a track's speech, placed in a window."""
+    track: Track
+    start: int   # samples in the track
+    end: int
+    offset: int  # samples in the window
+
+    @property
+    def length(self):
+        return self.end - self.start
+
+
+@dataclasses.dataclass(eq=False)
+class Window:
+    """At most 30 s of audio to decode: pieces of one job, or of several short ones."""
+    pieces: list
+    depth: int = 0  # 0: planned; more: what was left of an unfinished window
+
+    @property
+    def length(self):
+        return self.pieces[-1].offset + self.pieces[-1].length if self.pieces else 0
+
+    @property
+    def tracks(self):
+        return list(dict.fromkeys(p.track for p in self.pieces))
+
+    def audio(self):
+        import numpy
+        out = numpy.zeros(self.length, dtype=numpy.float32)
+        for p in self.pieces:
+            out[p.offset:p.offset + p.length] = p.track.audio[p.start:p.end]
+        return out
+
+    def regions(self):
+        """{track: (start, end)} seconds of each track's speech in the window."""
+        spans = {}
+        for p in self.pieces:
+            start, end = spans.get(p.track, (p.offset, p.offset + p.length))
+            spans[p.track] = (min(start, p.offset), max(end, p.offset + p.length))
+        return {t: (start / RATE, end / RATE) for t, (start, end) in spans.items()}
+
+    def after(self, cuts):
+        """What is left of the window past {track: seconds}, moved to start at 0."""
+        pieces = []
+        for p in self.pieces:
+            cut_at = int(round(cuts[p.track] * RATE)) if p.track in cuts else None
+            if cut_at is not None and p.offset + p.length > cut_at:
+                cut = max(cut_at - p.offset, 0)
+                pieces.append(Piece(p.track, p.start + cut, p.end, p.offset + cut - cut_at))
+        if pieces:
+            shift = pieces[0].offset
+            pieces = [dataclasses.replace(p, offset=p.offset - shift) for p in pieces]
+        return Window(pieces, self.depth + 1)
+
+
+def _chunks(track):
+    """The track's speech, found by the voice activity detector, in windows' worth:
+    lists of pieces of at most 30 s (as faster-whisper's collect_chunks groups them)."""
+    vad = _vad()
+    spans = vad.get_speech_timestamps(track.audio, vad.VadOptions(
+        max_speech_duration_s=WINDOW / RATE, min_silence_duration_ms=160))
+    chunks, current, used = [], [], 0
+    for span in spans:
+        start, end = span["start"], min(span["end"], span["start"] + WINDOW)
+        if end <= start:
+            continue
+        if current and used + end - start > WINDOW:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(Piece(track, start, end, used))
+        used += end - start
+    return chunks + [current] if current else chunks
+
+
+def plan(tracks, pack):
+    """The windows to decode for newly arrived tracks: one per chunk of a track's speech,
+    but with `pack`, short tracks (one chunk) share windows in their order, GAP apart,
+    with tracks of the same language. A track with no speech gets no window."""
+    gap, windows, open_windows = int(GAP * RATE), [], {}
+    for track in tracks:
+        chunks = _chunks(track)
+        if not (pack and len(chunks) == 1):
+            windows += [Window(chunk) for chunk in chunks]
+            continue
+        pieces = chunks[0]
+        size = pieces[-1].offset + pieces[-1].length
+        window = open_windows.get(track.language)
+        if window is None or window.length + gap + size > WINDOW:
+            window = open_windows[track.language] = Window([])
+            windows.append(window)
+        base = window.length + gap if window.pieces else 0
+        window.pieces += [dataclasses.replace(p, offset=base + p.offset) for p in pieces]
+    return windows
+
+
+class BatchDecoder:
+    """Decodes windows in batches, as faster-whisper's BatchedInferencePipeline does (one
+    encoder pass, one beam search with the CLI's beam size 5) but with timestamps, so that
+    the text of a window with several jobs can be given back to each job."""
+
+    STRADDLE = 0.2   # seconds a segment may reach into a second job's speech
+    MAX_DEPTH = 3    # times an unfinished window is continued
+
+    def __init__(self, model):
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+        self.model = model
+        self.multilingual = model.model.is_multilingual
+        self.tokenizer = Tokenizer(model.hf_tokenizer, self.multilingual, task="transcribe",
+                                   language="en")
+        self.suppress = list(get_suppressed_tokens(self.tokenizer, [-1]))
+        # On a CPU one window at a time through the encoder is faster (measured: a batch
+        # of 8 costs a third more a window); on a GPU, the whole batch at once.
+        self.encode_alone = model.model.device == "cpu"
+
+    def _prompt(self, language, task):
+        t = self.tokenizer
+        if not self.multilingual:
+            return [t.sot]
+        return [t.sot, t.tokenizer.token_to_id(f"<|{language}|>"),
+                t.transcribe if task == "transcribe" else t.translate]
+
+    def decode(self, windows, task):
+        """One result per window: {"segments": {track: [segment]}, "language",
+        "redo": {track}: tracks whose text ran into another's (decode them alone),
+        "rest": the window past where the model stopped early, or None}."""
+        import numpy
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.transcribe import get_ctranslate2_storage
+        extract = self.model.feature_extractor
+        features = numpy.stack([pad_or_trim(extract(w.audio())[..., :-1], extract.nb_max_frames)
+                                for w in windows])
+        if self.encode_alone and len(windows) > 1:
+            encoded = get_ctranslate2_storage(numpy.concatenate([
+                numpy.asarray(self.model.model.encode(get_ctranslate2_storage(f[None])))
+                for f in features]))
+        else:
+            encoded = self.model.model.encode(get_ctranslate2_storage(features))
+        languages = []
+        for window in windows:
+            given = {p.track.language for p in window.pieces} - {None}
+            languages.append(given.pop() if len(given) == 1 else None)
+        if not self.multilingual:
+            languages = ["en"] * len(windows)
+        elif None in languages:
+            detected = self.model.model.detect_language(encoded)
+            languages = [given or found[0][0][2:-2]
+                         for given, found in zip(languages, detected)]
+        results = self.model.model.generate(
+            encoded, [self._prompt(language, task) for language in languages],
+            beam_size=DECODING["beam_size"], max_length=self.model.max_length,
+            suppress_blank=True, suppress_tokens=self.suppress, return_scores=True,
+            return_no_speech_prob=True, max_initial_timestamp_index=50)
+        outs = [self._split(*args) for args in zip(windows, results, languages)]
+        if any(out["suspect"] for out in outs):  # ask the words where they were said
+            words = self._words(encoded, windows, results)
+            outs = [self._split(w, r, language, word) if out["suspect"] else out
+                    for w, r, language, out, word in
+                    zip(windows, results, languages, outs, words)]
+        return outs
+
+    def _words(self, encoded, windows, results):
+        """Word timings (cross-attention alignment, as word_timestamps=True finds them) of
+        each window's text: [[(tokens, start, end)] per window]."""
+        eot = self.tokenizer.eot
+        texts = [[t for t in r.sequences_ids[0] if t < eot] or [eot] for r in results]
+        frames = [min(math.ceil(w.length / RATE * 100), 3000) for w in windows]
+        aligned = self.model.find_alignment(self.tokenizer, texts, encoded, frames)
+        return [[(len(a["tokens"]), a["start"], a["end"]) for a in words] for words in aligned]
+
+    def _split(self, window, result, language, words=None):
+        """A window's tokens as segments, each given to the track it was said in."""
+        t, first_stamp = self.tokenizer, self.tokenizer.timestamp_begin
+        tokens = result.sequences_ids[0]
+        score = result.scores[0] * len(tokens) / (len(tokens) + 1)  # length penalty 1
+        duration, regions = window.length / RATE, window.regions()
+        pieces, _, _ = self.model._split_segments_by_timestamps(
+            tokenizer=t, tokens=tokens, time_offset=0.0,
+            segment_size=math.ceil(duration) * self.model.frames_per_second,
+            segment_duration=duration, seek=0)
+        # Text after the last timestamp pair, with nothing to close it, is kept too.
+        used = sum(len(p["tokens"]) for p in pieces)
+        tail = tokens[used:]
+        if used and any(token < t.eot for token in tail):
+            start = (tail[0] - first_stamp) * 0.02 if tail[0] >= first_stamp \
+                else pieces[-1]["end"]
+            end = next((r1 for r0, r1 in regions.values() if r1 > start), duration)
+            pieces.append({"start": start, "end": end, "tokens": tail})
+        # Ending on a timestamp pair means "go on from there": the CLI's loop decodes
+        # again from that time, and in a packed window it is how the model skips jobs.
+        seek = None
+        if len(tokens) >= 2 and tokens[-1] >= first_stamp and tokens[-2] >= first_stamp:
+            seek = (tokens[-1] - first_stamp) * 0.02
+            if window.depth >= self.MAX_DEPTH or (window.depth and seek < 1.0):
+                seek = None
+        out = {track: [] for track in regions}
+        redo, suspect = set(), False
+        word_iter = iter(words or [])
+        for piece in pieces:
+            text = t.decode(piece["tokens"])
+            n_text = sum(token < t.eot for token in piece["tokens"])
+            spoken, got = [], 0
+            while words is not None and got < n_text:
+                count, start, end = next(word_iter, (n_text, 0.0, 0.0))
+                got += count
+                spoken.append((start, end))
+            if not text.strip():
+                continue
+            start, end = piece["start"], max(piece["end"], piece["start"])
+            hit = [track for track, (r0, r1) in regions.items()
+                   if min(end, r1) - max(start, r0) > self.STRADDLE]
+            if len(hit) > 1 and words is not None:  # the words' own timings decide
+                hit = list(dict.fromkeys(track for ws, we in spoken if we > ws
+                                         for track, (r0, r1) in regions.items()
+                                         if r0 <= (ws + we) / 2 <= r1))
+            if len(hit) > 1:  # one segment holds the speech of two jobs
+                suspect = True
+                if words is not None:
+                    redo.update(hit)
+                continue
+            middle = (start + end) / 2
+            track = hit[0] if hit else min(regions, key=lambda tr: min(
+                abs(middle - regions[tr][0]), abs(middle - regions[tr][1])))
+            begin = _to_track(window, track, start, False)
+            out[track].append({
+                "start": round(begin, 3),
+                "end": round(max(begin, _to_track(window, track, end, True)), 3),
+                "text": text, "tokens": piece["tokens"], "temperature": 0.0,
+                "avg_logprob": score, "no_speech_prob": result.no_speech_prob,
+                "compression_ratio": _compression_ratio(text)})
+        if suspect and words is None:
+            return {"suspect": True}
+        cuts = {}
+        if seek is not None:  # the tracks with speech past where the model stopped
+            cuts = {track: seek if out[track] else min(seek, r0)
+                    for track, (r0, r1) in regions.items()
+                    if track not in redo and r1 > seek + (1.0 if out[track] else 0)}
+        if len(regions) > 1:  # reached, yet nothing said: decode it alone
+            redo.update(track for track, segments in out.items()
+                        if not segments and track not in cuts)
+        for track in redo:
+            out.pop(track, None)
+        return {"segments": out, "language": language, "redo": redo, "suspect": False,
+                "rest": window.after(cuts) if cuts else None}
+
+
+def _compression_ratio(text):
+    raw = text.encode()
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
+
+
+def _to_track(window, track, seconds, is_end, snap=0.5):
+    """A time in the window as a time in the track's own audio. Where the voice activity
+    detector cut silence out between two pieces, a start just before the joint goes to
+    the next piece and an end just after it to the one before."""
+    pieces = [p for p in window.pieces if p.track is track]
+    at, k = int(round(seconds * RATE)), 0
+    for i, p in enumerate(pieces):
+        if p.offset < at or (not is_end and p.offset == at):
+            k = i
+    p, snap = pieces[k], int(snap * RATE)
+    if is_end and k and at - p.offset < snap and pieces[k - 1].end != p.start:
+        return pieces[k - 1].end / RATE
+    if not is_end and k + 1 < len(pieces) and pieces[k + 1].offset - at < snap \
+            and pieces[k + 1].start != p.end:
+        return pieces[k + 1].start / RATE
+    return (p.start + min(max(at - p.offset, 0), p.length)) / RATE
+
+
+class Batch:
+    """The jobs a worker decodes together: add() jobs as they come, step() decodes up to
+    `size` windows, round-robin over the jobs, and returns the jobs it finished."""
+
+    def __init__(self, decoder, size, pack):
+        self.decoder, self.size, self.pack = decoder, size, pack
+        self.pending = collections.OrderedDict()  # track -> deque of its windows
+        self.planned = {}                         # track -> windows it had in all
+        self.results = {}                         # track -> {"language", "segments"}
+        self.task = None
+
+    def __bool__(self):
+        return bool(self.pending)
+
+    def room(self, more_seconds=0.0):
+        """Whether more jobs would still fit in the next step."""
+        waiting = len({id(w) for windows in self.pending.values() for w in windows})
+        return waiting + more_seconds / 30 < self.size
+
+    def accepts(self, job, model):
+        return not self.pending or (job.task == self.task and job.model == model)
+
+    def add(self, entries):
+        """Plans the windows of newly claimed jobs: [(job, audio)] (packing happens
+        among them)."""
+        tracks = [Track(job, audio, None if job.language == AUTO_LANGUAGE else job.language)
+                  for job, audio in entries]
+        for track in tracks:
+            self.task = track.job.task
+            self.pending[track] = collections.deque()
+            self.results[track] = {"language": track.language, "segments": []}
+        for window in plan(tracks, self.pack):
+            for track in window.tracks:
+                self.pending[track].append(window)
+        for track in tracks:
+            self.planned[track] = max(len(self.pending[track]), 1)
+
+    def jobs(self):
+        return [track.job for track in self.pending]
+
+    def progress(self):
+        """{job: fraction of its windows decoded}."""
+        return {track.job: 1 - len(windows) / self.planned[track]
+                for track, windows in self.pending.items()}
+
+    def _take(self):
+        batch, taken = [], set()
+        while len(batch) < self.size:
+            track = next((tr for tr, windows in self.pending.items()
+                          if any(id(w) not in taken for w in windows)), None)
+            if track is None:
+                break
+            window = next(w for w in self.pending[track] if id(w) not in taken)
+            batch.append(window)
+            taken.add(id(window))
+            self.pending.move_to_end(track)  # round-robin
+        return batch
+
+    def step(self):
+        """Decodes one batch; returns {job: whisper's result} for the jobs it finished."""
+        windows = self._take()
+        for window, out in zip(windows, self.decoder.decode(windows, self.task)
+                               if windows else []):
+            mine = [t for t in window.tracks if window in self.pending[t]]
+            for track in mine:
+                self.pending[track].remove(window)
+            for track, segments in out["segments"].items():
+                if track in mine:
+                    self.results[track]["segments"] += segments
+                    self.results[track]["language"] = (self.results[track]["language"]
+                                                       or out["language"])
+            for track in out["redo"] & set(mine):  # start over, alone
+                self.results[track]["segments"] = []
+                self.pending[track] = collections.deque(plan([track], pack=False))
+            rest = out["rest"]
+            if rest is not None:
+                rest.pieces = [p for p in rest.pieces
+                               if p.track in mine and p.track not in out["redo"]]
+                for track in rest.tracks:
+                    self.pending[track].appendleft(rest)
+        done = {}
+        for track in [t for t, windows in self.pending.items() if not windows]:
+            del self.pending[track], self.planned[track]
+            result = self.results.pop(track)
+            segments = sorted(result["segments"], key=lambda s: s["start"])
+            for i, segment in enumerate(segments):
+                segment.update(id=i, seek=0)
+            language = result["language"] or ("en" if not self.decoder.multilingual else None)
+            done[track.job] = {"text": "".join(s["text"] for s in segments),
+                               "segments": segments, "language": language}
+        return done
+
 
 
 # ---------------------------------------------------------------------------------------
@@ -1238,10 +1647,12 @@ def write_outputs(result, job):
 # ---------------------------------------------------------------------------------------
 
 class Worker(threading.Thread):
-    """One device's thread: its models live here, and its jobs run here one at a time.
+    """One device's thread: its models live here, and its jobs run here.
 
     Its whole life: prepare the engine, then `service.next_job(self)` until it says stop
-    (None); each job is run and handed back to the service, whatever it raises.
+    (None). A job runs alone, or (--batch-size) starts a batch that the jobs queued
+    behind it join while it runs. Every job is handed back to the service, whatever it
+    raises.
     """
 
     TICK = 1.0  # seconds between idle housekeeping rounds (model TTL, watchdog)
@@ -1249,11 +1660,12 @@ class Worker(threading.Thread):
     def __init__(self, service, engine, suffix=""):
         super().__init__(name=f"worker {engine.device}{suffix}", daemon=True)
         self.service, self.engine, self.suffix = service, engine, suffix
-        self.abort = threading.Event()      # interrupt the running job
+        self.abort = threading.Event()      # interrupt the running jobs
         self.beat = time.monotonic()        # last sign of life, for the watchdog
         self.ready = False
         self.prepare_error = None
-        self.job = None                     # the running job
+        self.jobs = []                      # the running jobs
+        self.busy = 0.0                     # seconds spent running jobs, not yet reported
 
     def run(self):
         try:
@@ -1263,9 +1675,11 @@ class Worker(threading.Thread):
             log(self.prepare_error)
         self.ready = True
         while (job := self.service.next_job(self)) is not None:
-            self.job = job
-            self.run_job(job)
-            self.job = None
+            if not self.prepare_error and self.engine.batchable(job):
+                self.run_batch(job)
+            else:
+                self.run_job(job)
+            self.jobs = []
 
     @property
     def label(self):
@@ -1282,23 +1696,79 @@ class Worker(threading.Thread):
             raise Interrupted()
         self.service.progress(job, done)
 
+    def hand_back(self, job, outcome, started):
+        """Gives a job's result (or the JobFailed that ended it) to the service, with the
+        seconds it took and this worker's busy time since the last one handed back."""
+        busy, self.busy = self.busy, 0.0
+        self.service.ended(job, outcome, _since(started), busy)
+
     def run_job(self, job):
+        self.jobs = [job]
         started = time.monotonic()
         try:
             if self.prepare_error:
                 raise JobFailed(self.prepare_error)
             audio = self.service.audio(job, self.engine)
-            result = self.engine.run(job, audio, lambda done: self.report(job, done))
+            outcome = self.engine.run(job, audio, lambda done: self.report(job, done))
         except Interrupted:
             self.service.interrupted(job)
+            return
         except JobFailed as e:
-            self.service.ended(job, e, _since(started))
+            outcome = e
         except Exception as e:  # anything else is still only this job's failure
             log(f"job {job.id} raised: " + "".join(traceback.format_exception_only(e)).strip())
-            self.service.ended(job, JobFailed(f"transcription failed: {type(e).__name__}: "
-                                              f"{_reason(e)}"), _since(started))
-        else:
-            self.service.ended(job, result, _since(started))
+            outcome = JobFailed(f"transcription failed: {type(e).__name__}: {_reason(e)}")
+        self.busy += time.monotonic() - started
+        self.hand_back(job, outcome, started)
+
+    def run_batch(self, first):
+        """Decodes `first` and the queued jobs that may join it, a batch of windows at a
+        time, until none is left. Jobs join in queue order while there is room; the first
+        one that cannot join waits until the batch is done."""
+        started, joining = {}, [first]
+        try:
+            batch = self.engine.batch(first.model)
+        except JobFailed as e:
+            return self.hand_back(first, e, time.monotonic())
+
+        def may_join(job):
+            return self.engine.batchable(job) and batch.accepts(job, first.model)
+
+        while True:
+            while batch.room(sum(job.audio_duration or 30 for job in joining)):
+                job = self.service.next_job(self, wait=False, accept=may_join)
+                if job is None:
+                    break
+                joining.append(job)
+            entries = []
+            for job in joining:
+                started[job] = time.monotonic()
+                try:
+                    entries.append((job, self.service.audio(job, self.engine)))
+                except JobFailed as e:
+                    self.hand_back(job, e, started.pop(job))
+            step = time.monotonic()
+            batch.add(entries)
+            joining, self.jobs = [], batch.jobs()
+            if not batch:
+                return
+            if self.abort.is_set():
+                for job in batch.jobs():
+                    self.service.interrupted(job)
+                return
+            try:
+                done = batch.step()
+            except Exception as e:  # the batch's jobs fail; the worker lives on
+                log("a batch raised: " + "".join(traceback.format_exception_only(e)).strip())
+                error = JobFailed(f"transcription failed: {type(e).__name__}: {_reason(e)}")
+                done = {job: error for job in batch.jobs()}
+                batch = self.engine.batch(first.model)
+            self.busy += time.monotonic() - step
+            self.beat = time.monotonic()
+            for job, outcome in done.items():
+                self.hand_back(job, outcome, started.pop(job))
+            for job, fraction in batch.progress().items():
+                self.service.progress(job, fraction)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1528,7 +1998,7 @@ class Service:
         with self.store.changed:
             self.accepting, self.stopping = False, True
             self.store.changed.notify_all()
-        running = [w.job for w in self.workers if w.job]
+        running = [job for w in self.workers for job in w.jobs]
         log(f"stopping: no new jobs; waiting up to {grace:g} s for {len(running)} running "
             f"job(s)" if running else "stopping: no new jobs; no job is running")
         deadline = time.monotonic() + grace
@@ -1544,7 +2014,7 @@ class Service:
                 worker.join(10)
         stuck = [worker for worker in self.workers if worker.is_alive()]
         if stuck:  # deep in a model load or a decode: leave their jobs to run again
-            self.store.requeue([w.job for w in stuck if w.job], count_attempt=False)
+            self.store.requeue([job for w in stuck for job in w.jobs], count_attempt=False)
         self.finishing.put(None)
         self.threads[0].join()
         self.callbacks.stop()
@@ -1645,18 +2115,21 @@ class Service:
 
     # -- the workers' side ----------------------------------------------------------------
 
-    def next_job(self, worker):
-        """The worker's next job, now RUNNING on it; None once the service stops."""
+    def next_job(self, worker, wait=True, accept=None):
+        """The worker's next job, now RUNNING on it; None once the service stops (or,
+        without `wait`, when none is queued that `accept` takes)."""
         while True:
             with self.store.changed:
                 if self.stopping:
                     return None
-                job = self.store.claim(worker.label)
-                if job is None:
+                job = self.store.claim(worker.label, accept)
+                if job is None and wait:
                     self.store.changed.wait(Worker.TICK)
             if job is not None:
                 log(f"job {job.id} running on {worker.label} (attempt {job.attempts})")
                 return job
+            if not wait:
+                return None
             worker.idle()
 
     def audio(self, job, engine):
@@ -1681,14 +2154,15 @@ class Service:
         self.store.requeue([job], count_attempt=False)
         log(f"job {job.id} interrupted by shutdown; it runs again on start")
 
-    def ended(self, job, outcome, seconds):
-        """A worker is done with a job: whisper's result, or the JobFailed that ended it.
+    def ended(self, job, outcome, seconds, busy):
+        """A worker is done with a job: whisper's result, or the JobFailed that ended it,
+        the seconds it took, and the worker's busy seconds since it last handed one back.
         The rest (files, commit, callback) happens on the finisher, off its path."""
-        self.finishing.put((job, outcome, seconds))
+        self.finishing.put((job, outcome, seconds, busy))
 
     # -- off the workers' path ------------------------------------------------------------
 
-    def _end(self, job, outcome, seconds):
+    def _end(self, job, outcome, seconds, busy=0.0):
         """(job, final status, changes) for a result or a JobFailed; writes the files."""
         changes = {"Duration": seconds,
                    "callback_status": Callback.PENDING if job.callback else Callback.NONE}
@@ -1717,16 +2191,16 @@ class Service:
                 continue
             ends = [self._end(*item) for item in items]
             self.store.finish(ends)
-            for (job, status, _), (_, outcome, _) in zip(ends, items):
-                self._ended(job, status, outcome)
+            for (job, status, _), (_, outcome, _, busy) in zip(ends, items):
+                self._ended(job, status, outcome, busy)
 
-    def _ended(self, job, status, outcome):
+    def _ended(self, job, status, outcome, busy):
         with self.lock:
             self.metrics[("jobs", status, job.worker)] += 1
+            self.metrics[("busy", job.worker)] += busy
             if status == COMPLETED:
                 self.metrics[("audio", job.worker)] += job.audio_duration or 0
-                self.metrics[("busy", job.worker)] += job.Duration
-                self.speeds.append((job.audio_duration or 0, job.Duration))
+                self.speeds.append((job.audio_duration or 0, busy))
         log(f"job {job.id} completed in {job.Duration} s" if status == COMPLETED else
             f"job {job.id} failed: {job.error}")
         future = self.results.pop(job.id, None)
@@ -1794,7 +2268,7 @@ class Service:
     def health(self):
         workers = [{"name": w.label, "device": w.engine.device, "ready": w.ready,
                     "models_loaded": list(w.engine.loaded),
-                    "running": [w.job.id] if w.job else [],
+                    "running": [job.id for job in w.jobs],
                     **({"error": w.prepare_error} if w.prepare_error else {})}
                    for w in self.workers]
         return {"status": "ok" if self.accepting else "shutting down", "version": __version__,
@@ -1828,10 +2302,10 @@ class Service:
         metric("queue_length", "gauge", "Jobs waiting in the queue.", [({}, stats["Queued"])])
         metric("audio_seconds_total", "counter", "Seconds of audio transcribed, by worker.",
                [({"worker": w}, round(m.get(("audio", w), 0), 3)) for w in labels])
-        metric("transcription_seconds_total", "counter", "Seconds spent transcribing, by "
-               "worker.", [({"worker": w}, round(m.get(("busy", w), 0), 3)) for w in labels])
-        metric("worker_busy", "gauge", "1 while the worker runs a job.",
-               [({"worker": w.label}, int(w.job is not None)) for w in self.workers])
+        metric("transcription_seconds_total", "counter", "Seconds the worker spent "
+               "transcribing.", [({"worker": w}, round(m.get(("busy", w), 0), 3)) for w in labels])
+        metric("worker_jobs", "gauge", "Jobs the worker runs now.",
+               [({"worker": w.label}, len(w.jobs)) for w in self.workers])
         metric("callback_attempts_total", "counter", "Callback deliveries tried, by the "
                "callback's status after each (pending: another attempt is due).",
                [({"status": s}, m.get(("callbacks", s), 0)) for s in Callback.ALL[1:]])
@@ -1840,8 +2314,9 @@ class Service:
         return "\n".join(lines) + "\n"
 
     def status_line(self):
-        running = [f"running {w.job.id} ({w.job.progress}%)" + (
-            f" on {w.label}" if len(self.workers) > 1 else "") for w in self.workers if w.job]
+        running = [f"running {job.id} ({job.progress}%)" + (
+            f" on {w.label}" if len(self.workers) > 1 else "")
+            for w in self.workers for job in w.jobs]
         return f"{self.stats()['Queued']} queued; " + ("; ".join(running) or "idle")
 
     def alive(self, ping):
@@ -1867,6 +2342,28 @@ class Service:
 # ---------------------------------------------------------------------------------------
 
 OPENAI_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+
+
+class _TimedReads(io.RawIOBase):
+    """A connection's reads, where one that the kernel ended (SO_RCVTIMEO) is a timeout,
+    as http.server expects, not a short read."""
+
+    def __init__(self, raw):
+        super().__init__()
+        self.raw = raw
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        count = self.raw.readinto(buffer)
+        if count is None:
+            raise TimeoutError(f"no data for {CONNECTION_TIMEOUT:g} s")
+        return count
+
+    def close(self):
+        self.raw.close()
+        super().close()
 
 
 def route(method, path, public=False):
@@ -2294,9 +2791,24 @@ class Handler(BaseHTTPRequestHandler):
 
     server_version = f"whisperd/{__version__}"
     protocol_version = "HTTP/1.1"        # keep-alive
-    disable_nagle_algorithm = True       # headers and body leave without a 40 ms stall
-    timeout = CONNECTION_TIMEOUT         # an idle or slow client cannot hold a thread
+    disable_nagle_algorithm = True
+    wbufsize = -1                        # headers and body leave in one write (flushed per answer)
     default_request_version = "HTTP/1.0"  # garbage gets a status line, not HTTP/0.9's bare body
+
+    def setup(self):
+        """An idle or slow client cannot hold a thread: the kernel ends a read or a write
+        that waited CONNECTION_TIMEOUT (SO_RCVTIMEO, SO_SNDTIMEO). The stdlib's `timeout`
+        would do it with a poll() before every read and write: a quarter of the time of a
+        small request."""
+        super().setup()
+        limit = struct.pack("ll", int(CONNECTION_TIMEOUT), 0)
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            self.connection.setsockopt(socket.SOL_SOCKET, option, limit)
+        self.rfile = io.BufferedReader(_TimedReads(self.rfile.detach()))
+
+    def handle(self):
+        with contextlib.suppress(ConnectionResetError):  # the client left between requests
+            super().handle()
 
     @property
     def service(self):

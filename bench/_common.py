@@ -1,29 +1,40 @@
-"""Shared pieces of whisperd's benchmarks (bench/transcribe.py, bench/api.py).
+"""What whisperd's benchmarks (bench/*.py) share beyond tools/harness.py.
 
-Spoken test audio (espeak-ng, cached), word error rate, a whisperd process on a loopback
-port with a small keep-alive HTTP client, peak memory of a process, and a machine summary.
+tools/harness.py, which the tests use too, has the daemon, the webhook receiver, speech,
+audio length and the word error rate; this adds what only a benchmark needs: a spoken set
+of files of given lengths (cached, its text the reference), the models, a quiet machine
+and what else used the CPU, peak memory, GPU memory and a machine summary.
 Standard library only; nothing here imports torch or whisper.
 """
 
 import hashlib
-import http.client
-import json
 import os
 import platform
 import random
 import re
 import subprocess
 import sys
-import threading
 import time
-import wave
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH.parent))  # bench scripts run as `python bench/x.py`
+from tools.harness import (PYTHON, ROOT, WHISPERD, Daemon, Receiver,  # noqa: E402,F401
+                           audio_seconds, convert, free_port, speak, wait_until, words,
+                           word_error_rate)
+
 OUT = BENCH / "out"                      # git-ignored: audio cache, models, scratch
-PYTHON = sys.executable
-WHISPERD = ROOT / "whisperd.py"
+MODEL_DIR = os.environ.get("WHISPERD_MODEL_DIR") or str(OUT / "models")
+
+
+def ensure_models(model_dir, *names):
+    """Installs the models `names` (default tiny.en) offline into `model_dir` with
+    tools/models.py (a no-op when they are there); returns the folder's absolute path."""
+    model_dir = os.path.abspath(model_dir)
+    subprocess.run([PYTHON, str(ROOT / "tools" / "models.py"), model_dir,
+                    *(names or ["tiny.en"])], check=True)
+    return model_dir
+
 
 # Plain English, no digits, no contractions, no names: sentences tiny.en can hear word for
 # word from espeak-ng, so the word error rate measures the engine, not the spelling rules.
@@ -80,7 +91,6 @@ SENTENCES = [
     "The bus was full, so we decided to walk to the station.",
 ]
 
-SPEECH_RATE = 140  # espeak-ng words a minute, as in the tests
 CACHE_VERSION = 2  # bump when the way files are made changes
 
 
@@ -88,90 +98,51 @@ def text_of_seconds(seconds, seed):
     """Sentences (in a seeded random order, repeating as needed) that espeak-ng speaks
     in about `seconds` (it says about 2.7 words a second at -s 140)."""
     rng = random.Random(seed)
-    order, words, chosen = [], 0, []
-    while words < seconds * 2.7:
+    order, count, chosen = [], 0, []
+    while count < seconds * 2.7:
         if not order:
             order = SENTENCES[:]
             rng.shuffle(order)
         sentence = order.pop()
         chosen.append(sentence)
-        words += len(sentence.split())
+        count += len(sentence.split())
     return " ".join(chosen)
 
 
-def speak(text, wav):
-    """Speaks `text` into the WAV file `wav` (cached: kept if the text is unchanged)."""
-    wav = Path(wav)
-    ref = wav.with_suffix(".ref.txt")
-    if wav.exists() and ref.exists() and ref.read_text() == text:
-        return wav
-    wav.parent.mkdir(parents=True, exist_ok=True)
-    temp = wav.with_name(f".{wav.name}.tmp.wav")
-    subprocess.run(["espeak-ng", "-s", str(SPEECH_RATE), "-w", str(temp), text], check=True)
-    os.replace(temp, wav)
-    ref.write_text(text)
-    return wav
-
-
-def audio_seconds(wav):
-    with wave.open(str(wav)) as w:
-        return w.getnframes() / w.getframerate()
-
-
 def reference(wav):
+    """The text `wav` was spoken from (make_set keeps it beside the file)."""
     return Path(wav).with_suffix(".ref.txt").read_text()
 
 
 def make_set(folder, seconds, prefix):
     """One spoken file per entry of `seconds`, as close to it as whole sentences allow
     (sentences are dropped from the end while the file is too long, and the closer of
-    the last two tries is kept); returns their paths. Cached in `folder`."""
+    the last two tries is kept); returns their paths. Cached in `folder`: a file is kept
+    while its .ref.txt (the text, written last) is there."""
     files = []
     for i, s in enumerate(seconds):
         text = text_of_seconds(s, seed=f"{prefix}-{i}-{s}")
         digest = hashlib.sha1(f"{CACHE_VERSION}\n{text}".encode()).hexdigest()[:8]
         wav = Path(folder) / f"{prefix}{i:02d}-{s}s-{digest}.wav"
-        if not (wav.exists() and wav.with_suffix(".ref.txt").exists()):
+        ref = wav.with_suffix(".ref.txt")
+        if not (wav.exists() and ref.exists()):
+            ref.unlink(missing_ok=True)
             sentences = [x.strip() for x in re.findall(r"[^.?!]+[.?!]", text)]
+            temp = wav.with_name(f".{wav.name}.tmp.wav")
             best = None  # (distance from the target, number of sentences)
             for n in range(len(sentences), 0, -1):
-                speak(" ".join(sentences[:n]), wav)
-                took = audio_seconds(wav)
+                took = audio_seconds(speak(" ".join(sentences[:n]), temp))
                 if best is None or abs(took - s) < best[0]:
                     best = (abs(took - s), n)
                 if took <= s:
                     break
-            speak(" ".join(sentences[:best[1]]), wav)
+            spoken = " ".join(sentences[:best[1]])
+            if best[1] != n:  # the try before the last was closer
+                speak(spoken, temp)
+            os.replace(temp, wav)
+            ref.write_text(spoken)
         files.append(wav)
     return files
-
-
-# ---------------------------------------------------------------------------------------
-# Word error rate
-# ---------------------------------------------------------------------------------------
-
-def words(text):
-    """Lower case, punctuation gone (hyphens split words): what WER compares."""
-    return re.sub(r"[^a-z0-9' ]", " ", text.lower().replace("-", " ")).split()
-
-
-def edit_distance(ref, hyp):
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        diagonal, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
-    return row[-1]
-
-
-def wer(pairs):
-    """Corpus word error rate of [(reference, hypothesis), ...]: all errors / all words."""
-    errors = total = 0
-    for ref, hyp in pairs:
-        r, h = words(ref), words(hyp)
-        errors += edit_distance(r, h)
-        total += len(r)
-    return errors / max(total, 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,103 +266,3 @@ def machine():
     return {"cpus": os.cpu_count(), "cpu": cpu, "ram_gib": round(ram, 1), "gpu": gpu,
             "python": platform.python_version(), "kernel": platform.release(),
             **dict(line.split(" ", 1) for line in versions if line)}
-
-
-# ---------------------------------------------------------------------------------------
-# whisperd
-# ---------------------------------------------------------------------------------------
-
-class Daemon:
-    """whisperd.py on a loopback port ("--port 0", the log tells which)."""
-
-    def __init__(self, state_dir, model_dir, flags=()):
-        self.state_dir, self.model_dir, self.flags = Path(state_dir), model_dir, list(flags)
-        self.lines = []
-
-    def start(self):
-        self.started = time.monotonic()
-        command = [PYTHON, str(WHISPERD), "--host", "127.0.0.1", "--port", "0",
-                   "--state-dir", str(self.state_dir), "--model-dir", str(self.model_dir),
-                   "--default-model", "tiny.en", *self.flags]
-        self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
-                                     stdin=subprocess.DEVNULL)
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            found = re.search(r"listening on http://([\d.]+):(\d+)", line)
-            if found:
-                self.host, self.port = found.group(1), int(found.group(2))
-                break
-        else:
-            raise RuntimeError("whisperd did not start:\n" + "".join(self.lines))
-        threading.Thread(target=self._drain, daemon=True).start()
-        self.http = Client(self.host, self.port)
-        return self
-
-    def _drain(self):
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def submit(self, path, output_path, **fields):
-        status, job = self.http.request("POST", "/transcription/job", {
-            "path": str(path), "output_path": str(output_path), "format": "txt", **fields})
-        if status != 201:
-            raise RuntimeError(f"POST answered {status}: {job}")
-        return job
-
-    def finished(self, job_id, timeout=3600):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status, job = self.http.request("GET", f"/transcription/job/{job_id}?wait=60")
-            if status != 200:
-                raise RuntimeError(f"GET answered {status}: {job}")
-            if job["status"] in ("COMPLETED", "FAILED"):
-                if job["status"] == "FAILED":
-                    raise RuntimeError(f"job failed: {job['error']}")
-                return job
-        raise RuntimeError(f"job {job_id} did not finish in {timeout} s")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if "Traceback" in "".join(self.lines):
-            print("".join(self.lines), file=sys.stderr)
-
-
-class Client:
-    """One keep-alive HTTP/1.1 connection; reconnects when the server closed it."""
-
-    def __init__(self, host, port, timeout=120):
-        self.host, self.port, self.timeout = host, port, timeout
-        self.conn = None
-
-    def request(self, method, path, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        for attempt in (1, 2):
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port,
-                                                       timeout=self.timeout)
-            try:
-                self.conn.request(method, path, body=data)
-                response = self.conn.getresponse()
-                text = response.read()
-                break
-            except (ConnectionError, http.client.RemoteDisconnected, BrokenPipeError):
-                self.conn.close()
-                self.conn = None
-                if attempt == 2:
-                    raise
-        if response.headers.get("Connection", "").lower() == "close":
-            self.conn.close()
-            self.conn = None
-        kind = response.headers.get("Content-Type", "")
-        return response.status, (json.loads(text) if kind.startswith("application/json")
-                                 else text.decode())

@@ -26,7 +26,7 @@ What it does
   3. Prints one table row per variant: audio seconds per wall second, speed relative to
      bare-ow (b), peak resident memory of the process doing the work (VmHWM of a daemon or
      bare process; for the CLI the largest ru_maxrss of its processes, from os.wait4), and
-     the corpus word error rate against the spoken text (lower case, no punctuation); on
+     the corpus word error rate against the spoken text (tools/harness.py's); on
      a GPU also the GPU memory the process holds at the end (nvidia-smi). Then
      the targets, each PASS or MISS:
        T1  a whisperd job (client-observed, submit to finished) / bare library, warm: <= 1.05
@@ -41,7 +41,7 @@ Run (from the repository root, with the venv's python; 10 to 25 minutes on 2 cor
   .venv/bin/python bench/transcribe.py --full               # the long file is 10 min (16 to 35 min)
   .venv/bin/python bench/transcribe.py --model-dir /tmp/models --variants cli,bare-ow,whisperd-ow
   python bench/transcribe.py --device cuda --no-wait        # on a GPU host
-The model is Whisper tiny.en, made offline by tools/tiny_en.py in --model-dir (default
+The model is Whisper tiny.en, made offline by tools/models.py in --model-dir (default
 $WHISPERD_MODEL_DIR, else bench/out/models). Before measuring, the script waits while a
 test suite (pytest, .ci/run) runs on the machine (--no-wait skips that).
 
@@ -58,9 +58,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (OUT, PYTHON, ROOT, CpuWatch, Daemon, audio_seconds,  # noqa: E402
-                     gpu_mib, machine, make_set, peak_rss_mib, reference, speak,
-                     wait_until_quiet, wer)
+from _common import (MODEL_DIR, OUT, PYTHON, CpuWatch, Daemon, audio_seconds,  # noqa: E402
+                     ensure_models, gpu_mib, machine, make_set, peak_rss_mib, reference,
+                     speak, wait_until_quiet, word_error_rate)
 
 # The `whisper` command line's decoding defaults (whisper/transcribe.py, cli()).
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -68,6 +68,7 @@ CLI_DECODING = {"beam_size": 5, "best_of": 5, "temperature": TEMPERATURES,
                 "compression_ratio_threshold": 2.4, "no_speech_threshold": 0.6,
                 "condition_on_previous_text": True}
 LOGPROB_THRESHOLD = -1.0
+JOB_TIMEOUT = 3600  # seconds a job may take before the bench gives up on it
 
 SIZES = {  # seconds of each file: (the set, the long file, the short files)
     "quick": ([10, 30, 60], None, [10] * 4),
@@ -205,7 +206,7 @@ class Bench:
         self.rows[variant] = {
             "files": len(files), "audio_s": round(audio, 1), "wall_s": round(wall, 2),
             "speed": audio / wall, "peak_rss_mib": round(peak),
-            "wer": wer([(reference(f), t) for f, t in zip(files, texts)]), **more}
+            "wer": word_error_rate(*zip(map(reference, files), texts)), **more}
         r = self.rows[variant]
         print(f"  {variant:22} {r['audio_s']:7.1f} s audio in {r['wall_s']:7.2f} s: "
               f"{r['speed']:5.2f}x real time, peak {r['peak_rss_mib']} MiB, "
@@ -214,11 +215,11 @@ class Bench:
 
     def daemon(self, name, flags=()):
         state = self.folder(f"state-{name}")
-        daemon = Daemon(state, self.args.model_dir,
-                        ["--max-queue", "100000", "--device", self.args.device, *flags]).start()
+        daemon = Daemon(state, self.args.model_dir, "--max-queue", "100000",
+                        "--device", self.args.device, *flags).start()
         started = time.monotonic()
         try:
-            daemon.finished(daemon.submit(self.warm, self.folder("warm"))["id"])
+            self.wait(daemon, self.submit(daemon, self.warm, self.folder("warm")))
         except BaseException:
             daemon.stop()
             raise
@@ -226,11 +227,20 @@ class Bench:
         return daemon
 
     @staticmethod
-    def run_all(daemon, files, out):
+    def submit(daemon, path, out):
+        """Submits one job (a .txt into `out`); returns its id."""
+        return daemon.submit(path=path, output_path=out, format="txt")["id"]
+
+    @staticmethod
+    def wait(daemon, job_id):
+        """The job once COMPLETED (fails if it FAILED)."""
+        return daemon.completed(job_id, timeout=JOB_TIMEOUT)
+
+    def run_all(self, daemon, files, out):
         """Submit all, wait all: (wall from first submit to last finish, jobs)."""
         started = time.monotonic()
-        ids = [daemon.submit(f, out)["id"] for f in files]
-        jobs = [daemon.finished(i) for i in ids]
+        ids = [self.submit(daemon, f, out) for f in files]
+        jobs = [self.wait(daemon, i) for i in ids]
         return time.monotonic() - started, jobs
 
     def bare_pass(self, variant, bare, files):
@@ -249,21 +259,22 @@ class Bench:
             if "whisperd-ow" in want:
                 wall, jobs = self.run_all(daemon, self.files, self.folder("whisperd-ow"))
                 self.row("whisperd-ow", self.files, wall, [j["result"] for j in jobs],
-                         peak_rss_mib(daemon.pid), gpu_mib=self.gpu_mib(daemon.pid),
+                         peak_rss_mib(daemon.proc.pid),
+                         gpu_mib=self.gpu_mib(daemon.proc.pid),
                          duration_sum_s=round(sum(j["Duration"] for j in jobs), 2),
                          warmup_s=round(daemon.warmup_s, 2))
             if "cli" in want:  # the short files: the daemon that is already up ...
                 wall, jobs = self.run_all(daemon, self.shorts, self.folder("shorts-whisperd"))
                 self.extra["shorts_whisperd"] = {
-                    "wall_s": wall, "wer": wer([(reference(f), j["result"])
-                                                for f, j in zip(self.shorts, jobs)])}
+                    "wall_s": wall, "wer": word_error_rate(*zip(
+                        map(reference, self.shorts), (j["result"] for j in jobs)))}
                 print(f"  {len(self.shorts)} short files, warm whisperd: {wall:.2f} s")
         finally:
             daemon.stop()
         if "cli" in want:  # ... and one started for them
             started = time.monotonic()
             cold = Daemon(self.folder("state-cold"), self.args.model_dir,
-                          ["--device", self.args.device]).start()
+                          "--device", self.args.device).start()
             try:
                 up = time.monotonic() - started
                 self.run_all(cold, self.shorts, self.folder("shorts-cold"))
@@ -290,7 +301,7 @@ class Bench:
                     texts.append(answer["text"])
                 else:
                     started = time.monotonic()
-                    job = daemon.finished(daemon.submit(f, out_c)["id"])
+                    job = self.wait(daemon, self.submit(daemon, f, out_c))
                     job_s, duration = time.monotonic() - started, job["Duration"]
             per_file.append({"file": Path(f).name, "audio_s": self.audio[str(f)],
                              "bare_s": bare_s, "job_s": job_s, "Duration": duration})
@@ -334,8 +345,8 @@ class Bench:
         wall, texts, peak = self.cli(self.files, self.folder("cli"))
         self.row("cli", self.files, wall, texts, peak)
         wall, texts, _ = self.cli(self.shorts, self.folder("shorts-cli"))
-        self.extra["shorts_cli"] = {"wall_s": wall, "wer": wer(
-            [(reference(f), t) for f, t in zip(self.shorts, texts)])}
+        self.extra["shorts_cli"] = {"wall_s": wall, "wer": word_error_rate(
+            *zip(map(reference, self.shorts), texts))}
         print(f"  {len(self.shorts)} short files, CLI: {wall:.2f} s")
 
     # -- d and e ------------------------------------------------------------------------
@@ -359,7 +370,8 @@ class Bench:
                 try:
                     wall, jobs = self.run_all(daemon, self.files, self.folder(variant))
                     self.row(variant, self.files, wall, [j["result"] for j in jobs],
-                             peak_rss_mib(daemon.pid), gpu_mib=self.gpu_mib(daemon.pid),
+                             peak_rss_mib(daemon.proc.pid),
+                             gpu_mib=self.gpu_mib(daemon.proc.pid),
                              duration_sum_s=round(sum(j["Duration"] for j in jobs), 2),
                              warmup_s=round(daemon.warmup_s, 2))
                     if variant == fw[1][0] and "cli" in want:
@@ -438,8 +450,8 @@ def main():
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="three files, four short ones")
     size.add_argument("--full", action="store_true", help="the long file is 10 minutes")
-    parser.add_argument("--model-dir", default=os.environ.get("WHISPERD_MODEL_DIR")
-                        or str(OUT / "models"), help="where tiny.en.pt and tiny.en/ are")
+    parser.add_argument("--model-dir", default=MODEL_DIR,
+                        help="where tiny.en.pt and tiny.en/ are (made if missing)")
     parser.add_argument("--audio-dir", default=str(OUT / "audio"), help="audio cache")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default) or cuda[:N]: the bare libraries, the CLI and "
@@ -464,17 +476,17 @@ def main():
     unknown = set(want) - set(names)
     if unknown:
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
-    args.model_dir = os.path.abspath(args.model_dir)
-    subprocess.run([PYTHON, str(ROOT / "tools" / "tiny_en.py"), args.model_dir], check=True)
-    sys.path.insert(0, str(ROOT))
+    args.model_dir = ensure_models(args.model_dir)
     import whisperd  # the daemon's settings must be the CLI's, or the comparison is moot
-    decoding = dict(whisperd.DECODING)
-    if "temperature" not in decoding:  # a job option, whose default is the CLI's fallback
-        decoding["temperature"] = tuple(whisperd.temperatures(0.0))
-    if decoding != CLI_DECODING or whisperd.LOGPROB_THRESHOLD != LOGPROB_THRESHOLD:
-        sys.exit(f"whisperd decodes with {decoding} (logprob threshold "
-                 f"{whisperd.LOGPROB_THRESHOLD}), not the CLI's {CLI_DECODING} "
-                 f"({LOGPROB_THRESHOLD}): update the bench")
+    # a job's decoding: whisperd.DECODING and the defaults of the job's decoding options
+    defaults = {f.name: f.default for f in whisperd.OPTIONS if f.metadata.get("decode")}
+    decoding = dict(whisperd.DECODING, vad=defaults.get("vad"),
+                    temperature=tuple(whisperd.temperatures(defaults.get("temperature", 0))),
+                    condition_on_previous_text=defaults.get("condition_on_previous_text"))
+    cli = dict(CLI_DECODING, logprob_threshold=LOGPROB_THRESHOLD, vad=False)
+    if decoding != cli:
+        sys.exit(f"whisperd decodes with {decoding} by default, not the CLI's {cli}: "
+                 f"update the bench")
 
     sizes = "quick" if args.quick else "full" if args.full else "default"
     lengths, long, shorts = SIZES[sizes]
