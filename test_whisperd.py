@@ -1200,3 +1200,94 @@ def test_two_workers_run_two_jobs_at_once_none_twice_and_kill_9_loses_neither(
         assert done["attempts"] == (2 if job["id"] in {j["id"] for j in both} else 1)
         assert again.log.count(f"job {job['id']} running on") == 1  # one worker each
     assert again.stats()["Processed"] == 4
+
+
+# ---------------------------------------------------------------------------------------
+# The accelerator never waits: audio decoded ahead, jobs batched and packed together
+# ---------------------------------------------------------------------------------------
+
+def test_the_audio_of_queued_jobs_is_decoded_ahead_of_the_worker(shared, speech, tmp_path):
+    def ahead():
+        text = shared.request("GET", "/metrics")[2]
+        return float(re.search(r"^whisperd_audio_decoded_ahead_total (\S+)$", text, re.M)[1])
+
+    before = ahead()
+    jobs = [shared.submit(path=speech[n], output_path=tmp_path)
+            for n in ("busy.wav", "call.wav", "report.wav")]
+    for job in jobs:
+        shared.completed(job["id"])
+    assert ahead() - before >= 2  # the two behind the first were ready when their turn came
+
+
+# Recorded prompts with sentences that share few words.
+DISTINCT = ["ss-noservice", "conf-invalid", "vm-nobox", "demo-thanks", "agent-loginok",
+            "tt-allbusy"]
+
+
+@pytest.fixture(scope="module")
+def batcher(tmp_path_factory, model_dir):
+    daemon = Daemon(tmp_path_factory.mktemp("batcher"), model_dir, "--engine",
+                    "faster-whisper", "--batch-size", "2", "--pack").start()
+    yield daemon
+    daemon.stop()
+
+
+def test_packed_jobs_each_get_exactly_their_own_words(batcher, tmp_path):
+    clips = [prompt("en", name) for name in DISTINCT]
+    jobs = [batcher.submit(path=path, format="json", output_path=tmp_path / str(i))
+            for i, (path, _) in enumerate(clips) if (tmp_path / str(i)).mkdir() is None]
+    for i, (job, (path, script)) in enumerate(zip(jobs, clips)):
+        done = batcher.completed(job["id"])
+        assert word_error_rate((script, done["result"])) < 0.25, (script, done["result"])
+        others = {w for _, text in clips if text != script for w in words(text)}
+        strays = (set(words(done["result"])) - set(words(script))) & others
+        assert not strays, (script, done["result"])
+        segments = json.loads((tmp_path / str(i) / f"{path.stem}.json").read_text())["segments"]
+        assert segments and segments[0]["start"] < 1.0  # timed against its own file
+        assert segments[-1]["end"] <= audio_seconds(path) + 1.0, segments
+
+
+def test_in_a_batch_short_jobs_end_first_jobs_start_in_order_and_the_queue_stays_deletable(
+        batcher, speech, tmp_path):
+    longer = convert(speech["long.wav"], tmp_path / "longer.wav", speech["long.wav"],
+                     speech["long.wav"], "-filter_complex", "[0][1][2]concat=n=3:v=0:a=1")
+    long = batcher.submit(path=longer, output_path=tmp_path)  # 150 s: more windows than
+                                                               # two batches take
+    short = [batcher.submit(path=prompt("en", name)[0], output_path=tmp_path)
+             for name in DISTINCT[:3]]
+    alone = batcher.submit(path=speech["call.wav"], word_timestamps=True,  # cannot join
+                           output_path=tmp_path)
+    behind = batcher.submit(path=speech["report.wav"], output_path=tmp_path)
+    assert batcher.job(long["id"])["status"] == "RUNNING"
+    assert batcher.request("DELETE", f"/transcription/job/{behind['id']}")[0] == 200
+    seen = set()
+    while (current := batcher.job(long["id"]))["status"] != "COMPLETED":
+        assert current["status"] in ("QUEUED", "RUNNING"), current["error"]
+        seen.add(current["progress"])
+        time.sleep(0.05)
+    assert any(0 < p < 100 for p in seen), seen  # progress, window by window
+    done = [batcher.completed(j["id"]) for j in short]
+    assert all(stamp(d["finished_at"]) < stamp(current["finished_at"]) for d in done)
+    batcher.completed(alone["id"])
+    assert not (tmp_path / "report.txt").exists()  # the deleted job never ran
+    order = [batcher.job(j["id"])["started_at"] for j in [long, *short, alone]]
+    assert order == sorted(order)
+
+
+def test_a_batch_cut_by_sigterm_or_kill_9_loses_no_job(start, speech, tmp_path):
+    flags = ("--engine", "faster-whisper", "--batch-size", "4", "--pack",
+             "--shutdown-grace", "0")
+    daemon = start(*flags)
+    jobs = [daemon.submit(path=speech["long.wav"], output_path=tmp_path)] + \
+        [daemon.submit(path=prompt("en", name)[0], output_path=tmp_path)
+         for name in DISTINCT[:2]]
+    daemon.running(jobs[0]["id"])
+    assert daemon.terminate() == 0  # cut: the batch's jobs go back, not counted
+    daemon = start(*flags)
+    daemon.running(jobs[0]["id"])
+    daemon.kill()                   # cut: counted
+    daemon = start(*flags)
+    for job in jobs:
+        done = daemon.completed(job["id"])
+        assert done["attempts"] <= 2, done
+    assert daemon.job(jobs[0]["id"])["attempts"] == 2

@@ -1503,10 +1503,13 @@ class Batch:
     def __bool__(self):
         return bool(self.pending)
 
-    def room(self, more_seconds=0.0):
-        """Whether more jobs would still fit in the next step."""
-        waiting = len({id(w) for windows in self.pending.values() for w in windows})
-        return waiting + more_seconds / 30 < self.size
+    def room(self, joining):
+        """Whether another job would still find a place in the next step, which takes a
+        window from each job in turn: the windows at the head of the jobs' queues, and
+        those of the jobs joining (a short one fills part of a window)."""
+        heads = len({id(windows[0]) for windows in self.pending.values() if windows})
+        return heads + sum(min(1.0, (job.audio_duration or 30) / 30) for job in joining) \
+            < self.size
 
     def accepts(self, job, model):
         return not self.pending or (job.task == self.task and job.model == model)
@@ -1735,7 +1738,7 @@ class Worker(threading.Thread):
             return self.engine.batchable(job) and batch.accepts(job, first.model)
 
         while True:
-            while batch.room(sum(job.audio_duration or 30 for job in joining)):
+            while batch.room(joining):
                 job = self.service.next_job(self, wait=False, accept=may_join)
                 if job is None:
                     break
@@ -2139,6 +2142,9 @@ class Service:
             audio = self.decoded.pop(job.id, None)
         if audio is None:
             audio = engine.load_audio(job.path)
+        else:
+            with self.lock:
+                self.metrics["decoded ahead"] += 1
         if isinstance(audio, Exception):
             raise audio
         if job.audio_duration is None:
@@ -2309,6 +2315,8 @@ class Service:
         metric("callback_attempts_total", "counter", "Callback deliveries tried, by the "
                "callback's status after each (pending: another attempt is due).",
                [({"status": s}, m.get(("callbacks", s), 0)) for s in Callback.ALL[1:]])
+        metric("audio_decoded_ahead_total", "counter", "Jobs whose audio was decoded "
+               "while a worker was busy with others.", [({}, m.get("decoded ahead", 0))])
         metric("model_loads_total", "counter", "Models loaded, by worker.",
                [({"worker": w.label}, w.engine.loads) for w in self.workers])
         return "\n".join(lines) + "\n"

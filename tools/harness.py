@@ -293,3 +293,321 @@ class Receiver:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+# ---------------------------------------------------------------------------------------
+# PostgreSQL: a throwaway cluster for the shared job store (--store postgresql://...)
+# ---------------------------------------------------------------------------------------
+
+def postgres_bindir():
+    """The folder with PostgreSQL's server binaries (initdb, pg_ctl, postgres): $PG_BINDIR,
+    else `pg_config --bindir` where it has them, else the newest /usr/lib/postgresql/*/bin,
+    else wherever PATH finds initdb. None when there is no server."""
+    import shutil
+
+    def has_server(folder):
+        return folder and all((Path(folder) / name).exists() for name in ("initdb", "pg_ctl", "postgres"))
+
+    candidates = [os.environ.get("PG_BINDIR")]
+    try:
+        candidates.append(subprocess.run(["pg_config", "--bindir"], capture_output=True,
+                                         text=True, timeout=30, check=False).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"),
+                      key=lambda p: [int(x) if x.isdigit() else 0 for x in p.parent.name.split(".")],
+                      reverse=True)
+    candidates += [str(p) for p in versions]
+    if shutil.which("initdb"):
+        candidates.append(str(Path(shutil.which("initdb")).parent))
+    return next((Path(c) for c in candidates if has_server(c)), None)
+
+
+class Postgres:
+    """A PostgreSQL cluster of its own in `folder` on a free loopback port, for tests:
+    Postgres(folder).start() runs initdb (the first time), starts the server, waits until
+    it answers, creates `database` and gives `.url` (postgresql://postgres@127.0.0.1:PORT/
+    DATABASE, trust authentication). stop() (a fast shutdown, or mode="immediate" for a
+    crash) and start() again keep the data and the port: a database outage and its end.
+    close() stops it and removes everything it made.
+
+    The server refuses to run as root: as root, the cluster belongs to the `postgres` user
+    (Debian's package makes it) or else `nobody`, and the binaries run through runuser.
+    Where that user cannot reach `folder` (pytest's tmp_path lies under a 0700
+    /tmp/pytest-of-root) the cluster goes to a fresh folder under the system temporary
+    folder instead, named by the symbolic link `folder`/cluster. It never touches the
+    package's own `main` cluster."""
+
+    def __init__(self, folder, database="whisperd", port=None, settings=None):
+        self.folder, self.database = Path(folder), database
+        self.port = port
+        self.settings = {
+            "listen_addresses": "'127.0.0.1'", "max_connections": "60",
+            "shared_buffers": "16MB", "dynamic_shared_memory_type": "posix",
+            "max_wal_size": "64MB", "min_wal_size": "32MB", "huge_pages": "off",
+            "ssl": "off", "logging_collector": "off", "log_min_messages": "warning",
+            "jit": "off", **(settings or {})}
+        self.bindir = postgres_bindir()
+        if self.bindir is None:
+            raise FileNotFoundError("no PostgreSQL server (initdb, pg_ctl, postgres) found")
+        self.home = None        # where the cluster lives: data/, run/ (socket), server.log
+        self.user = None        # who runs the server (None: ourselves)
+        self.created = False    # database made
+        self.private_home = False
+
+    # -- where, and as whom ------------------------------------------------------------
+
+    def _as_user(self, command):
+        if self.user is None:
+            return command
+        import shutil
+        if shutil.which("runuser"):
+            return ["runuser", "-u", self.user, "--", *command]
+        return ["setpriv", f"--reuid={self.user}", f"--regid={self.pw.pw_gid}",
+                "--init-groups", "--", *command]
+
+    def _run(self, *command, check=True, timeout=CEILING):
+        binary = str(self.bindir / command[0])
+        result = subprocess.run(self._as_user([binary, *map(str, command[1:])]),
+                                cwd=self.home, capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL, timeout=timeout,
+                                env={**os.environ, "LC_ALL": "C", "LANG": "C"}, check=False)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"{command[0]} failed ({result.returncode}):\n"
+                               f"{result.stdout}{result.stderr}{self.log_tail()}")
+        return result
+
+    def _reachable(self, folder):
+        """Whether the server user may enter and write `folder`."""
+        if self.user is None:
+            return os.access(folder, os.W_OK | os.X_OK)
+        return subprocess.run(self._as_user(["test", "-w", str(folder), "-a", "-x", str(folder)]),
+                              cwd="/", stdin=subprocess.DEVNULL, check=False).returncode == 0
+
+    def _prepare(self):
+        import pwd
+        import tempfile
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            for name in ("postgres", "nobody"):
+                try:
+                    self.pw = pwd.getpwnam(name)
+                    self.user = name
+                    break
+                except KeyError:
+                    continue
+            else:
+                raise RuntimeError("no unprivileged user (postgres, nobody) to run the server")
+        home = self.folder
+        if self.user is not None:
+            os.chown(home, self.pw.pw_uid, self.pw.pw_gid)
+        if not self._reachable(home):
+            home = Path(tempfile.mkdtemp(prefix="whisperd-pg-"))
+            self.private_home = True
+            if self.user is not None:
+                os.chown(home, self.pw.pw_uid, self.pw.pw_gid)
+            link = self.folder / "cluster"
+            if not link.exists():
+                link.symlink_to(home)
+        self.home = home
+        (home / "run").mkdir(exist_ok=True)
+        if self.user is not None:
+            os.chown(home / "run", self.pw.pw_uid, self.pw.pw_gid)
+
+    @property
+    def data(self):
+        return self.home / "data"
+
+    @property
+    def logfile(self):
+        return self.home / "server.log"
+
+    def log_tail(self, lines=30):
+        try:
+            return "\n--- server.log ---\n" + "\n".join(
+                self.logfile.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    # -- life ----------------------------------------------------------------------------
+
+    def _initdb(self):
+        self._run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                  "--locale=C", "--no-sync", "--no-instructions")
+        socket_dir = self.home / "run"
+        # A Unix socket path may hold 107 bytes: with a longer folder, TCP only.
+        sockets = f"'{socket_dir}'" if len(str(socket_dir)) + 20 < 107 else "''"
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write("\n# tools/harness.py Postgres\n")
+            conf.writelines(f"{key} = {value}\n" for key, value in
+                            {**self.settings, "unix_socket_directories": sockets}.items())
+
+    def _pg_ctl_start(self):
+        # -w waits until postmaster.pid says "ready" (PostgreSQL >= 10), with a ceiling.
+        return self._run("pg_ctl", "start", "-D", self.data, "-l", self.logfile, "-w",
+                         "-t", int(CEILING), "-o", f"-p {self.port}", check=False)
+
+    def start(self):
+        """Starts the server (initdb on the first call; a later call restarts it on the same
+        data and port) and returns self once it accepts connections."""
+        if self.home is None:
+            self._prepare()
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb()
+        fixed_port = self.port is not None
+        for attempt in range(5):
+            if self.port is None:
+                self.port = free_port()
+            result = self._pg_ctl_start()
+            if result.returncode == 0:
+                break
+            busy = "already in use" in self.log_tail(10) or "could not bind" in self.log_tail(10)
+            if fixed_port or not busy or attempt == 4:
+                raise RuntimeError(f"pg_ctl start failed:\n{result.stdout}{result.stderr}"
+                                   f"{self.log_tail()}")
+            self.port = None    # lost the race for that port: another one
+        wait_until(self.accepting, message="PostgreSQL never accepted connections")
+        if not self.created:
+            exists = self._run("psql", "-h", "127.0.0.1", "-p", self.port, "-U", "postgres",
+                               "-d", "postgres", "-Atc",
+                               f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'")
+            if exists.stdout.strip() != "1":
+                self._run("createdb", "-h", "127.0.0.1", "-p", self.port, "-U", "postgres",
+                          self.database)
+            self.created = True
+        return self
+
+    def accepting(self):
+        """Whether the server accepts connections now (pg_isready)."""
+        return self._run("pg_isready", "-q", "-h", "127.0.0.1", "-p", self.port,
+                         "-U", "postgres", "-d", "postgres", "-t", "5",
+                         check=False).returncode == 0
+
+    def running(self):
+        """Whether the server process runs (pg_ctl status)."""
+        return self.home is not None and self._run(
+            "pg_ctl", "status", "-D", self.data, check=False).returncode == 0
+
+    def stop(self, mode="fast"):
+        """Stops the server and waits until it is down: mode "fast" (roll back the open
+        transactions, end the sessions, checkpoint) or "immediate" (a crash: recovery on
+        the next start). Nothing happens when it does not run."""
+        if self.running():
+            self._run("pg_ctl", "stop", "-D", self.data, "-m", mode, "-w", "-t", int(CEILING))
+        return self
+
+    def close(self):
+        """Stops the server and removes its files (and the folder's link to them)."""
+        import shutil
+        if self.home is None:
+            return
+        try:
+            self.stop(mode="immediate")
+        finally:
+            shutil.rmtree(self.home, ignore_errors=True)
+            if self.private_home:
+                link = self.folder / "cluster"
+                if link.is_symlink():
+                    link.unlink()
+            self.home = None
+
+    @property
+    def url(self):
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    def psql(self, sql, database=None):
+        """Runs SQL with psql; returns its unaligned, tuples-only output."""
+        return self._run("psql", "-h", "127.0.0.1", "-p", self.port, "-U", "postgres",
+                         "-d", database or self.database, "-v", "ON_ERROR_STOP=1",
+                         "-Atc", sql).stdout
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------
+# A small disk: a tmpfs of a given size, to fill up or make read-only
+# ---------------------------------------------------------------------------------------
+
+import contextlib
+import errno
+import unittest
+
+
+class SkipDisk(unittest.SkipTest):
+    """No small disk here (not root, or no right to mount: a container without
+    CAP_SYS_ADMIN). A unittest.SkipTest, so pytest reports a test that lets it through as
+    skipped; a test may also catch it."""
+
+
+def _mount(*args):
+    try:
+        result = subprocess.run(["mount", *map(str, args)], capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, str(e)
+    return result.returncode == 0, (result.stderr or result.stdout).strip()
+
+
+@contextlib.contextmanager
+def small_disk(size_bytes):
+    """Mounts a tmpfs of `size_bytes` (rounded up to whole pages) on a fresh temporary
+    folder and yields its Path; unmounts it (lazily if it is busy) and removes the folder
+    after. Raises SkipDisk where it cannot mount."""
+    import shutil
+    import tempfile
+    if os.geteuid() != 0:
+        raise SkipDisk("small_disk needs root to mount a tmpfs")
+    where = Path(tempfile.mkdtemp(prefix="whisperd-disk-"))
+    ok, why = _mount("-t", "tmpfs", "-o", f"size={int(size_bytes)},mode=0755", "tmpfs", where)
+    if not ok:
+        where.rmdir()
+        raise SkipDisk(f"cannot mount a tmpfs: {why}")
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def read_only(where, on=True):
+    """Remounts the disk at `where` read-only (on=True) or read-write again. The kernel
+    refuses (EBUSY, raised here as RuntimeError) while a file on it is open for writing."""
+    ok, why = _mount("-o", "remount," + ("ro" if on else "rw"), where)
+    if not ok:
+        raise RuntimeError(f"cannot remount {where} {'ro' if on else 'rw'}: {why}")
+    return Path(where)
+
+
+@contextlib.contextmanager
+def read_only_while(where):
+    """The disk at `where` read-only inside the with block, writable again after."""
+    read_only(where, True)
+    try:
+        yield Path(where)
+    finally:
+        read_only(where, False)
+
+
+def fill(where, name="filler"):
+    """Writes `where`/name until the disk is full (ENOSPC, down to the last byte) and
+    returns its Path: delete it to free the space."""
+    path = Path(where) / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for chunk in (1 << 20, 1 << 12, 1):
+            block = b"\0" * chunk
+            while True:
+                try:
+                    os.write(fd, block)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(fd)
+    return path
