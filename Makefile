@@ -16,7 +16,7 @@ APT       := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -
 # What the tests run against: espeak-ng speaks, Debian's recorded voice prompts (five
 # languages) and LibriVox readings, a real Chromium for the page.
 LANGS     := en es fr it ru
-TEST_DEBS := espeak-ng chromium chromium-driver pocketsphinx-testdata \
+TEST_DEBS := espeak-ng jq chromium chromium-driver pocketsphinx-testdata \
              $(foreach l,$(LANGS),asterisk-core-sounds-$(l)-g722 asterisk-core-sounds-$(l))
 
 .PHONY: run test system test-system deps model bench clean

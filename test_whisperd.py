@@ -1291,3 +1291,29 @@ def test_a_batch_cut_by_sigterm_or_kill_9_loses_no_job(start, speech, tmp_path):
         done = daemon.completed(job["id"])
         assert done["attempts"] <= 2, done
     assert daemon.job(jobs[0]["id"])["attempts"] == 2
+
+
+# ---------------------------------------------------------------------------------------
+# The README's examples
+# ---------------------------------------------------------------------------------------
+
+def readme_block(marker):
+    """The code block that follows `<!-- tested: marker -->` in README.md."""
+    text = (ROOT / "README.md").read_text()
+    return re.search(rf"<!-- tested: {marker} -->\n```\w*\n(.*?)```", text, re.S).group(1)
+
+
+def test_the_readmes_shell_script_prints_the_transcript_or_stops_with_the_error(
+        shared, speech, tmp_path):
+    script = tmp_path / "transcribe.sh"
+    script.write_text(readme_block(
+        "test_the_readmes_shell_script_prints_the_transcript_or_stops_with_the_error"))
+    audio = shutil.copy(speech["order.wav"], tmp_path / "order.wav")
+    env = dict(os.environ, WHISPERD_URL=shared.url)
+    done = subprocess.run(["sh", str(script), audio], env=env, capture_output=True,
+                          text=True, timeout=CEILING)
+    assert done.returncode == 0, done.stderr
+    assert word_error_rate((ORDER, done.stdout)) < 0.3, done.stdout
+    refused = subprocess.run(["sh", str(script), str(speech["notes.mp3"])], env=env,
+                             capture_output=True, text=True, timeout=CEILING)
+    assert refused.returncode == 2 and "is not audio ffmpeg can decode" in refused.stderr

@@ -555,8 +555,10 @@ def probe(path):
         raise Invalid(f"ffprobe could not read {os.path.basename(path)} within "
                       f"{PROBE_TIMEOUT:g} s") from None
     if done.returncode != 0:
-        raise Invalid(f"{os.path.basename(path)} is not audio ffmpeg can decode (ffprobe: "
-                      f"{_reason(done.stderr).removeprefix(path + ': ')})")
+        reason = _reason(done.stderr).removeprefix(path + ": ")
+        plain = reason in ("Invalid argument", "Invalid data found when processing input")
+        raise Invalid(f"{os.path.basename(path)} is not audio ffmpeg can decode"
+                      + ("" if plain else f" ({reason})"))
     info = json.loads(done.stdout or "{}")
     if not info.get("streams"):
         kind = info.get("format", {}).get("format_name", "this file")
