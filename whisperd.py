@@ -578,21 +578,32 @@ class QueueFull(Exception):
     pass
 
 
+class StoreUnavailable(Exception):
+    """The job store cannot take a change now: its disk is full, or its database cannot be
+    reached. Nothing was changed. `status` is what a client hears: 507 or 503."""
+
+    def __init__(self, message, status=HTTPStatus.SERVICE_UNAVAILABLE):
+        super().__init__(message)
+        self.status = HTTPStatus(status)
+
+
 def _remaining(job):
     """Seconds of a job's audio not decoded yet."""
     return (job.audio_duration or 0) * (100 - job.progress) / 100
 
 
-class JobStore:
-    """Where jobs are: every job in memory for reading, and in SQLite (WAL) for surviving.
+class SQLiteStore:
+    """Where jobs are, on one host: every job in memory for reading, and in SQLite (WAL)
+    for surviving.
 
     The queued and running jobs and the last `history` finished ones are kept; this is the
     one place that knows them, their order, their counts and the history rule. Every
-    change goes through one of the methods below, each a committed transaction: a job's
-    arrival, end, deletion and requeue with synchronous=FULL (on disk before the caller
-    answers), a job's start and a callback's progress with synchronous=NORMAL (they survive
-    a crash or `kill -9`; a power cut may only forget an attempt, never a job).
-    `changed` is notified after every change.
+    change is one committed transaction, and only once it is committed does memory follow:
+    a job's arrival, end, deletion and requeue with synchronous=FULL (on disk before the
+    caller answers), a job's start and a callback's progress with synchronous=NORMAL (they
+    survive a crash or `kill -9`; a power cut may only forget an attempt, never a job). A
+    full disk raises StoreUnavailable and changes nothing. `changed` is notified after
+    every change.
     """
 
     def __init__(self, state_dir, history):
@@ -630,9 +641,9 @@ class JobStore:
                           key=lambda job: job.created_at):
             self._keep(job)
         while len(self.finished) > self.history:
-            self._forget(self.jobs[self.finished[0]])
+            self._forget(self.finished[0])
 
-    # -- memory ---------------------------------------------------------------------------
+    # -- memory, changed only after the disk ----------------------------------------------
 
     def _keep(self, job):
         self.jobs[job.id] = job
@@ -644,62 +655,66 @@ class JobStore:
         elif job.status in FINISHED:
             self.finished.append(job.id)
 
-    def _forget(self, job):
-        """Past the history: gone from memory; from disk too unless a callback is due."""
-        self.finished.remove(job.id)
-        del self.jobs[job.id]
+    def _forget(self, job_id):
+        job = self.jobs.pop(job_id)
         self.counts[job.status] -= 1
-        if job.callback_status != Callback.PENDING:
-            self.db.execute("DELETE FROM jobs WHERE id=?", (job.id,))
+        self.queued.pop(job_id, None)
+        self.active.discard(job_id)
+        if job_id in self.finished:
+            self.finished.remove(job_id)
 
-    def _set_status(self, job, status):
-        self.counts[job.status] -= 1
-        self.counts[status] += 1
-        self.queued.pop(job.id, None)
-        self.active.discard(job.id)
-        job.status = status
-        if status == QUEUED:
-            self.queued[job.id] = None
-        elif status == RUNNING:
-            self.active.add(job.id)
-        elif status in FINISHED:
-            self.finished.append(job.id)
+    def _apply(self, job, changes):
+        if changes.get("status", job.status) != job.status:
+            self._forget(job.id)
+            job.update(**changes)
+            self._keep(job)
+        else:
+            job.update(**changes)
 
     # -- disk -----------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _transaction(self, durable=True):
-        """One committed transaction; FULL waits for the disk, NORMAL does not."""
-        with self.lock:
-            if self.closed:
-                raise RuntimeError("the job store is closed")
+    def _commit(self, statements, durable=True):
+        """Runs [(sql, args)] as one transaction; FULL waits for the disk, NORMAL does not."""
+        if self.closed:
+            raise StoreUnavailable("the job store is closed")
+        try:
             if durable is not self.durable:
                 self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
                 self.durable = durable
             self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                self.db.execute("COMMIT")
-            except BaseException:
+            for sql, args in statements:
+                self.db.execute(sql, args)
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
                 self.db.execute("ROLLBACK")
-                raise
-            self.changed.notify_all()
+            if getattr(e, "sqlite_errorname", "") == "SQLITE_FULL" or "full" in str(e):
+                raise StoreUnavailable(f"no space left on {os.path.dirname(self.path)}",
+                                       HTTPStatus.INSUFFICIENT_STORAGE) from None
+            raise
+        self.changed.notify_all()
 
-    def _save(self, job):
-        self.db.execute("UPDATE jobs SET status=?, callback_status=?, finished_at=?, doc=? "
-                        "WHERE id=?", (job.status, job.callback_status, job.finished_at,
-                                       json.dumps(job.stored(), ensure_ascii=False), job.id))
+    @staticmethod
+    def _update(job, changes):
+        new = dataclasses.replace(job, **changes)
+        return ("UPDATE jobs SET status=?, callback_status=?, finished_at=?, doc=? WHERE id=?",
+                (new.status, new.callback_status, new.finished_at,
+                 json.dumps(new.stored(), ensure_ascii=False), new.id))
 
     # -- changes --------------------------------------------------------------------------
 
-    def add(self, job, max_queue):
-        """Stores a new QUEUED job, unless `max_queue` jobs are queued already."""
-        with self._transaction():
+    def add(self, job, max_queue, event=None):
+        """Stores a new QUEUED job, unless `max_queue` jobs are queued already; returns its
+        JSON as created (before a worker can take it) and logs `event`."""
+        with self.lock:
             if self.counts[QUEUED] >= max_queue:
                 raise QueueFull()
-            self.db.execute("INSERT INTO jobs (id, status, doc) VALUES (?, ?, ?)",
-                            (job.id, job.status, json.dumps(job.stored(), ensure_ascii=False)))
+            self._commit([("INSERT INTO jobs (id, status, doc) VALUES (?, ?, ?)",
+                           (job.id, job.status, json.dumps(job.stored(), ensure_ascii=False)))])
             self._keep(job)
+            if event:
+                log(event)
+            return self.show(job.id)
 
     def claim(self, worker, accept=None):
         """The next QUEUED job, now RUNNING on `worker`; None when none is queued, or
@@ -709,11 +724,10 @@ class JobStore:
             if job_id is None or (accept is not None and not accept(self.jobs[job_id])):
                 return None
             job = self.jobs[job_id]
-            with self._transaction(durable=False):
-                self._set_status(job, RUNNING)
-                job.update(attempts=job.attempts + 1, started_at=utcnow(), progress=0,
-                           worker=worker)
-                self._save(job)
+            changes = dict(status=RUNNING, attempts=job.attempts + 1, started_at=utcnow(),
+                           progress=0, worker=worker)
+            self._commit([self._update(job, changes)], durable=False)
+            self._apply(job, changes)
             return job
 
     def touch(self, job, **changes):
@@ -724,48 +738,53 @@ class JobStore:
     def finish(self, ends):
         """Ends jobs in one transaction: [(job, status, changes)]. The history rule: the
         last `history` finished jobs are kept, and any whose callback is still due."""
-        with self._transaction():
-            for job, status, changes in ends:
-                self._set_status(job, status)
-                job.update(finished_at=utcnow(), **changes)
-                self._save(job)
-            self.db.execute("UPDATE counters SET value = value + ? WHERE name='processed'",
-                            (len(ends),))
+        with self.lock:
+            now = utcnow()
+            ends = [(job, dict(changes, status=status, finished_at=now))
+                    for job, status, changes in ends]
+            kept = list(self.finished) + [job.id for job, _ in ends]
+            past = kept[:max(0, len(kept) - self.history)]
+            self._commit([self._update(job, changes) for job, changes in ends] +
+                         [("UPDATE counters SET value = value + ? WHERE name='processed'",
+                           (len(ends),))] +
+                         [("DELETE FROM jobs WHERE id=? AND callback_status != ?",
+                           (job_id, Callback.PENDING)) for job_id in past])
+            for job, changes in ends:
+                self._apply(job, changes)
             self.processed += len(ends)
-            while len(self.finished) > self.history:
-                self._forget(self.jobs[self.finished[0]])
+            for job_id in past:
+                self._forget(job_id)
 
     def requeue(self, jobs, count_attempt=True):
         """Running jobs back to the front of the queue, in their order; a run that was
         not the job's fault (a shutdown) does not count as an attempt."""
-        with self._transaction():
-            for job in reversed(jobs):
-                self._set_status(job, QUEUED)
-                job.update(progress=0, started_at=None, worker=None,
-                           attempts=job.attempts - (not count_attempt))
-                self.queued.move_to_end(job.id, last=False)  # they were next before they ran
-                self._save(job)
+        with self.lock:
+            changes = [dict(status=QUEUED, progress=0, started_at=None, worker=None,
+                            attempts=job.attempts - (not count_attempt)) for job in jobs]
+            self._commit([self._update(job, c) for job, c in zip(jobs, changes)])
+            for job, c in reversed(list(zip(jobs, changes))):
+                self._apply(job, c)
+                self.queued.move_to_end(job.id, last=False)  # they were next before
 
     def delete(self, job_id):
         """Removes a QUEUED job; returns it, or raises HTTPError 404 / 409."""
-        with self._transaction():
+        with self.lock:
             job = self._get(job_id)
             if job.status != QUEUED:
                 raise HTTPError(409, f"job {job_id} is {job.status}; only QUEUED jobs can "
                                      f"be deleted")
-            self.db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
-            del self.jobs[job_id]
-            self.queued.pop(job_id)
-            self.counts[QUEUED] -= 1
+            self._commit([("DELETE FROM jobs WHERE id=?", (job_id,))])
+            self._forget(job_id)
             return job
 
     def callback_status(self, job, status, attempts):
-        with self._transaction(durable=False):
-            job.update(callback_status=status, callback_attempts=attempts)
+        with self.lock:
+            changes = dict(callback_status=status, callback_attempts=attempts)
             if job.id in self.jobs or status == Callback.PENDING:
-                self._save(job)
+                self._commit([self._update(job, changes)], durable=False)
             else:  # past the history already: its record was only kept for this
-                self.db.execute("DELETE FROM jobs WHERE id=?", (job.id,))
+                self._commit([("DELETE FROM jobs WHERE id=?", (job.id,))], durable=False)
+            job.update(**changes)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -777,6 +796,7 @@ class JobStore:
         return job
 
     def running(self):
+        """The RUNNING jobs (all of them run here)."""
         with self.lock:
             return [self.jobs[i] for i in self.active]
 
@@ -1610,35 +1630,39 @@ def transcript(result):
 
 
 def write_outputs(result, job):
-    """Writes the job's files with openai-whisper's own writers, each atomically.
+    """Writes the job's files with openai-whisper's own writers, all or none.
 
-    Every file is written to a hidden temp file in the output folder, flushed to disk and
-    renamed over `<input name>.<ext>`, so a reader never sees half a file.
+    Every file is written to a hidden temp file in the output folder and flushed to disk;
+    only when all of them are whole are they renamed over `<input name>.<ext>`, so a reader
+    never sees half a file, and a job that cannot write them all (a full disk, a folder
+    gone) leaves nothing behind.
     """
     from whisper.utils import get_writer
 
     base = os.path.splitext(os.path.basename(job.path))[0]
     folder = job.output_path
     prefix, suffix = f".{base}.", ".whisperd-tmp"
-    for name in os.listdir(folder):  # left by a daemon killed while writing this job
-        if name.startswith(prefix) and name.endswith(suffix):
-            with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # left by a daemon killed while writing this job
+        for name in os.listdir(folder):
+            if name.startswith(prefix) and name.endswith(suffix):
                 os.unlink(os.path.join(folder, name))
     options = {f.name: getattr(job, f.name) for f in OPTIONS if f.metadata["writer"]}
-    for ext in WRITTEN_FORMATS if job.format == "all" else (job.format,):
-        writer = get_writer(ext, folder)
-        fd, temp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
-        try:
+    temps = {}
+    try:
+        for ext in WRITTEN_FORMATS if job.format == "all" else (job.format,):
+            fd, temps[ext] = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
             with os.fdopen(fd, "w", encoding="utf-8") as file:
-                writer.write_result(result, file=file, **options)
+                get_writer(ext, folder).write_result(result, file=file, **options)
                 file.flush()
                 os.fsync(file.fileno())
-            os.chmod(temp, 0o666 & ~UMASK)  # mkstemp makes 0600; honour the umask
+            os.chmod(temps[ext], 0o666 & ~UMASK)  # mkstemp makes 0600; honour the umask
+        for ext, temp in list(temps.items()):
             os.replace(temp, os.path.join(folder, f"{base}.{ext}"))
-        except BaseException:
+            del temps[ext]
+    finally:
+        for temp in temps.values():
             with contextlib.suppress(OSError):
                 os.unlink(temp)
-            raise
     with contextlib.suppress(OSError):  # make the renames themselves durable
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
@@ -1932,7 +1956,7 @@ class Service:
 
     def __init__(self, settings):
         self.settings = settings
-        self.store = JobStore(settings.state_dir, settings.history)
+        self.store = SQLiteStore(settings.state_dir, settings.history)
         engine = ENGINES[settings.engine]
         self.context = types.SimpleNamespace(  # what validate() needs to know
             allow_dir=settings.allow_dir, default_model=settings.default_model,
@@ -1953,6 +1977,7 @@ class Service:
         self.speeds = collections.deque(maxlen=self.SPEED_WINDOW)  # (audio s, decoding s)
         self.accepting = True
         self.stopping = False
+        self.trouble = None              # what keeps the store from taking changes, if any
         self.started = time.monotonic()
         self.threads = [threading.Thread(target=target, name=name, daemon=True) for
                         target, name in ((self._finish, "finisher"),
@@ -2039,7 +2064,7 @@ class Service:
                                  "it is back", headers={"Retry-After": "10"})
         full = HTTPError(503, f"the queue is full ({self.settings.max_queue} jobs waiting); "
                               f"retry later", headers={"Retry-After": "30"})
-        if self.store.counts[QUEUED] >= self.settings.max_queue:
+        if self.store.stats()["Queued"] >= self.settings.max_queue:
             raise full  # before the costly checks
         job = validate(body, context or self.context)
         try:
@@ -2049,15 +2074,18 @@ class Service:
         job.upload = future is not None
         if future is not None:
             self.results[job.id] = future
-        with self.store.lock:  # the job as created, before a worker can take it
-            try:
-                self.store.add(job, self.settings.max_queue)
-            except QueueFull:
-                self.results.pop(job.id, None)
-                raise full from None
-            log(f"job {job.id} queued: {job.path} -> {job.output_path} (model {job.model}, "
-                f"format {job.format})")
-            return self.job(job.id)
+        try:
+            return self.store.add(job, self.settings.max_queue, event=(
+                f"job {job.id} queued: {job.path} -> {job.output_path} (model {job.model}, "
+                f"format {job.format})"))
+        except QueueFull:
+            self.results.pop(job.id, None)
+            raise full from None
+        except StoreUnavailable as e:
+            self.results.pop(job.id, None)
+            raise HTTPError(e.status, f"whisperd cannot take new jobs now: {e}; every job "
+                                      f"accepted before is safe; retry later",
+                            headers={"Retry-After": "30"}) from None
 
     def transcribe_upload(self, upload, fields):
         """An OpenAI-style upload, run as a job in the same queue: returns (whisper's
@@ -2098,7 +2126,11 @@ class Service:
         return self.store.show(eta=self._eta)
 
     def delete(self, job_id):
-        job = self.store.delete(job_id)
+        try:
+            job = self.store.delete(job_id)
+        except StoreUnavailable as e:
+            raise HTTPError(e.status, f"the job cannot be deleted now: {e}; retry later",
+                            headers={"Retry-After": "30"}) from None
         log(f"job {job_id} deleted")
         future = self.results.pop(job_id, None)
         if future is not None:
@@ -2127,7 +2159,11 @@ class Service:
             with self.store.changed:
                 if self.stopping:
                     return None
-                job = self.store.claim(worker.label, accept)
+                try:
+                    job = self.store.claim(worker.label, accept)
+                except StoreUnavailable as e:
+                    self._trouble(f"no job can start: {e}")
+                    job = None
                 if job is None and wait:
                     self.store.changed.wait(Worker.TICK)
             if job is not None:
@@ -2159,8 +2195,19 @@ class Service:
             self.store.touch(job, progress=percent)
 
     def interrupted(self, job):
-        self.store.requeue([job], count_attempt=False)
-        log(f"job {job.id} interrupted by shutdown; it runs again on start")
+        try:
+            self.store.requeue([job], count_attempt=False)
+            log(f"job {job.id} interrupted by shutdown; it runs again on start")
+        except StoreUnavailable as e:
+            log(f"job {job.id} interrupted by shutdown; it runs again on start, counted as "
+                f"an attempt ({e})")
+
+    def _trouble(self, message):
+        """Says once what keeps the job store from taking changes; `_trouble(None)` says
+        it is over."""
+        if message != self.trouble:
+            log(message or "the job store takes changes again")
+            self.trouble = message
 
     def ended(self, job, outcome, seconds, busy):
         """A worker is done with a job: whisper's result, or the JobFailed that ended it,
@@ -2181,7 +2228,9 @@ class Service:
                 return job, COMPLETED, dict(changes, result=transcript(outcome), progress=100,
                                             language=outcome.get("language") or job.language)
             except OSError as e:
-                outcome = JobFailed(f"could not write the files into {job.output_path}: "
+                outcome = JobFailed(f"no space left on {job.output_path}"
+                                    if e.errno == errno.ENOSPC else
+                                    f"could not write the files into {job.output_path}: "
                                     f"{e.strerror or e}")
         return job, FAILED, dict(changes, error=str(outcome))
 
@@ -2198,9 +2247,29 @@ class Service:
             if not items:
                 continue
             ends = [self._end(*item) for item in items]
-            self.store.finish(ends)
+            self._commit(ends, give_up=stop)
             for (job, status, _), (_, outcome, _, busy) in zip(ends, items):
                 self._ended(job, status, outcome, busy)
+
+    def _commit(self, ends, give_up):
+        """Commits the ends, retrying while the store cannot take them (a full disk, a
+        database away): the files are written, the jobs wait. At shutdown it gives up
+        after the grace, and the jobs run again on start."""
+        deadline = time.monotonic() + self.settings.shutdown_grace
+        delay = 0.1
+        while True:
+            try:
+                self.store.finish(ends)
+                self._trouble(None)
+                return
+            except StoreUnavailable as e:
+                self._trouble(f"{len(ends)} finished job(s) wait to be recorded: {e}; "
+                              f"retrying")
+                if (give_up or self.stopping) and time.monotonic() > deadline:
+                    log("giving up: those jobs run again on start")
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _ended(self, job, status, outcome, busy):
         with self.lock:
@@ -2222,7 +2291,11 @@ class Service:
             self.callbacks.schedule(job)
 
     def _callback_attempted(self, job, status, attempts, detail):
-        self.store.callback_status(job, status, attempts)
+        try:
+            self.store.callback_status(job, status, attempts)
+        except StoreUnavailable as e:
+            job.update(callback_status=status, callback_attempts=attempts)
+            log(f"job {job.id} callback {status}, not recorded ({e})")
         with self.lock:
             self.metrics[("callbacks", status)] += 1
         log(f"job {job.id} callback {status} ({detail}) after attempt {attempts} to "
@@ -2240,7 +2313,7 @@ class Service:
                         return
                     upcoming = self.store.next_queued(self.AHEAD_JOBS) \
                         if worker.ready and not worker.prepare_error else []
-                    keep = {job.id for job in upcoming} | self.store.active
+                    keep = {job.id for job in upcoming + self.store.running()}
                     for job_id in set(self.decoded) - keep:  # deleted meanwhile
                         del self.decoded[job_id]
                     held = sum(len(a) for a in self.decoded.values()
@@ -2284,7 +2357,7 @@ class Service:
                 "device": ",".join(w["device"] for w in workers),
                 "models_loaded": sorted({m for w in workers for m in w["models_loaded"]}),
                 "worker_ready": all(w["ready"] for w in workers), "workers": workers,
-                **self.stats(), "speed": self.speed(),
+                "store_error": self.trouble, **self.stats(), "speed": self.speed(),
                 "uptime": round(time.monotonic() - self.started, 1)}
 
     def metrics_text(self):
@@ -2544,6 +2617,7 @@ def _openapi():
                            "properties": {"status": string, "engine": string, "device": string,
                                           "models_loaded": {"type": "array", "items": string},
                                           "workers": {"type": "array", "items": worker},
+                                          "store_error": {"type": ["string", "null"]},
                                           "speed": {"type": ["number", "null"]}, **counts}}},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{}, {"bearer": []}],

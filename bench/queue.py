@@ -27,20 +27,27 @@ Targets (ratios of this run): whisperd >= 1.0x its library's loop; batch8 >= 1.5
 Raw figures: bench/out/queue.json.
 """
 
-import argparse
-import gzip
-import json
-import os
-import re
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (MODEL_DIR, OUT, PYTHON, CpuWatch, Daemon, audio_seconds,  # noqa: E402
-                     ensure_models, machine, peak_rss_mib, wait_until_quiet, word_error_rate)
+# This file shares its name with the standard library's `queue`, which torch, faster-whisper
+# and concurrent.futures import: its folder goes off the path, and _common is bench._common.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE.parent))
+
+import argparse  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+from bench._common import (MODEL_DIR, OUT, PYTHON, CpuWatch, Daemon,  # noqa: E402
+                           audio_seconds, ensure_models, machine, peak_rss_mib,
+                           wait_until_quiet, word_error_rate)
 from tools.harness import SOUNDS, VOICES, prompt  # noqa: E402
 
 SCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
@@ -225,7 +232,8 @@ def main():
                               ("whisperd-fw-pack", "bare-fw", 2.5)):
         value = ratio(name, base)
         targets.append({"target": f"{name} >= {least}x {base}", "value": value,
-                        "pass": value is not None and value >= least, "text": f"{fmt(value)}x"})
+                        "pass": value is not None and value >= least,
+                        "text": "not measured" if value is None else f"{value:.2f}x"})
     for name in ("whisperd-fw-batch8", "whisperd-fw-pack", "whisperd-fw-2cpu"):
         if {name, "whisperd-fw"} <= rows.keys():
             worse = rows[name]["wer"] - rows["whisperd-fw"]["wer"]
