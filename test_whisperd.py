@@ -11,6 +11,7 @@ one. Every wait is on a condition, with a ceiling meant for a machine three time
 than a quiet 2-core one (tools/harness.py: CEILING).
 """
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -1317,3 +1318,75 @@ def test_the_readmes_shell_script_prints_the_transcript_or_stops_with_the_error(
     refused = subprocess.run(["sh", str(script), str(speech["notes.mp3"])], env=env,
                              capture_output=True, text=True, timeout=CEILING)
     assert refused.returncode == 2 and "is not audio ffmpeg can decode" in refused.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# A full disk or a vanished folder loses nothing
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def disk():
+    """disk(bytes) -> a small tmpfs of its own (root only: the test is skipped, saying
+    why, where nothing can be mounted)."""
+    from tools.harness import SkipDisk, small_disk
+    with contextlib.ExitStack() as stack:
+        def make(size):
+            try:
+                return stack.enter_context(small_disk(size))
+            except SkipDisk as e:
+                pytest.skip(str(e))
+        yield make
+
+
+def test_a_full_output_folder_fails_the_job_saying_so_and_leaves_nothing(shared, speech,
+                                                                         disk):
+    from tools.harness import fill
+    folder = disk(1 << 20)
+    filler = fill(folder)
+    job = shared.submit(path=speech["order.wav"], format="all", output_path=folder)
+    failed = shared.finished(job["id"])
+    assert failed["status"] == "FAILED" and failed["error"] == f"no space left on {folder}"
+    assert file_names(folder) == ["filler"]  # no partial or temporary file
+    filler.unlink()
+    shared.completed(shared.submit(path=speech["order.wav"], output_path=folder)["id"])
+    assert file_names(folder) == ["order.txt"]
+
+
+def test_a_full_state_folder_refuses_new_jobs_with_507_and_loses_none(start, speech, disk,
+                                                                      tmp_path):
+    from tools.harness import fill
+    state = disk(16 << 20)
+    daemon = start(state=state)
+    jobs = [daemon.submit(path=speech[n], output_path=tmp_path)
+            for n in ("busy.wav", "call.wav", "report.wav")]
+    daemon.running(jobs[0]["id"])
+    filler = fill(state)
+    status, headers, answer = daemon.request("POST", "/transcription/job",
+                                             {"path": str(speech["order.wav"])})
+    assert status == 507 and f"no space left on {state}" in answer["error"]
+    assert "Retry-After" in headers
+    filler.unlink()  # and whisperd carries on by itself
+    for job in jobs:
+        daemon.completed(job["id"])
+    daemon.completed(daemon.submit(path=speech["order.wav"], output_path=tmp_path)["id"])
+
+
+def test_an_output_folder_gone_or_read_only_fails_its_jobs_with_the_reason_and_the_rest_run(
+        shared, speech, disk, tmp_path):
+    from tools.harness import read_only_while
+    gone, locked = tmp_path / "gone", disk(1 << 20)
+    gone.mkdir()
+    blocker = shared.submit(path=speech["busy.wav"], output_path=tmp_path)
+    doomed = [shared.submit(path=speech["call.wav"], output_path=folder)
+              for folder in (gone, locked)]
+    after = shared.submit(path=speech["report.wav"], output_path=tmp_path)
+    shared.running(blocker["id"])
+    gone.rmdir()
+    with read_only_while(locked):
+        lost, refused = (shared.finished(job["id"]) for job in doomed)
+        shared.completed(after["id"])
+    assert lost["status"] == "FAILED" and lost["error"] == \
+        f"could not write the files into {gone}: No such file or directory"
+    assert refused["status"] == "FAILED" and refused["error"] == \
+        f"could not write the files into {locked}: Read-only file system"
+    shared.completed(blocker["id"])

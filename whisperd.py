@@ -101,6 +101,7 @@ MAX_WAIT = 60.0             # seconds a GET ?wait= may hold a request
 CONNECTION_TIMEOUT = 30.0   # seconds a client may sit idle on its connection
 SMI_TIMEOUT = 10.0          # seconds nvidia-smi may take
 PROBE_TIMEOUT = 20.0        # seconds ffprobe may take to read a file's header
+MIN_FREE = 1 << 20          # bytes free in --state-dir below which no new job is taken
 
 
 def _default_model_dir():
@@ -2066,6 +2067,11 @@ class Service:
                               f"retry later", headers={"Retry-After": "30"})
         if self.store.stats()["Queued"] >= self.settings.max_queue:
             raise full  # before the costly checks
+        if shutil.disk_usage(self.settings.state_dir).free < MIN_FREE:
+            raise HTTPError(507, f"no space left on {self.settings.state_dir}, where "
+                                 f"whisperd keeps its jobs; every job accepted before is "
+                                 f"safe; retry once space is freed",
+                            headers={"Retry-After": "30"})
         job = validate(body, context or self.context)
         try:
             job.audio_duration = probe(job.path)
