@@ -42,7 +42,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q '$(TORCH)'
-	$(BIN)/pip install -q -e '.[faster,test]'
+	$(BIN)/pip install -q -e '.[faster,postgres,test]'
 	touch $@
 
 # Whisper tiny.en and base, offline, from PyPI packages (see tools/models.py).

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -1390,3 +1391,148 @@ def test_an_output_folder_gone_or_read_only_fails_its_jobs_with_the_reason_and_t
     assert refused["status"] == "FAILED" and refused["error"] == \
         f"could not write the files into {locked}: Read-only file system"
     shared.completed(blocker["id"])
+
+
+# ---------------------------------------------------------------------------------------
+# Past one host: nodes sharing one queue on PostgreSQL
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory):
+    """A real PostgreSQL server of the tests' own (Debian's postgresql), thrown away after."""
+    from tools.harness import Postgres
+    server = Postgres(tmp_path_factory.mktemp("postgres")).start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def nodes(start, database, tmp_path_factory):
+    """nodes(count, *flags) -> that many whisperds on one fresh database (each with a
+    state folder of its own, for its uploads), every worker ready."""
+    name = f"t{uuid.uuid4().hex[:12]}"
+    database.psql(f"CREATE DATABASE {name}", database="postgres")
+    url = database.url.rsplit("/", 1)[0] + f"/{name}"
+
+    def make(count, *flags, ready=True):
+        made = [start("--store", url, "--lease", "3", *flags,
+                      state=tmp_path_factory.mktemp("node")) for _ in range(count)]
+        for node in made if ready else ():
+            wait_until(lambda: node.request("GET", "/health")[2]["worker_ready"])
+        return made
+    make.url = url
+    return make
+
+
+def node_name(daemon):
+    return f"{socket.gethostname()}:{daemon.port}"
+
+
+def runs(daemons, job_id):
+    """How many times the daemons started the job."""
+    return sum(d.log.count(f"job {job_id} running on") for d in daemons)
+
+
+def test_nodes_share_one_queue_and_no_job_runs_twice(nodes, tmp_path):
+    a, b = nodes(2)
+    jobs = [a.submit(path=prompt("en", name)[0], output_path=tmp_path) for name in DISTINCT]
+    done = [b.completed(job["id"]) for job in jobs]  # asked of the other node
+    assert {d["node"] for d in done} == {node_name(a), node_name(b)}  # spread over both
+    assert all(runs((a, b), job["id"]) == 1 for job in jobs)
+    assert a.stats() == b.stats() == {"Queued": 0, "Running": 0, "Processed": len(DISTINCT)}
+    listed = [[j["id"] for j in n.request("GET", "/transcription/jobs")[2]] for n in (a, b)]
+    assert listed[0] == listed[1] == [j["id"] for j in jobs]
+    health = a.request("GET", "/health")[2]
+    assert sorted(n["name"] for n in health["nodes"]) == sorted([node_name(a), node_name(b)])
+
+
+def test_any_node_deletes_and_waits_for_any_job(nodes, speech, tmp_path):
+    a, b = nodes(2)
+    blockers = [a.submit(path=speech["busy.wav"], output_path=tmp_path / n)
+                for n in ("1", "2") if (tmp_path / n).mkdir() is None]
+    queued = a.submit(path=speech["call.wav"], output_path=tmp_path)
+    status, _, gone = b.request("DELETE", f"/transcription/job/{queued['id']}")
+    assert status == 200 and gone["deleted"] is True
+    assert a.request("GET", f"/transcription/job/{queued['id']}")[0] == 404
+    assert b.request("GET", f"/transcription/job/{blockers[0]['id']}?wait=60")[2]["status"] \
+        == "COMPLETED"  # a node's long-poll ends when another node finishes the job
+    a.completed(blockers[1]["id"])
+    assert not (tmp_path / "call.txt").exists()
+
+
+def test_kill_9_of_a_node_mid_job_and_another_runs_it_again(nodes, speech, tmp_path):
+    a, b = nodes(2)
+    job = a.submit(path=speech["busy.wav"], output_path=tmp_path)
+    running = a.running(job["id"])
+    victim, other = (a, b) if running["node"] == node_name(a) else (b, a)
+    victim.kill()  # its lease lapses; the other node runs the job again
+    done = other.completed(job["id"])
+    assert done["node"] == node_name(other) and done["attempts"] == 2
+    assert (tmp_path / "busy.txt").exists()
+
+
+def test_sigterm_hands_a_running_job_to_another_node_at_once(nodes, speech, tmp_path):
+    a, b = nodes(2, "--shutdown-grace", "0", "--lease", "600")  # no lease lapses here
+    job = a.submit(path=speech["busy.wav"], output_path=tmp_path)
+    running = a.running(job["id"])
+    leaving, staying = (a, b) if running["node"] == node_name(a) else (b, a)
+    assert leaving.terminate() == 0
+    done = staying.completed(job["id"], timeout=CEILING)
+    assert done["node"] == node_name(staying) and done["attempts"] == 1  # not counted
+
+
+def test_a_callback_pending_on_a_killed_node_is_sent_by_another(nodes, speech, receiver,
+                                                               tmp_path):
+    port = free_port()  # nothing listens yet: the delivery stays pending on its node
+    a, b = nodes(2, "--callback-backoff", "3600")
+    job = a.submit(path=speech["call.wav"], callback=f"http://127.0.0.1:{port}/hook",
+                   output_path=tmp_path)
+    done = a.completed(job["id"])
+    owner = a if done["node"] == node_name(a) else b
+    wait_until(lambda: owner.job(job["id"])["callback_attempts"] == 1)
+    owner.kill()
+    hook = receiver(port=port)
+    other = b if owner is a else a
+    headers, body, _ = hook.wait_for(1)[0]
+    assert json.loads(body)["id"] == job["id"]
+    wait_until(lambda: other.job(job["id"])["callback_status"] == "delivered")
+
+
+def test_the_database_away_at_start_or_mid_job_loses_nothing(nodes, database, speech,
+                                                             tmp_path):
+    database.stop()
+    try:
+        node, = nodes(1, ready=False)
+        status, headers, answer = node.request("POST", "/transcription/job",
+                                               {"path": str(speech["call.wav"])})
+        assert status == 503 and "Retry-After" in headers and "cannot" in answer["error"]
+        status, _, health = node.request("GET", "/health")
+        assert status == 503 and "cannot be reached" in health["store_error"]
+        node.logged("the job store cannot be reached")
+    finally:
+        database.start()
+    wait_until(lambda: node.request("GET", "/health")[0] == 200)  # back by itself
+    job = node.submit(path=speech["busy.wav"], output_path=tmp_path)
+    node.running(job["id"])
+    database.stop()  # mid-job
+    try:
+        assert node.request("POST", "/transcription/job",
+                            {"path": str(speech["call.wav"])})[0] == 503
+        node.logged("finished job\\(s\\) wait to be recorded|cannot be reached")
+    finally:
+        database.start()
+    wait_until(lambda: node.request("GET", "/health")[0] == 200)
+    done = node.completed(job["id"])  # committed once the database is back
+    assert done["attempts"] == 1 and (tmp_path / "busy.txt").exists()
+    node.completed(node.submit(path=speech["call.wav"], output_path=tmp_path)["id"])
+
+
+def test_a_malformed_store_is_refused_at_start_in_one_line(tmp_path, model_dir):
+    for store in ("mysql://db/whisperd", "postgresql://host:notaport/db",
+                  "postgresql://db/whisperd?sslmode"):
+        done = subprocess.run([PYTHON, str(WHISPERD), "--store", store, "--port", "0",
+                               "--state-dir", str(tmp_path)], capture_output=True, text=True,
+                              timeout=CEILING)
+        assert done.returncode != 0 and done.stderr.startswith("whisperd: --store "), \
+            done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr

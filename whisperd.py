@@ -153,7 +153,14 @@ def build_parser():
          "first")
     flag("model-ttl", 0, float, "seconds a model may sit unused before it is unloaded "
          "(0: never)")
-    flag("state-dir", _default_state_dir(), help="folder of the job database")
+    flag("state-dir", _default_state_dir(), help="folder of the job database (and of "
+         "uploads, with --store)")
+    flag("store", "", help="postgresql://USER@HOST/DB: one queue shared by every whisperd "
+         "given the same (default: SQLite in --state-dir)")
+    flag("node", "", help="this whisperd's name among the nodes of a --store (default: "
+         "HOST:PORT)")
+    flag("lease", 30, float, "seconds a node may hold a job without renewing it, before "
+         "another node runs it again (--store)")
     flag("history", 10, int, "finished jobs kept")
     flag("max-attempts", 3, int, "times a job is started before a job that keeps "
          "interrupting the daemon is FAILED")
@@ -191,10 +198,42 @@ def parse_settings(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if settings.pack and not (settings.engine == "faster-whisper" and settings.batch_size):
         parser.error("--pack needs --engine faster-whisper and a --batch-size")
+    if settings.store:
+        problem = _store_problem(settings.store)
+        if problem:  # one line, no usage: the rest of the command line was fine
+            sys.exit(f"whisperd: --store {problem}")
+    if settings.lease < 3:
+        parser.error("--lease must be at least 3 seconds")
     settings.model_dir = os.path.abspath(os.path.expanduser(settings.model_dir))
     settings.state_dir = os.path.abspath(os.path.expanduser(settings.state_dir))
     settings.allow_dir = [os.path.realpath(d) for d in settings.allow_dir]
     return settings
+
+
+def _store_problem(url):
+    """What is wrong with a --store URL, or None."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return (f"must be a postgresql:// URL (or empty, for SQLite in --state-dir), "
+                f"got {_redact(url)!r}")
+    try:
+        urllib.parse.urlsplit(url).port  # a port that is not a number raises
+        import psycopg
+        psycopg.conninfo.conninfo_to_dict(url)
+    except ImportError:
+        return "needs psycopg: pip install 'whisperd[postgres]'"
+    except ValueError as e:  # psycopg's ProgrammingError is not one: caught below
+        return f"is not a URL whisperd can use: {e}"
+    except Exception as e:
+        return f"is not a URL psycopg can use: {_reason(e)}"
+    return None
+
+
+def _redact(url):
+    """A database URL without its password, for the log."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
+    return parts.geturl()
 
 
 def log(message):
@@ -410,6 +449,8 @@ class Job:
                                  "pending, delivered or failed; empty without a callback")
     callback_attempts: int = state(0, {"type": "integer"}, "callback deliveries tried")
     worker: str | None = state(None, _nullable("string"), "the worker (device) that ran it")
+    node: str | None = state(None, _nullable("string"), "the whisperd (HOST:PORT, or --node) "
+                             "that ran it")
     upload: bool = state(False, {"type": "boolean"}, "true for an /v1/audio/* upload, "
                          "whose file whisperd keeps only while the job runs")
     task: str = option("transcribe", {"type": "string", "enum": list(TASKS)},
@@ -607,10 +648,10 @@ class SQLiteStore:
     every change.
     """
 
-    def __init__(self, state_dir, history):
+    def __init__(self, state_dir, history, node):
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, "whisperd.sqlite3")
-        self.history = history
+        self.history, self.node = history, node
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -726,7 +767,7 @@ class SQLiteStore:
                 return None
             job = self.jobs[job_id]
             changes = dict(status=RUNNING, attempts=job.attempts + 1, started_at=utcnow(),
-                           progress=0, worker=worker)
+                           progress=0, worker=worker, node=self.node)
             self._commit([self._update(job, changes)], durable=False)
             self._apply(job, changes)
             return job
@@ -755,13 +796,22 @@ class SQLiteStore:
             self.processed += len(ends)
             for job_id in past:
                 self._forget(job_id)
+            return [(job, job.status, changes) for job, changes in ends]
+
+    def maintain(self):
+        """Nothing to keep up on one host (see PostgresStore.maintain)."""
+        return []
+
+    def nodes(self):
+        return []
 
     def requeue(self, jobs, count_attempt=True):
         """Running jobs back to the front of the queue, in their order; a run that was
         not the job's fault (a shutdown) does not count as an attempt."""
         with self.lock:
             changes = [dict(status=QUEUED, progress=0, started_at=None, worker=None,
-                            attempts=job.attempts - (not count_attempt)) for job in jobs]
+                            node=None, attempts=job.attempts - (not count_attempt))
+                       for job in jobs]
             self._commit([self._update(job, c) for job, c in zip(jobs, changes)])
             for job, c in reversed(list(zip(jobs, changes))):
                 self._apply(job, c)
@@ -861,6 +911,406 @@ class SQLiteStore:
         with self.lock:
             self.closed = True
             self.db.close()
+
+
+class PostgresStore:
+    """Where jobs are, for several hosts: one PostgreSQL database every node reads and
+    writes (--store postgresql://...), through psycopg 3.
+
+    Every change is one transaction, and every read goes to the database, so any node
+    answers for any job. A node claims the next job with SELECT ... FOR UPDATE SKIP
+    LOCKED (no job runs twice) and holds it on a lease that it renews while it runs
+    (maintain()); a node that dies lets its leases lapse and any other runs those jobs
+    again, counted as an attempt. Each run carries a token, so a node that lost its lease
+    cannot record the end of a job another node took over. Callbacks are leased the same
+    way. LISTEN/NOTIFY wakes workers and waiting requests on every node. When the
+    database cannot be reached a change raises StoreUnavailable (503) and changes
+    nothing; connections are made again by themselves.
+    """
+
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS jobs (
+            seq bigserial UNIQUE NOT NULL,     -- queue order, kept when a job is requeued
+            id text PRIMARY KEY,
+            status text NOT NULL,
+            node text,                         -- the node a RUNNING job runs on
+            token uuid,                        -- that run's: ends and renewals must match
+            lease_until timestamptz,           -- the database's clock, never a node's
+            origin text,                       -- the node that took an upload
+            upload boolean NOT NULL DEFAULT false,
+            callback_status text NOT NULL DEFAULT '',
+            callback_node text,
+            callback_lease_until timestamptz,
+            finished_at timestamptz,
+            doc jsonb NOT NULL);
+        CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (seq) WHERE status = 'QUEUED';
+        CREATE INDEX IF NOT EXISTS jobs_running ON jobs (lease_until) WHERE status = 'RUNNING';
+        CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+        CREATE TABLE IF NOT EXISTS counters (name text PRIMARY KEY, value bigint NOT NULL);
+        INSERT INTO counters VALUES ('processed', 0) ON CONFLICT DO NOTHING;
+        CREATE TABLE IF NOT EXISTS nodes (name text PRIMARY KEY, url text,
+                                          last_seen timestamptz NOT NULL);
+    """
+
+    def __init__(self, url, history, node, address, lease, max_attempts):
+        import psycopg
+        self.psycopg = psycopg
+        self.url, self.history, self.node, self.address = url, history, node, address
+        self.lease, self.max_attempts = lease, max_attempts
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.idle = []             # connections not in use
+        self.local = {}            # id -> Job running on this node
+        self.tokens = {}           # id -> its run's token
+        self.ready = False         # schema made
+        self.closed = False
+        threading.Thread(target=self._listen, name="listen", daemon=True).start()
+
+    # -- connections ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _db(self):
+        """A connection (autocommit; `with conn.transaction()` where several statements
+        must go together). Any trouble reaching the database is StoreUnavailable."""
+        if self.closed:
+            raise StoreUnavailable("the job store is closed")
+        with self.lock:
+            conn = self.idle.pop() if self.idle else None
+        try:
+            if conn is None:
+                conn = self.psycopg.connect(self.url, autocommit=True, connect_timeout=3,
+                                            application_name=f"whisperd {self.node}")
+            if not self.ready:
+                self._create(conn)
+            yield conn
+        except self.psycopg.OperationalError as e:
+            if conn is not None:
+                conn.close()
+            raise StoreUnavailable(f"the database cannot be reached ({_reason(e)})") from None
+        with self.lock:
+            if conn.closed or conn.broken or len(self.idle) >= 8:
+                conn.close()
+            else:
+                self.idle.append(conn)
+
+    def _create(self, conn):
+        with conn.transaction():  # nodes starting together must not race on the schema
+            conn.execute("SELECT pg_advisory_xact_lock(2004318071)")
+            conn.execute(self.SCHEMA)
+        self.ready = True
+
+    def _listen(self):
+        """Hears every node's changes (NOTIFY whisperd) and wakes the waiters here. After a
+        reconnection everyone is woken: what was said meanwhile is lost."""
+        delay = 0.1
+        while not self.closed:
+            try:
+                with self.psycopg.connect(self.url, autocommit=True, connect_timeout=3) as conn:
+                    conn.execute("LISTEN whisperd")
+                    delay = 0.1
+                    with self.changed:
+                        self.changed.notify_all()
+                    while not self.closed:
+                        if any(True for _ in conn.notifies(timeout=1.0, stop_after=1)):
+                            with self.changed:
+                                self.changed.notify_all()
+            except self.psycopg.OperationalError:
+                with self.lock:  # the idle connections went down with this one
+                    for conn in self.idle:
+                        conn.close()
+                    self.idle.clear()
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _notify(self, conn, job_id):
+        conn.execute("SELECT pg_notify('whisperd', %s)", (job_id,))
+
+    @staticmethod
+    def _doc(job, **changes):
+        from psycopg.types.json import Jsonb
+        return Jsonb(dataclasses.replace(job, **changes).stored())
+
+    # -- changes --------------------------------------------------------------------------
+
+    def add(self, job, max_queue, event=None):
+        with self._db() as conn, conn.transaction():
+            row = conn.execute(
+                "INSERT INTO jobs (id, status, origin, upload, doc) SELECT %s, 'QUEUED', %s, "
+                "%s, %s WHERE (SELECT count(*) FROM jobs WHERE status = 'QUEUED') < %s "
+                "RETURNING seq", (job.id, self.node, job.upload, self._doc(job), max_queue)
+            ).fetchone()
+            if row is None:
+                raise QueueFull()
+            self._notify(conn, job.id)
+        if event:
+            log(event)
+        return self.show(job.id)
+
+    def claim(self, worker, accept=None):
+        with self._db() as conn, conn.transaction():
+            row = conn.execute(
+                "SELECT doc FROM jobs WHERE status = 'QUEUED' AND (NOT upload OR origin = %s) "
+                "ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED", (self.node,)).fetchone()
+            if row is None:
+                return None
+            job = Job.from_json(row[0])
+            if accept is not None and not accept(job):
+                return None
+            token = uuid.uuid4()
+            job.update(status=RUNNING, attempts=job.attempts + 1, started_at=utcnow(),
+                       progress=0, worker=worker, node=self.node)
+            conn.execute("UPDATE jobs SET status = 'RUNNING', node = %s, token = %s, "
+                         "lease_until = now() + %s * interval '1 second', doc = %s "
+                         "WHERE id = %s", (self.node, token, self.lease, self._doc(job), job.id))
+            self._notify(conn, job.id)
+        with self.lock:
+            self.local[job.id], self.tokens[job.id] = job, token
+        return job
+
+    def touch(self, job, **changes):
+        """Changes kept here (progress); the database hears them at the next renewal."""
+        with self.lock:
+            job.update(**changes)
+
+    def finish(self, ends):
+        """Ends jobs: [(job, status, changes)]; returns those recorded. A run whose lease
+        another node took over is not recorded (that node runs the job again)."""
+        recorded = []
+        with self._db() as conn, conn.transaction():
+            for job, status, changes in ends:
+                new = dict(changes, status=status, finished_at=utcnow())
+                pending = new.get("callback_status") == Callback.PENDING
+                done = conn.execute(
+                    "UPDATE jobs SET status = %s, finished_at = now(), lease_until = NULL, "
+                    "token = NULL, node = NULL, callback_status = %s, "
+                    "callback_node = CASE WHEN %s THEN %s END, callback_lease_until = "
+                    "CASE WHEN %s THEN now() + %s * interval '1 second' END, doc = %s "
+                    "WHERE id = %s AND status IN ('QUEUED', 'RUNNING') "
+                    "AND token IS NOT DISTINCT FROM %s",
+                    (status, new["callback_status"], pending, self.node, pending, self.lease,
+                     self._doc(job, **new), job.id, self.tokens.get(job.id))).rowcount
+                if done:
+                    recorded.append((job, new))
+                    self._notify(conn, job.id)
+                else:
+                    log(f"job {job.id} ended here after another node took it over: this "
+                        f"run is not recorded")
+            conn.execute("UPDATE counters SET value = value + %s WHERE name = 'processed'",
+                         (len(recorded),))
+            self._prune(conn)
+        with self.lock:
+            for job, new in recorded:
+                job.update(**new)
+            for job, _, _ in ends:
+                self.local.pop(job.id, None)
+                self.tokens.pop(job.id, None)
+        return [(job, job.status, changes) for job, changes in recorded]
+
+    def _prune(self, conn):
+        """The history rule: the last `history` finished jobs are kept, and any whose
+        callback is still due."""
+        conn.execute("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS "
+                     "NOT NULL ORDER BY finished_at DESC, seq DESC OFFSET %s) AND "
+                     "callback_status != 'pending'", (self.history,))
+
+    def requeue(self, jobs, count_attempt=True):
+        with self._db() as conn, conn.transaction():
+            for job in jobs:
+                changes = dict(status=QUEUED, progress=0, started_at=None, worker=None,
+                               node=None, attempts=job.attempts - (not count_attempt))
+                conn.execute("UPDATE jobs SET status = 'QUEUED', node = NULL, token = NULL, "
+                             "lease_until = NULL, doc = %s WHERE id = %s",
+                             (self._doc(job, **changes), job.id))
+                self._notify(conn, job.id)
+                job.update(**changes)
+        with self.lock:
+            for job in jobs:
+                self.local.pop(job.id, None)
+                self.tokens.pop(job.id, None)
+
+    def delete(self, job_id):
+        with self._db() as conn, conn.transaction():
+            row = conn.execute("DELETE FROM jobs WHERE id = %s AND status = 'QUEUED' "
+                               "RETURNING doc", (job_id,)).fetchone()
+            if row is not None:
+                self._notify(conn, job_id)
+                return Job.from_json(row[0])
+            status = conn.execute("SELECT status FROM jobs WHERE id = %s", (job_id,)).fetchone()
+        if status is None:
+            raise HTTPError(404, f"no job {job_id}: it never existed, was deleted, or "
+                                 f"finished more than {self.history} jobs ago")
+        raise HTTPError(409, f"job {job_id} is {status[0]}; only QUEUED jobs can be deleted")
+
+    def callback_status(self, job, status, attempts):
+        changes = dict(callback_status=status, callback_attempts=attempts)
+        with self._db() as conn, conn.transaction():
+            conn.execute("UPDATE jobs SET callback_status = %s, callback_lease_until = CASE "
+                         "WHEN %s THEN now() + %s * interval '1 second' END, doc = %s "
+                         "WHERE id = %s", (status, status == Callback.PENDING, self.lease,
+                                           self._doc(job, **changes), job.id))
+            self._prune(conn)
+        job.update(**changes)
+
+    def maintain(self):
+        """What keeps the cluster going, every few seconds on each node: says this node
+        is alive, renews the leases of its runs (and tells their progress), runs again the
+        jobs of nodes whose leases lapsed (or fails them past --max-attempts), and takes
+        over the callbacks of dead nodes. Returns the jobs whose callbacks are now this
+        node's to send."""
+        with self.lock:
+            runs = [(job.id, self.tokens[job.id], job.progress)
+                    for job in self.local.values()]
+        adopted = []
+        with self._db() as conn, conn.transaction():
+            conn.execute("INSERT INTO nodes VALUES (%s, %s, now()) ON CONFLICT (name) DO "
+                         "UPDATE SET url = excluded.url, last_seen = now()",
+                         (self.node, self.address))
+            for job_id, token, progress in runs:
+                conn.execute("UPDATE jobs SET lease_until = now() + %s * interval '1 second', "
+                             "doc = jsonb_set(doc, '{progress}', to_jsonb(%s::int)) "
+                             "WHERE id = %s AND token = %s", (self.lease, progress, job_id, token))
+            conn.execute("UPDATE jobs SET callback_lease_until = now() + %s * interval "
+                         "'1 second' WHERE callback_status = 'pending' AND callback_node = %s",
+                         (self.lease, self.node))
+            lapsed = conn.execute("SELECT doc FROM jobs WHERE status = 'RUNNING' AND "
+                                  "lease_until < now() ORDER BY seq FOR UPDATE SKIP LOCKED"
+                                  ).fetchall()
+            for doc, in lapsed:
+                job = Job.from_json(doc)
+                if job.attempts >= self.max_attempts:
+                    error = (f"the nodes running this job stopped {job.attempts} times (crash, "
+                             f"kill or power loss); giving up after --max-attempts="
+                             f"{self.max_attempts}")
+                    changes = dict(status=FAILED, error=error, finished_at=utcnow(),
+                                   callback_status=Callback.PENDING if job.callback else "")
+                    conn.execute("UPDATE jobs SET status = 'FAILED', finished_at = now(), "
+                                 "node = NULL, token = NULL, lease_until = NULL, "
+                                 "callback_status = %s, doc = %s WHERE id = %s",
+                                 (changes["callback_status"], self._doc(job, **changes),
+                                  job.id))
+                    conn.execute("UPDATE counters SET value = value + 1 "
+                                 "WHERE name = 'processed'")
+                    log(f"job {job.id} failed: {error}")
+                else:
+                    changes = dict(status=QUEUED, progress=0, started_at=None, worker=None,
+                                   node=None)
+                    conn.execute("UPDATE jobs SET status = 'QUEUED', node = NULL, token = "
+                                 "NULL, lease_until = NULL, doc = %s WHERE id = %s",
+                                 (self._doc(job, **changes), job.id))
+                    log(f"job {job.id} requeued: the node running it stopped renewing its "
+                        f"lease (attempt {job.attempts} of {self.max_attempts})")
+                self._notify(conn, job.id)
+            adopted = self._adopt(conn, orphans_only=True)
+        return adopted
+
+    def _adopt(self, conn, orphans_only):
+        """Takes the pending callbacks of nodes that stopped (and, at start, this node's
+        own from before)."""
+        rows = conn.execute(
+            "UPDATE jobs SET callback_node = %s, callback_lease_until = now() + %s * interval "
+            "'1 second' WHERE callback_status = 'pending' AND (callback_node IS NULL OR "
+            "callback_lease_until < now()" + ("" if orphans_only else " OR callback_node = %s")
+            + ") RETURNING doc", (self.node, self.lease) + (() if orphans_only else (self.node,))
+        ).fetchall()
+        return [Job.from_json(doc) for doc, in rows]
+
+    # -- reading --------------------------------------------------------------------------
+
+    def running(self):
+        """The jobs RUNNING on this node."""
+        with self.lock:
+            return list(self.local.values())
+
+    def unfinished(self):
+        """What this node left behind when it stopped: its runs, and its uploads."""
+        with self._db() as conn:
+            rows = conn.execute(
+                "SELECT doc FROM jobs WHERE (status = 'RUNNING' AND node = %s) OR (upload AND "
+                "origin = %s AND status IN ('QUEUED', 'RUNNING')) ORDER BY seq",
+                (self.node, self.node)).fetchall()
+        return [Job.from_json(doc) for doc, in rows]
+
+    def next_queued(self, count):
+        with self._db() as conn:
+            rows = conn.execute("SELECT doc FROM jobs WHERE status = 'QUEUED' AND (NOT upload "
+                                "OR origin = %s) ORDER BY seq LIMIT %s",
+                                (self.node, count)).fetchall()
+        return [Job.from_json(doc) for doc, in rows]
+
+    def _fresh(self, doc):
+        """A job's JSON, with the progress of a run on this node as it is now."""
+        local = self.local.get(doc["id"])
+        return dict(doc, progress=local.progress) if local is not None else doc
+
+    def show(self, job_id=None, eta=lambda seconds, running: None):
+        with self._db() as conn:
+            if job_id is not None:
+                row = conn.execute("SELECT doc, status, seq FROM jobs WHERE id = %s",
+                                   (job_id,)).fetchone()
+                if row is None:
+                    raise HTTPError(404, f"no job {job_id}: it never existed, was deleted, "
+                                         f"or finished more than {self.history} jobs ago")
+                rows = [row] if row[1] != QUEUED else conn.execute(
+                    "SELECT doc, status, seq FROM jobs WHERE status = 'RUNNING' OR (status = "
+                    "'QUEUED' AND seq <= %s) ORDER BY seq", (row[2],)).fetchall()
+            else:
+                rows = conn.execute(
+                    "SELECT doc, status, seq FROM jobs WHERE status IN ('QUEUED', 'RUNNING') "
+                    "OR id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL ORDER BY "
+                    "finished_at DESC, seq DESC LIMIT %s) ORDER BY seq",
+                    (self.history,)).fetchall()
+        docs = [self._fresh(doc) for doc, _, _ in rows]
+        ahead = sum(_remaining(Job.from_json(d)) for d in docs if d["status"] == RUNNING)
+        position = 0
+        for doc in docs:
+            job = Job.from_json(doc)
+            if job.status == QUEUED:
+                position += 1
+                ahead += job.audio_duration or 0
+                doc.update(position=position, eta=eta(ahead, False))
+            elif job.status == RUNNING:
+                doc.update(eta=eta(_remaining(job), True))
+        if job_id is not None:
+            return next(d for d in docs if d["id"] == job_id)
+        return sorted(docs, key=lambda d: d["created_at"])
+
+    def wait(self, job_id, seconds):
+        deadline = time.monotonic() + seconds
+        while True:
+            status = self.show(job_id)["status"]
+            left = deadline - time.monotonic()
+            if status in FINISHED or left <= 0:
+                return
+            with self.changed:  # woken by any node's change; re-read in any case
+                self.changed.wait(min(left, 1.0))
+
+    def pending_callbacks(self):
+        with self._db() as conn:
+            return self._adopt(conn, orphans_only=False)
+
+    def stats(self):
+        with self._db() as conn:
+            queued, running, processed = conn.execute(
+                "SELECT count(*) FILTER (WHERE status = 'QUEUED'), count(*) FILTER (WHERE "
+                "status = 'RUNNING'), (SELECT value FROM counters WHERE name = 'processed') "
+                "FROM jobs").fetchone()
+        return {"Queued": queued, "Running": running, "Processed": processed}
+
+    def nodes(self):
+        """The nodes seen within a lease: [{"name", "url", "last_seen"}]."""
+        with self._db() as conn:
+            rows = conn.execute("SELECT name, url, last_seen FROM nodes WHERE last_seen > "
+                                "now() - %s * interval '1 second' ORDER BY name",
+                                (self.lease,)).fetchall()
+        return [{"name": name, "url": url, "last_seen": seen.isoformat(timespec="seconds")}
+                for name, url, seen in rows]
+
+    def close(self):
+        self.closed = True
+        with self.lock:
+            for conn in self.idle:
+                conn.close()
+            self.idle.clear()
 
 
 # ---------------------------------------------------------------------------------------
@@ -1955,9 +2405,11 @@ class Service:
     AHEAD_SECONDS = 600    # at most this much audio held decoded
     SPEED_WINDOW = 20      # recent jobs whose speed gives the eta
 
-    def __init__(self, settings):
-        self.settings = settings
-        self.store = SQLiteStore(settings.state_dir, settings.history)
+    def __init__(self, settings, node, address):
+        self.settings, self.node = settings, node
+        self.store = PostgresStore(settings.store, settings.history, node, address,
+                                   settings.lease, settings.max_attempts) \
+            if settings.store else SQLiteStore(settings.state_dir, settings.history, node)
         engine = ENGINES[settings.engine]
         self.context = types.SimpleNamespace(  # what validate() needs to know
             allow_dir=settings.allow_dir, default_model=settings.default_model,
@@ -1983,16 +2435,21 @@ class Service:
         self.threads = [threading.Thread(target=target, name=name, daemon=True) for
                         target, name in ((self._finish, "finisher"),
                                          (self._decode_ahead, "decoder"),
-                                         (self._tell_systemd, "systemd"))]
+                                         (self._keep_up, "keep up"))]
         self.uploads = os.path.join(settings.state_dir, "uploads")
-        self._recover()
+        shutil.rmtree(self.uploads, ignore_errors=True)
+        os.makedirs(self.uploads)
+        self.recovered = False
+        try:
+            self._recover()
+        except StoreUnavailable as e:  # the database is away: once it is back
+            self._trouble(f"the job store cannot be reached: {e}; retrying")
 
     def _recover(self):
         """Jobs left QUEUED run as queued; a RUNNING one (the daemon died under it) runs
         again, up to --max-attempts starts. Uploads end FAILED: the client that waited for
-        the answer was disconnected, and its file is gone."""
-        shutil.rmtree(self.uploads, ignore_errors=True)
-        os.makedirs(self.uploads)
+        the answer was disconnected, and its file is gone. (With --store, only what this
+        node left: the other nodes' jobs are theirs, and lapsed leases free them.)"""
         limit, again, ends = self.settings.max_attempts, [], []
         for job in self.store.unfinished():
             if job.upload:
@@ -2016,6 +2473,7 @@ class Service:
                     f"of {limit})")
         for job in self.store.pending_callbacks():
             self.callbacks.schedule(job)
+        self.recovered = True
 
     def start(self):
         for thread in self.workers + self.threads:
@@ -2253,9 +2711,10 @@ class Service:
             if not items:
                 continue
             ends = [self._end(*item) for item in items]
-            self._commit(ends, give_up=stop)
-            for (job, status, _), (_, outcome, _, busy) in zip(ends, items):
-                self._ended(job, status, outcome, busy)
+            recorded = {job.id: status for job, status, _ in self._commit(ends, give_up=stop)}
+            for job, outcome, _, busy in items:
+                if job.id in recorded:
+                    self._ended(job, recorded[job.id], outcome, busy)
 
     def _commit(self, ends, give_up):
         """Commits the ends, retrying while the store cannot take them (a full disk, a
@@ -2265,15 +2724,15 @@ class Service:
         delay = 0.1
         while True:
             try:
-                self.store.finish(ends)
+                recorded = self.store.finish(ends)
                 self._trouble(None)
-                return
+                return recorded
             except StoreUnavailable as e:
                 self._trouble(f"{len(ends)} finished job(s) wait to be recorded: {e}; "
                               f"retrying")
                 if (give_up or self.stopping) and time.monotonic() > deadline:
                     log("giving up: those jobs run again on start")
-                    return
+                    return []
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -2317,8 +2776,11 @@ class Service:
                 while True:
                     if self.stopping:
                         return
-                    upcoming = self.store.next_queued(self.AHEAD_JOBS) \
-                        if worker.ready and not worker.prepare_error else []
+                    try:
+                        upcoming = self.store.next_queued(self.AHEAD_JOBS) \
+                            if worker.ready and not worker.prepare_error else []
+                    except StoreUnavailable:
+                        upcoming = []
                     keep = {job.id for job in upcoming + self.store.running()}
                     for job_id in set(self.decoded) - keep:  # deleted meanwhile
                         del self.decoded[job_id]
@@ -2358,19 +2820,26 @@ class Service:
                     "running": [job.id for job in w.jobs],
                     **({"error": w.prepare_error} if w.prepare_error else {})}
                    for w in self.workers]
-        return {"status": "ok" if self.accepting else "shutting down", "version": __version__,
+        try:
+            stats, nodes = self.stats(), self.store.nodes()
+        except StoreUnavailable:
+            stats, nodes = {"Queued": None, "Running": None, "Processed": None}, []
+        status = "shutting down" if not self.accepting else \
+            "store unavailable" if self.trouble else "ok"
+        return {"status": status, "version": __version__, "node": self.node,
+                **({"nodes": nodes} if self.settings.store else {}),
                 "engine": self.settings.engine,
                 "device": ",".join(w["device"] for w in workers),
                 "models_loaded": sorted({m for w in workers for m in w["models_loaded"]}),
                 "worker_ready": all(w["ready"] for w in workers), "workers": workers,
-                "store_error": self.trouble, **self.stats(), "speed": self.speed(),
+                "store_error": self.trouble, **stats, "speed": self.speed(),
                 "uptime": round(time.monotonic() - self.started, 1)}
 
     def metrics_text(self):
         """/metrics in Prometheus' text format."""
         with self.lock:
             m = dict(self.metrics)
-        stats, labels = self.stats(), [w.label for w in self.workers]
+        stats, labels = self.stats(), [w.label for w in self.workers]  # 503 if unreachable
         lines = []
 
         def metric(name, kind, help, samples):
@@ -2406,7 +2875,11 @@ class Service:
         running = [f"running {job.id} ({job.progress}%)" + (
             f" on {w.label}" if len(self.workers) > 1 else "")
             for w in self.workers for job in w.jobs]
-        return f"{self.stats()['Queued']} queued; " + ("; ".join(running) or "idle")
+        try:
+            queued = f"{self.stats()['Queued']} queued"
+        except StoreUnavailable:
+            queued = "job store unreachable"
+        return f"{queued}; " + ("; ".join(running) or "idle")
 
     def alive(self, ping):
         """Every worker alive, and none stuck: each took a job, reported progress or sat
@@ -2414,8 +2887,11 @@ class Service:
         return all(w.is_alive() and (w.engine.loading or time.monotonic() - w.beat < 2 * ping)
                    for w in self.workers)
 
-    def _tell_systemd(self):
-        ping, said = watchdog_interval(), None
+    def _keep_up(self):
+        """Every second: systemd's watchdog and status line. Every third of a lease: the
+        store's upkeep (with --store: this node's leases, the jobs and callbacks of nodes
+        that stopped), and the recovery that waited for the store to be reachable."""
+        ping, said, due = watchdog_interval(), None, 0.0
         while not self.stopping:
             if ping and self.alive(ping):
                 sd_notify("WATCHDOG=1")
@@ -2423,6 +2899,16 @@ class Service:
             if now != said:
                 sd_notify(f"STATUS={now}")
                 said = now
+            if time.monotonic() >= due:
+                due = time.monotonic() + self.settings.lease / 3
+                try:
+                    if not self.recovered:
+                        self._recover()
+                    for job in self.store.maintain():
+                        self.callbacks.schedule(job)
+                    self._trouble(None)
+                except StoreUnavailable as e:
+                    self._trouble(f"the job store cannot be reached: {e}; retrying")
             time.sleep(min(ping or 1.0, 1.0))
 
 
@@ -2921,6 +3407,9 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 body = {"error": e.message, **({"field": e.field} if e.field else {})}
             self.respond(e.status, body, **e.headers)
+        except StoreUnavailable as e:
+            self.respond(e.status, {"error": f"the job store cannot answer now: {e}; retry "
+                                             f"later"}, **{"Retry-After": "10"})
         except (ConnectionError, TimeoutError):
             self.close_connection = True
         except Exception:
@@ -3161,8 +3650,8 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, settings, service):
-        self.settings, self.service = settings, service
+    def __init__(self, settings):
+        self.settings, self.service = settings, None  # serve() gives it its service
         if ":" in settings.host:
             self.address_family = socket.AF_INET6
         super().__init__((settings.host, settings.port), Handler)
@@ -3349,19 +3838,20 @@ def lock_state_dir(state_dir):
 def serve(settings):
     """Binds, announces, waits for SIGTERM or SIGINT, stops the service, exits 0."""
     lock = lock_state_dir(settings.state_dir)
-    service = Service(settings)
     try:
-        server = Server(settings, service)
+        server = Server(settings)
     except OSError as e:
         sys.exit(f"whisperd: cannot listen on {settings.host}:{settings.port}: {e.strerror}")
+    host, port = server.server_address[:2]
+    node = settings.node or f"{socket.gethostname()}:{port}"
+    server.service = service = Service(settings, node, f"http://{host}:{port}")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-    host, port = server.server_address[:2]
-    log(f"listening on http://{host}:{port} (engine {settings.engine}, workers "
-        f"{', '.join(settings.devices)}, state {settings.state_dir}, models "
-        f"{settings.model_dir})")
+    store = _redact(settings.store) if settings.store else settings.state_dir
+    log(f"listening on http://{host}:{port} (node {node}, engine {settings.engine}, workers "
+        f"{', '.join(settings.devices)}, store {store}, models {settings.model_dir})")
     service.start()
     sd_notify("READY=1")
     while not stop.wait(1.0):  # the signal's handler runs between two waits

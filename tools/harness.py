@@ -452,6 +452,8 @@ class Postgres:
         data and port) and returns self once it accepts connections."""
         if self.home is None:
             self._prepare()
+            import atexit
+            atexit.register(self.close)   # a test that forgot close() leaves no server
         if not (self.data / "PG_VERSION").exists():
             self._initdb()
         fixed_port = self.port is not None
