@@ -14,9 +14,9 @@ BIN       := $(VENV)/bin
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT       := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 # What the tests run against: espeak-ng speaks, Debian's recorded voice prompts (five
-# languages) and LibriVox readings, a real Chromium for the page.
+# languages) and LibriVox readings, a real Chromium for the page, a real PostgreSQL server.
 LANGS     := en es fr it ru
-TEST_DEBS := espeak-ng jq chromium chromium-driver pocketsphinx-testdata \
+TEST_DEBS := espeak-ng jq postgresql chromium chromium-driver pocketsphinx-testdata \
              $(foreach l,$(LANGS),asterisk-core-sounds-$(l)-g722 asterisk-core-sounds-$(l))
 
 .PHONY: run test system test-system deps model bench clean

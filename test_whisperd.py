@@ -1092,7 +1092,7 @@ def test_translate_turns_french_speech_into_english(polyglot, tmp_path):
 
 
 # Recorded English: Asterisk prompts and a LibriVox reading (Debian's pocketsphinx-testdata).
-ENGLISH = [prompt("en", name) for name in ("ss-noservice", "conf-invalid", "queue-youarenext")]
+ENGLISH = [prompt("en", name) for name in ("ss-noservice", "queue-youarenext")]
 ENGLISH.append(reading("sense_and_sensibility_01_austen_64kb-0880"))
 ENGLISH_WER = 0.1  # measured with base: 0 on both engines (tiny.en: 0.06 over 14 clips)
 
@@ -1184,7 +1184,7 @@ def test_two_workers_run_two_jobs_at_once_none_twice_and_kill_9_loses_neither(
         start, speech, tmp_path):
     daemon = start("--device", "cpu,cpu")
     jobs = [daemon.submit(path=speech[n], output_path=tmp_path / n)
-            for n in ("busy.wav", "long.wav", "call.wav", "report.wav")
+            for n in ("busy.wav", "order.wav", "call.wav", "report.wav")
             if (tmp_path / n).mkdir() is None]
     both = wait_until(lambda: len(running := [j for j in daemon.request(
         "GET", "/transcription/jobs")[2] if j["status"] == "RUNNING"]) == 2 and running,
@@ -1414,8 +1414,8 @@ def nodes(start, database, tmp_path_factory):
     database.psql(f"CREATE DATABASE {name}", database="postgres")
     url = database.url.rsplit("/", 1)[0] + f"/{name}"
 
-    def make(count, *flags, ready=True):
-        made = [start("--store", url, "--lease", "3", *flags,
+    def make(count, *flags, ready=True):  # faster-whisper: the quicker engine to start
+        made = [start("--store", url, "--lease", "3", "--engine", "faster-whisper", *flags,
                       state=tmp_path_factory.mktemp("node")) for _ in range(count)]
         for node in made if ready else ():
             wait_until(lambda: node.request("GET", "/health")[2]["worker_ready"])
@@ -1435,11 +1435,12 @@ def runs(daemons, job_id):
 
 def test_nodes_share_one_queue_and_no_job_runs_twice(nodes, tmp_path):
     a, b = nodes(2)
-    jobs = [a.submit(path=prompt("en", name)[0], output_path=tmp_path) for name in DISTINCT]
+    jobs = [a.submit(path=prompt("en", name)[0], output_path=tmp_path)
+            for name in DISTINCT[:4]]
     done = [b.completed(job["id"]) for job in jobs]  # asked of the other node
     assert {d["node"] for d in done} == {node_name(a), node_name(b)}  # spread over both
     assert all(runs((a, b), job["id"]) == 1 for job in jobs)
-    assert a.stats() == b.stats() == {"Queued": 0, "Running": 0, "Processed": len(DISTINCT)}
+    assert a.stats() == b.stats() == {"Queued": 0, "Running": 0, "Processed": len(jobs)}
     listed = [[j["id"] for j in n.request("GET", "/transcription/jobs")[2]] for n in (a, b)]
     assert listed[0] == listed[1] == [j["id"] for j in jobs]
     health = a.request("GET", "/health")[2]
@@ -1448,8 +1449,8 @@ def test_nodes_share_one_queue_and_no_job_runs_twice(nodes, tmp_path):
 
 def test_any_node_deletes_and_waits_for_any_job(nodes, speech, tmp_path):
     a, b = nodes(2)
-    blockers = [a.submit(path=speech["busy.wav"], output_path=tmp_path / n)
-                for n in ("1", "2") if (tmp_path / n).mkdir() is None]
+    blockers = [a.submit(path=speech[n], output_path=tmp_path)
+                for n in ("order.wav", "plants.wav")]  # one for each node
     queued = a.submit(path=speech["call.wav"], output_path=tmp_path)
     status, _, gone = b.request("DELETE", f"/transcription/job/{queued['id']}")
     assert status == 200 and gone["deleted"] is True
