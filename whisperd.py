@@ -5,27 +5,32 @@ A shell script POSTs a job naming an audio file on this host; one worker thread 
 transcribes jobs in the order they came; the transcript lands as files in a folder
 (written by openai-whisper's own writers) and a webhook is called when the job ends. Jobs
 live in a SQLite database, so a job that was accepted is never lost: not to a crash, a
-`kill -9`, a reboot or a `systemctl restart`.
+`kill -9`, a reboot or a `systemctl restart`. Several whisperds on several hosts may share
+one queue in a PostgreSQL database instead (--store).
 
 The HTTP API is the one of the original "Whisper Api" (ORIGINAL-API.md) with the gaps
 settled by CONTRACT.md; README.md documents every endpoint and flag.
 
 Dependencies: the Python standard library for the server, the queue, the job store and
 the callbacks; openai-whisper (and torch) in the worker threads; faster-whisper only with
-`--engine faster-whisper`. Heavy imports happen in the workers, after the port answers.
+`--engine faster-whisper` (or `vad`); psycopg only with `--store`. Heavy imports happen in
+the workers, after the port answers.
 
 Sections, in reading order:
   settings      the flags, and the constants of the wire format
   errors        what can go wrong, as exceptions carrying their HTTP status or their cause
   jobs          a job's fields, declared once; validation derived from them
   audio         ffprobe at the door
-  job store     where jobs are: in memory for reading, in SQLite for surviving
+  job store     where jobs are: SQLite on one host (and memory for reading), or PostgreSQL
+                shared by several
   engines       openai-whisper and faster-whisper: models, decoding options, transcription
-  output files  openai-whisper's writers, each file renamed into place whole
+  batches       the windows of several jobs decoded together, short jobs packed
+  output files  openai-whisper's writers, all of a job's files renamed into place whole
   worker        one thread per device: take a job, transcribe it, hand it on
   callbacks     the webhook sender, retried with backoff
   systemd       READY, STATUS, WATCHDOG and STOPPING over $NOTIFY_SOCKET
-  service       the one owner of a job's life: workers, finishing, callbacks, health
+  service       the one owner of a job's life: workers, audio decoded ahead, finishing,
+                callbacks, the store's upkeep, health, metrics
   http          the routes, OpenAPI, OpenAI's audio API, the page
   client        `whisperd submit | status | jobs`
   main          bind, announce, wait for a signal, stop, exit
@@ -113,6 +118,58 @@ def _default_model_dir():
 def _default_state_dir():
     # systemd's StateDirectory= hands us $STATE_DIRECTORY (colon separated if several).
     return (os.environ.get("STATE_DIRECTORY") or "").split(":")[0] or "./var"
+
+
+def _redact(url):
+    """A database URL without its password, for the log."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
+    return parts.geturl()
+
+
+def _store_problem(url):
+    """What is wrong with a --store URL, or None."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return (f"must be a postgresql:// URL (or empty, for SQLite in --state-dir), "
+                f"got {_redact(url)!r}")
+    try:
+        urllib.parse.urlsplit(url).port  # a port that is not a number raises
+        import psycopg
+        psycopg.conninfo.conninfo_to_dict(url)
+    except ImportError:
+        return "needs psycopg: pip install 'whisperd[postgres]'"
+    except ValueError as e:  # psycopg's ProgrammingError is not one: caught below
+        return f"is not a URL whisperd can use: {e}"
+    except Exception as e:
+        return f"is not a URL psycopg can use: {_reason(e)}"
+    return None
+
+
+def log(message):
+    """One line per event on stderr; journald adds the timestamp. One write, so that
+    lines from several threads never run into each other."""
+    sys.stderr.write(f"whisperd: {message}\n")
+    sys.stderr.flush()
+
+
+def utcnow():
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _since(started):
+    return round(time.monotonic() - started, 3)
+
+
+def _reason(error):
+    """A short, human reason from an exception (ffmpeg's last line, not its banner)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _inside(path, roots):
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, root]) == root for root in roots)
 
 
 def build_parser():
@@ -210,58 +267,6 @@ def parse_settings(argv=None):
     return settings
 
 
-def _store_problem(url):
-    """What is wrong with a --store URL, or None."""
-    if not url.startswith(("postgresql://", "postgres://")):
-        return (f"must be a postgresql:// URL (or empty, for SQLite in --state-dir), "
-                f"got {_redact(url)!r}")
-    try:
-        urllib.parse.urlsplit(url).port  # a port that is not a number raises
-        import psycopg
-        psycopg.conninfo.conninfo_to_dict(url)
-    except ImportError:
-        return "needs psycopg: pip install 'whisperd[postgres]'"
-    except ValueError as e:  # psycopg's ProgrammingError is not one: caught below
-        return f"is not a URL whisperd can use: {e}"
-    except Exception as e:
-        return f"is not a URL psycopg can use: {_reason(e)}"
-    return None
-
-
-def _redact(url):
-    """A database URL without its password, for the log."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password:
-        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
-    return parts.geturl()
-
-
-def log(message):
-    """One line per event on stderr; journald adds the timestamp. One write, so that
-    lines from several threads never run into each other."""
-    sys.stderr.write(f"whisperd: {message}\n")
-    sys.stderr.flush()
-
-
-def utcnow():
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _since(started):
-    return round(time.monotonic() - started, 3)
-
-
-def _reason(error):
-    """A short, human reason from an exception (ffmpeg's last line, not its banner)."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
-
-
-def _inside(path, roots):
-    real = os.path.realpath(path)
-    return any(os.path.commonpath([real, root]) == root for root in roots)
-
-
 # ---------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------
@@ -357,15 +362,20 @@ def _nullable(kind, **more):
     return {"type": [kind, "null"], **more}
 
 
+def _allowed(field, path, verb, context):
+    """403 unless --allow-dir is unset or `path` resolves inside one of its folders."""
+    if context.allow_dir and not _inside(path, context.allow_dir):
+        raise Invalid(f"{field} {path!r} is outside the folders whisperd may {verb} "
+                      f"(--allow-dir: {', '.join(context.allow_dir)})", HTTPStatus.FORBIDDEN)
+
+
 def _parse_path(value, job, context):
     if not value:
         raise Invalid("path is required: the absolute path of an audio file on the "
                       "whisperd host")
     if not os.path.isabs(value):
         raise Invalid(f"path must be absolute, got {value!r}")
-    if context.allow_dir and not _inside(value, context.allow_dir):
-        raise Invalid(f"path {value!r} is outside the folders whisperd may read "
-                      f"(--allow-dir: {', '.join(context.allow_dir)})", HTTPStatus.FORBIDDEN)
+    _allowed("path", value, "read", context)
     if not os.path.exists(value):
         raise Invalid(f"no such file: {value}")
     if not os.path.isfile(value):
@@ -380,9 +390,7 @@ def _parse_output_path(value, job, context):
     folder = os.path.normpath(value or os.path.dirname(job.path))
     if not os.path.isabs(folder):
         raise Invalid(f"output_path must be an absolute folder, got {folder!r}")
-    if context.allow_dir and not _inside(folder, context.allow_dir):
-        raise Invalid(f"output_path {folder!r} is outside the folders whisperd may write "
-                      f"(--allow-dir: {', '.join(context.allow_dir)})", HTTPStatus.FORBIDDEN)
+    _allowed("output_path", folder, "write", context)
     if not os.path.isdir(folder):
         raise Invalid(f"output_path must be an existing folder: {folder}")
     if not os.access(folder, os.W_OK | os.X_OK):
