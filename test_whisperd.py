@@ -220,6 +220,16 @@ def test_each_format_writes_one_well_formed_file(shared, speech, tmp_path, fmt):
     check_well_formed(tmp_path / f"call.{fmt}", done["result"])
 
 
+def test_a_job_leaves_alone_what_another_job_is_writing_under_the_same_name(
+        shared, speech, tmp_path):
+    # Another worker or node, writing call.txt for another job into the same folder
+    another = tmp_path / f".call.{uuid.uuid4()}.x1y2z3.whisperd-tmp"
+    another.write_text("half of another job's transcript")
+    shared.completed(shared.submit(path=speech["call.wav"], output_path=tmp_path)["id"])
+    assert another.read_text() == "half of another job's transcript"
+    assert (tmp_path / "call.txt").stat().st_size > 0
+
+
 def test_format_all_writes_all_five_files_well_formed(shared, speech, tmp_path):
     done = shared.completed(shared.submit(path=speech["call.wav"], format="all",
                                           output_path=tmp_path)["id"])

@@ -2100,7 +2100,9 @@ def write_outputs(result, job):
 
     base = os.path.splitext(os.path.basename(job.path))[0]
     folder = job.output_path
-    prefix, suffix = f".{base}.", ".whisperd-tmp"
+    # The job's id in the temp names: jobs of inputs with the same name may be writing
+    # into this folder at once (two workers, two nodes), and each clears only its own.
+    prefix, suffix = f".{base}.{job.id}.", ".whisperd-tmp"
     with contextlib.suppress(OSError):  # left by a daemon killed while writing this job
         for name in os.listdir(folder):
             if name.startswith(prefix) and name.endswith(suffix):
