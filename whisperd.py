@@ -2411,7 +2411,8 @@ class Service:
     its store, workers or engines.
     """
 
-    AHEAD_JOBS = 4         # queued jobs whose audio is decoded ahead of the workers
+    AHEAD_JOBS = 4         # queued jobs whose audio is decoded ahead, per worker and
+                           # per window of --batch-size (a batch takes several at once)
     AHEAD_SECONDS = 600    # at most this much audio held decoded
     SPEED_WINDOW = 20      # recent jobs whose speed gives the eta
 
@@ -2430,6 +2431,7 @@ class Service:
         self.workers = [Worker(self, engine(settings, device, threads if device == "cpu" else 0),
                                suffix)
                         for device, suffix in zip(settings.devices, _suffixes(settings.devices))]
+        self.ahead = self.AHEAD_JOBS * len(self.workers) * max(1, settings.batch_size)
         self.callbacks = Callbacks(settings, self._callback_attempted)
         self.finishing = queue.Queue()   # (job, result or JobFailed, seconds), from workers
         self.decoded = {}                # job id -> audio (or AudioError), decoded ahead
@@ -2778,8 +2780,8 @@ class Service:
 
     def _decode_ahead(self):
         """Decodes the audio of the next queued jobs while the workers are busy, so that a
-        worker goes from one job to the next without waiting for ffmpeg. Bounded: a few
-        jobs and a few minutes of audio, however long the queue."""
+        worker goes from one job (or batch) to the next without waiting for ffmpeg.
+        Bounded: `ahead` jobs and AHEAD_SECONDS of audio, however long the queue."""
         worker = self.workers[0]
         while True:
             with self.store.changed:
@@ -2787,7 +2789,7 @@ class Service:
                     if self.stopping:
                         return
                     try:
-                        upcoming = self.store.next_queued(self.AHEAD_JOBS) \
+                        upcoming = self.store.next_queued(self.ahead) \
                             if worker.ready and not worker.prepare_error else []
                     except StoreUnavailable:
                         upcoming = []

@@ -14,6 +14,9 @@ package's scripts. Each mode below transcribes the whole queue in its own proces
   whisperd-fw-batch8  ... --batch-size 8                         submit to the last job done)
   whisperd-fw-pack    ... --batch-size 8 --pack
   whisperd-fw-2cpu    ... --device cpu,cpu (two workers splitting the cores; cuda,cuda on a GPU)
+  bare-pack           whisperd's own Batch (batch 8, packed) called in one process with the
+                      whole queue at once: no HTTP, no ffprobe, no store, no arrival in
+                      turn; what packing gives when every job is there from the start
 Every process first transcribes one warm-up prompt (agent-pass, not in the queue); loading
 and warm-up are not timed. WER: tools/harness.py's, after a local normalisation on both sides
 (numbers 0-10 as words, '#' as "pound", '*' as "star", notes in brackets dropped).
@@ -59,7 +62,8 @@ FW = ["--engine", "faster-whisper"]
 MODES = {  # name: whisperd flags (None: a bare loop)
     "bare-ow": None, "bare-fw": None, "whisperd-ow": ["--engine", "openai-whisper"],
     "whisperd-fw": FW, "whisperd-fw-batch8": FW + ["--batch-size", "8"],
-    "whisperd-fw-pack": FW + ["--batch-size", "8", "--pack"], "whisperd-fw-2cpu": FW}
+    "whisperd-fw-pack": FW + ["--batch-size", "8", "--pack"], "whisperd-fw-2cpu": FW,
+    "bare-pack": None}
 JOB_TIMEOUT = 3600
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
            "ten"]
@@ -100,6 +104,8 @@ def worker(kind):
     protocol = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever the libraries print stays out of the answer
     started, device = time.monotonic(), spec["device"]
+    if kind == "pack":
+        return pack_worker(spec, protocol, started)
     if kind == "ow":
         import whisper
         model = whisper.load_model(spec["model"] + ".pt", device=device)
@@ -126,12 +132,39 @@ def worker(kind):
     protocol.close()
 
 
+def pack_worker(spec, protocol, started):
+    """bare-pack: whisperd's Batch on every file at once (audio decoded, as faster-whisper
+    decodes it, inside the timed part)."""
+    import whisperd
+    from faster_whisper import WhisperModel, decode_audio
+    model = WhisperModel(spec["model"], device=spec["device"].partition(":")[0],
+                         device_index=int(spec["device"].partition(":")[2] or 0),
+                         compute_type=spec["compute_type"])
+
+    def run(paths):
+        jobs = [whisperd.Job(id=str(i), model="tiny.en", language="en")
+                for i in range(len(paths))]
+        batch = whisperd.Batch(whisperd.BatchDecoder(model), 8, pack=True)
+        batch.add([(job, decode_audio(str(path))) for job, path in zip(jobs, paths)])
+        done = {}
+        while batch:
+            done.update(batch.step())
+        return [done[job]["text"] for job in jobs]
+    run([spec["warm"]])
+    ready = time.monotonic() - started
+    started = time.monotonic()
+    texts = run(spec["files"])
+    wall = time.monotonic() - started
+    protocol.write(json.dumps({"wall_s": wall, "texts": texts, "warmup_s": ready,
+                               "peak_rss_mib": peak_rss_mib(os.getpid())}) + "\n")
+    protocol.close()
+
+
 def bare(kind, args, warm, files):
-    fw = kind == "fw"
     spec = {"model": os.path.join(args.model_dir, args.model), "device": args.device,
             "warm": str(warm), "files": [str(f) for f in files],
             "compute_type": "float16" if args.device != "cpu" else "int8"}
-    done = subprocess.run([PYTHON, __file__, "--worker", "fw" if fw else "ow"],
+    done = subprocess.run([PYTHON, __file__, "--worker", kind],
                           input=json.dumps(spec), capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"bare-{kind} failed:\n{done.stderr[-3000:]}")
@@ -147,7 +180,8 @@ def whisperd(name, args, warm, files, scratch):
     out = scratch / name
     out.mkdir(parents=True)
     daemon = Daemon(scratch / f"state-{name}", args.model_dir, *flags, "--device", device,
-                    "--default-model", args.model, "--max-queue", "100000").start()
+                    "--default-model", args.model, "--max-queue", "100000",
+                    "--history", "100000").start()
     try:
         started = time.monotonic()
         daemon.completed(daemon.submit(path=warm, output_path=out)["id"], JOB_TIMEOUT)
@@ -179,7 +213,7 @@ def main():
     parser.add_argument("--no-wait", action="store_true",
                         help="do not wait for a quiet machine (--quick never waits)")
     parser.add_argument("--json", default=str(OUT / "queue.json"))
-    parser.add_argument("--worker", choices=("ow", "fw"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("ow", "fw", "pack"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
