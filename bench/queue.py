@@ -17,6 +17,8 @@ package's scripts. Each mode below transcribes the whole queue in its own proces
   bare-pack           whisperd's own Batch (batch 8, packed) called in one process with the
                       whole queue at once: no HTTP, no ffprobe, no store, no arrival in
                       turn; what packing gives when every job is there from the start
+The modes run in turn, --rounds times (3), and each mode's median wall time is its figure:
+one pass of a mode varies by 10 to 20% between rounds on these shared machines.
 Every process first transcribes one warm-up prompt (agent-pass, not in the queue); loading
 and warm-up are not timed. WER: tools/harness.py's, after a local normalisation on both sides
 (numbers 0-10 as words, '#' as "pound", '*' as "star", notes in brackets dropped).
@@ -24,7 +26,7 @@ Targets (ratios of this run): whisperd >= 1.0x its library's loop; batch8 >= 1.5
 >= 2.5x bare-fw; each whisperd mode's WER within +0.02 of whisperd-fw (or -ow).
 
   .venv/bin/python bench/queue.py                 # the whole queue (waits for a quiet machine)
-  .venv/bin/python bench/queue.py --quick         # the first 8 files, to check it runs
+  .venv/bin/python bench/queue.py --quick --rounds 1   # the first 8 files, to check it runs
   .venv/bin/python bench/queue.py --only bare-fw,whisperd-fw-pack
   python bench/queue.py --device cuda --no-wait   # on a GPU host
 Raw figures: bench/out/queue.json.
@@ -45,6 +47,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
@@ -208,6 +211,8 @@ def main():
     parser.add_argument("--model-dir", default=MODEL_DIR, help="tiny.en.pt and tiny.en/")
     parser.add_argument("--model", default="tiny.en")
     parser.add_argument("--quick", action="store_true", help="the first 8 files")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="every mode this many times, in turn; the median counts")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--only", help="comma separated, of: " + ", ".join(MODES))
     parser.add_argument("--no-wait", action="store_true",
@@ -237,21 +242,31 @@ def main():
         wait_until_quiet()
 
     began, watch, rows = time.monotonic(), CpuWatch(), {}
-    for name in want:
-        print(f"  {name} ...", end=" ", flush=True)
-        r = (bare(name[5:], args, warm, files) if MODES[name] is None
-             else whisperd(name, args, warm, files, scratch))
-        r.update(speed=audio / r["wall_s"], wer=wer(scripts, r["texts"]))
-        rows[name] = r
-        print(f"{r['wall_s']:.2f} s ({r['speed']:.2f}x real time), WER {r['wer']:.3f}"
-              + (f", {len(r['failed'])} FAILED: {r['failed'][0]}" if r.get("failed") else ""),
-              flush=True)
+    for round_no in range(1, args.rounds + 1):  # the modes in turn, each round
+        if args.rounds > 1:
+            print(f"round {round_no} of {args.rounds}", flush=True)
+        for name in want:
+            print(f"  {name} ...", end=" ", flush=True)
+            r = (bare(name[5:], args, warm, files) if MODES[name] is None
+                 else whisperd(name, args, warm, files, scratch / str(round_no)))
+            r.update(speed=audio / r["wall_s"], wer=wer(scripts, r["texts"]))
+            print(f"{r['wall_s']:.2f} s ({r['speed']:.2f}x real time), WER {r['wer']:.3f}"
+                  + (f", {len(r['failed'])} FAILED: {r['failed'][0]}" if r.get("failed")
+                     else ""), flush=True)
+            if name in rows:  # the median wall time of the rounds is the mode's
+                runs = rows[name]["walls_s"] + [r["wall_s"]]
+                rows[name].update(walls_s=runs, wall_s=statistics.median(runs),
+                                  failed=rows[name]["failed"] + r.get("failed", []))
+                rows[name]["speed"] = audio / rows[name]["wall_s"]
+            else:
+                rows[name] = dict(r, walls_s=[r["wall_s"]], failed=r.get("failed", []))
 
     def ratio(name, base):  # speed of `name` over `base`, or None
         return rows[base]["wall_s"] / rows[name]["wall_s"] if {name, base} <= rows.keys() \
             else None
     fmt = lambda x, spec=".2f": "-" if x is None else format(x, spec)  # noqa: E731
-    print(f"\n{len(files)} files, {audio:.1f} s of audio, {args.device}\n"
+    rounds = f"the median of {args.rounds} rounds" if args.rounds > 1 else "one round"
+    print(f"\n{len(files)} files, {audio:.1f} s of audio, {args.device}; {rounds}\n"
           "| mode | wall s | audio s / wall s | x bare-ow | x bare-fw | WER | peak RSS MiB |\n"
           "|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
