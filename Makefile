@@ -51,6 +51,7 @@ model: deps
 
 bench: system deps
 	$(BIN)/python bench/transcribe.py
+	$(BIN)/python bench/queue.py
 	$(BIN)/python bench/api.py
 
 clean:
