@@ -81,6 +81,9 @@ def soak_one(args, rng, work, models, audio, garbage, receiver, out):
         status, _, job = daemon.request("POST", "/transcription/job", {
             "path": str(garbage if bad else audio), "output_path": str(out),
             "callback": receiver.url})
+        if status == 503:  # shutting down or full: the client retries, as told (a full
+            time.sleep(0.2)  # queue answers before the audio is probed)
+            continue
         if bad:
             faults["not audio"] += 1
             if status == 400:
@@ -92,9 +95,6 @@ def soak_one(args, rng, work, models, audio, garbage, receiver, out):
             continue
         if status == 201:
             accepted.append(job["id"])
-        elif status == 503:  # shutting down or full: the client retries, as told
-            time.sleep(0.2)
-            continue
         else:
             raise SystemExit(f"unexpected answer {status}: {job}")
         if rng.random() < args.faults:
