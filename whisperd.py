@@ -642,6 +642,19 @@ def _remaining(job):
     return (job.audio_duration or 0) * (100 - job.progress) / 100
 
 
+def _started(job, worker, node):
+    """What a run's start changes in a job (either store)."""
+    return dict(status=RUNNING, attempts=job.attempts + 1, started_at=utcnow(), progress=0,
+                worker=worker, node=node)
+
+
+def _undone(job, count_attempt=True):
+    """What a run that ended without an end changes: the job is QUEUED again; a run that
+    was not the job's fault (a shutdown) does not count as an attempt."""
+    return dict(status=QUEUED, progress=0, started_at=None, worker=None, node=None,
+                attempts=job.attempts - (not count_attempt))
+
+
 class SQLiteStore:
     """Where jobs are, on one host: every job in memory for reading, and in SQLite (WAL)
     for surviving.
@@ -774,8 +787,7 @@ class SQLiteStore:
             if job_id is None or (accept is not None and not accept(self.jobs[job_id])):
                 return None
             job = self.jobs[job_id]
-            changes = dict(status=RUNNING, attempts=job.attempts + 1, started_at=utcnow(),
-                           progress=0, worker=worker, node=self.node)
+            changes = _started(job, worker, self.node)
             self._commit([self._update(job, changes)], durable=False)
             self._apply(job, changes)
             return job
@@ -817,9 +829,7 @@ class SQLiteStore:
         """Running jobs back to the front of the queue, in their order; a run that was
         not the job's fault (a shutdown) does not count as an attempt."""
         with self.lock:
-            changes = [dict(status=QUEUED, progress=0, started_at=None, worker=None,
-                            node=None, attempts=job.attempts - (not count_attempt))
-                       for job in jobs]
+            changes = [_undone(job, count_attempt) for job in jobs]
             self._commit([self._update(job, c) for job, c in zip(jobs, changes)])
             for job, c in reversed(list(zip(jobs, changes))):
                 self._apply(job, c)
@@ -1065,8 +1075,7 @@ class PostgresStore:
             if accept is not None and not accept(job):
                 return None
             token = uuid.uuid4()
-            job.update(status=RUNNING, attempts=job.attempts + 1, started_at=utcnow(),
-                       progress=0, worker=worker, node=self.node)
+            job.update(**_started(job, worker, self.node))
             conn.execute("UPDATE jobs SET status = 'RUNNING', node = %s, token = %s, "
                          "lease_until = now() + %s * interval '1 second', doc = %s "
                          "WHERE id = %s", (self.node, token, self.lease, self._doc(job), job.id))
@@ -1123,18 +1132,21 @@ class PostgresStore:
 
     def requeue(self, jobs, count_attempt=True):
         with self._db() as conn, conn.transaction():
-            for job in jobs:
-                changes = dict(status=QUEUED, progress=0, started_at=None, worker=None,
-                               node=None, attempts=job.attempts - (not count_attempt))
-                conn.execute("UPDATE jobs SET status = 'QUEUED', node = NULL, token = NULL, "
-                             "lease_until = NULL, doc = %s WHERE id = %s",
-                             (self._doc(job, **changes), job.id))
+            changes = [_undone(job, count_attempt) for job in jobs]
+            for job, c in zip(jobs, changes):
+                self._queue_again(conn, job, c)
                 self._notify(conn, job.id)
-                job.update(**changes)
         with self.lock:
-            for job in jobs:
+            for job, c in zip(jobs, changes):
+                job.update(**c)
                 self.local.pop(job.id, None)
                 self.tokens.pop(job.id, None)
+
+    def _queue_again(self, conn, job, changes):
+        """A RUNNING job QUEUED again, in its place in the queue (its seq stays)."""
+        conn.execute("UPDATE jobs SET status = 'QUEUED', node = NULL, token = NULL, "
+                     "lease_until = NULL, doc = %s WHERE id = %s",
+                     (self._doc(job, **changes), job.id))
 
     def delete(self, job_id):
         with self._db() as conn, conn.transaction():
@@ -1200,11 +1212,7 @@ class PostgresStore:
                                  "WHERE name = 'processed'")
                     log(f"job {job.id} failed: {error}")
                 else:
-                    changes = dict(status=QUEUED, progress=0, started_at=None, worker=None,
-                                   node=None)
-                    conn.execute("UPDATE jobs SET status = 'QUEUED', node = NULL, token = "
-                                 "NULL, lease_until = NULL, doc = %s WHERE id = %s",
-                                 (self._doc(job, **changes), job.id))
+                    self._queue_again(conn, job, _undone(job))
                     log(f"job {job.id} requeued: the node running it stopped renewing its "
                         f"lease (attempt {job.attempts} of {self.max_attempts})")
                 self._notify(conn, job.id)
@@ -1343,6 +1351,9 @@ def _load_error(name, path, error):
             f"downloaded there ({_reason(error)})")
 
 
+RATE = 16000  # samples a second, in everything Whisper decodes
+
+
 def _vad():
     try:
         from faster_whisper import vad
@@ -1353,7 +1364,7 @@ def _vad():
 
 
 def speech_only(audio):
-    """The speech in 16 kHz audio, found by the Silero VAD model that ships with
+    """The speech in RATE (16 kHz) audio, found by the Silero VAD model that ships with
     faster-whisper (with the defaults its vad_filter uses), cut out and joined: (speech
     audio, a map of times in it back to the original's), as faster-whisper does it."""
     vad = _vad()
@@ -1362,7 +1373,7 @@ def speech_only(audio):
         return audio[:0], None
     import numpy
     speech = numpy.concatenate([audio[c["start"]:c["end"]] for c in chunks])
-    return speech, vad.SpeechTimestampsMap(chunks, 16000)
+    return speech, vad.SpeechTimestampsMap(chunks, RATE)
 
 
 def restore_times(result, times):
@@ -1686,7 +1697,6 @@ class FasterWhisper(Engine):
 # detector cuts the audio, temperature 0 only (no fallback), no conditioning on the text
 # before.
 
-RATE = 16000            # samples a second, in everything Whisper decodes
 WINDOW = 30 * RATE      # samples in one window
 GAP = 2.0               # seconds of silence between two jobs in a window (measured:
                         # shorter gaps let a segment run from one job into the next)
@@ -2662,7 +2672,7 @@ class Service:
         if isinstance(audio, Exception):
             raise audio
         if job.audio_duration is None:
-            self.store.touch(job, audio_duration=round(len(audio) / 16000, 3))
+            self.store.touch(job, audio_duration=round(len(audio) / RATE, 3))
         return audio
 
     def progress(self, job, done):
@@ -2693,7 +2703,7 @@ class Service:
 
     # -- off the workers' path ------------------------------------------------------------
 
-    def _end(self, job, outcome, seconds, busy=0.0):
+    def _end(self, job, outcome, seconds):
         """(job, final status, changes) for a result or a JobFailed; writes the files."""
         changes = {"Duration": seconds,
                    "callback_status": Callback.PENDING if job.callback else Callback.NONE}
@@ -2722,7 +2732,7 @@ class Service:
             items = [item for item in items if item is not None]
             if not items:
                 continue
-            ends = [self._end(*item) for item in items]
+            ends = [self._end(job, outcome, seconds) for job, outcome, seconds, _ in items]
             recorded = {job.id: status for job, status, _ in self._commit(ends, give_up=stop)}
             for job, outcome, _, busy in items:
                 if job.id in recorded:
@@ -2797,7 +2807,7 @@ class Service:
                     for job_id in set(self.decoded) - keep:  # deleted meanwhile
                         del self.decoded[job_id]
                     held = sum(len(a) for a in self.decoded.values()
-                               if not isinstance(a, Exception)) / 16000
+                               if not isinstance(a, Exception)) / RATE
                     todo = next((job for job in upcoming if job.id not in self.decoded), None)
                     if todo is not None and held < self.AHEAD_SECONDS:
                         self.decoding = todo.id
