@@ -49,7 +49,9 @@ $(VENV)/.installed: pyproject.toml
 model: deps
 	$(BIN)/python tools/models.py $(MODEL_DIR)
 
-bench: system deps
+# queue.py speaks the recorded prompts test-system installs; api.py drives wrk.
+bench: system test-system deps
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(APT) wrk; }
 	$(BIN)/python bench/transcribe.py
 	$(BIN)/python bench/queue.py
 	$(BIN)/python bench/api.py

@@ -20,11 +20,19 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))  # bench scripts run as `python bench/x.py`
 from tools.harness import (PYTHON, ROOT, WHISPERD, Daemon, Receiver,  # noqa: E402,F401
-                           audio_seconds, convert, free_port, speak, wait_until, words,
-                           word_error_rate)
+                           audio_seconds, free_port, speak, wait_until, word_error_rate)
 
 OUT = BENCH / "out"                      # git-ignored: audio cache, models, scratch
 MODEL_DIR = os.environ.get("WHISPERD_MODEL_DIR") or str(OUT / "models")
+
+# The `whisper` command line's decoding defaults (whisper/transcribe.py, cli()), which
+# whisperd decodes with too: the bare loops of every bench use them.
+TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+CLI_DECODING = {"beam_size": 5, "best_of": 5, "temperature": TEMPERATURES,
+                "compression_ratio_threshold": 2.4, "no_speech_threshold": 0.6,
+                "condition_on_previous_text": True}
+LOGPROB_THRESHOLD = -1.0
+JOB_TIMEOUT = 3600  # seconds a job may take before the bench gives up on it
 
 
 def ensure_models(model_dir, *names):
@@ -266,3 +274,12 @@ def machine():
     return {"cpus": os.cpu_count(), "cpu": cpu, "ram_gib": round(ram, 1), "gpu": gpu,
             "python": platform.python_version(), "kernel": platform.release(),
             **dict(line.split(" ", 1) for line in versions if line)}
+
+
+def print_machine():
+    """Prints what the figures were measured on; returns machine()."""
+    m = machine()
+    print(f"machine: {m['cpus']} CPUs ({m['cpu']}), {m['ram_gib']} GiB, GPU {m['gpu'] or '-'}; "
+          f"torch {m['torch']}, openai-whisper {m['openai-whisper']}, faster-whisper "
+          f"{m['faster-whisper']}, ctranslate2 {m['ctranslate2']}", flush=True)
+    return m

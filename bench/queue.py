@@ -51,23 +51,20 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-from bench._common import (MODEL_DIR, OUT, PYTHON, CpuWatch, Daemon,  # noqa: E402
-                           audio_seconds, ensure_models, machine, peak_rss_mib,
+from bench._common import (CLI_DECODING, JOB_TIMEOUT,  # noqa: E402
+                           LOGPROB_THRESHOLD, MODEL_DIR, OUT, PYTHON, CpuWatch, Daemon,
+                           audio_seconds, ensure_models, peak_rss_mib, print_machine,
                            wait_until_quiet, word_error_rate)
 from tools.harness import SOUNDS, VOICES, prompt  # noqa: E402
 
 SCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
 WARM = "agent-pass"  # 3.5 s, outside the queue
-DECODING = {"beam_size": 5, "best_of": 5, "temperature": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-            "compression_ratio_threshold": 2.4, "no_speech_threshold": 0.6,
-            "condition_on_previous_text": True}
 FW = ["--engine", "faster-whisper"]
 MODES = {  # name: whisperd flags (None: a bare loop)
     "bare-ow": None, "bare-fw": None, "whisperd-ow": ["--engine", "openai-whisper"],
     "whisperd-fw": FW, "whisperd-fw-batch8": FW + ["--batch-size", "8"],
     "whisperd-fw-pack": FW + ["--batch-size", "8", "--pack"], "whisperd-fw-2cpu": FW,
     "bare-pack": None}
-JOB_TIMEOUT = 3600
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
            "ten"]
 
@@ -100,49 +97,31 @@ def wer(scripts, texts):
     return word_error_rate(*((normal(s), normal(t)) for s, t in zip(scripts, texts)))
 
 
-def worker(kind):
-    """`--worker ow|fw`: the bare loop. Reads {model, device, compute_type, warm, files} on
-    stdin; loads and warms up untimed, times the loop; answers one JSON line."""
-    spec = json.loads(sys.stdin.read())
-    protocol = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # whatever the libraries print stays out of the answer
-    started, device = time.monotonic(), spec["device"]
-    if kind == "pack":
-        return pack_worker(spec, protocol, started)
+def _runner(kind, spec):
+    """run(paths) -> their texts, for a bare mode: `ow` and `fw` a loop over the library,
+    `pack` whisperd's own Batch (batch 8, packed) on every file at once (its audio decoded,
+    as faster-whisper decodes it, inside the timed part)."""
+    device = spec["device"]
     if kind == "ow":
         import whisper
         model = whisper.load_model(spec["model"] + ".pt", device=device)
 
         def transcribe(path):
-            return whisper.transcribe(model, str(path), logprob_threshold=-1.0, verbose=None,
-                                      fp16=device != "cpu", **DECODING)["text"]
-    else:
-        from faster_whisper import WhisperModel
-        where, _, index = device.partition(":")
-        model = WhisperModel(spec["model"], device=where, device_index=int(index or 0),
-                             compute_type=spec["compute_type"])
-
-        def transcribe(path):
-            segments, _ = model.transcribe(str(path), log_prob_threshold=-1.0, **DECODING)
-            return "".join(s.text for s in segments)
-    transcribe(spec["warm"])
-    ready = time.monotonic() - started
-    started = time.monotonic()
-    texts = [transcribe(path) for path in spec["files"]]
-    wall = time.monotonic() - started
-    protocol.write(json.dumps({"wall_s": wall, "texts": texts, "warmup_s": ready,
-                               "peak_rss_mib": peak_rss_mib(os.getpid())}) + "\n")
-    protocol.close()
-
-
-def pack_worker(spec, protocol, started):
-    """bare-pack: whisperd's Batch on every file at once (audio decoded, as faster-whisper
-    decodes it, inside the timed part)."""
-    import whisperd
+            return whisper.transcribe(model, str(path), logprob_threshold=LOGPROB_THRESHOLD,
+                                      verbose=None, fp16=device != "cpu",
+                                      **CLI_DECODING)["text"]
+        return lambda paths: [transcribe(path) for path in paths]
     from faster_whisper import WhisperModel, decode_audio
-    model = WhisperModel(spec["model"], device=spec["device"].partition(":")[0],
-                         device_index=int(spec["device"].partition(":")[2] or 0),
+    where, _, index = device.partition(":")
+    model = WhisperModel(spec["model"], device=where, device_index=int(index or 0),
                          compute_type=spec["compute_type"])
+    if kind == "fw":
+        def text(path):
+            segments, _ = model.transcribe(str(path), log_prob_threshold=LOGPROB_THRESHOLD,
+                                           **CLI_DECODING)
+            return "".join(s.text for s in segments)
+        return lambda paths: [text(path) for path in paths]
+    import whisperd
 
     def run(paths):
         jobs = [whisperd.Job(id=str(i), model="tiny.en", language="en")
@@ -153,6 +132,17 @@ def pack_worker(spec, protocol, started):
         while batch:
             done.update(batch.step())
         return [done[job]["text"] for job in jobs]
+    return run
+
+
+def worker(kind):
+    """`--worker ow|fw|pack`: a bare mode. Reads {model, device, compute_type, warm, files}
+    on stdin; loads and warms up untimed, times the queue; answers one JSON line."""
+    spec = json.loads(sys.stdin.read())
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever the libraries print stays out of the answer
+    started = time.monotonic()
+    run = _runner(kind, spec)
     run([spec["warm"]])
     ready = time.monotonic() - started
     started = time.monotonic()
@@ -177,14 +167,13 @@ def bare(kind, args, warm, files):
 def whisperd(name, args, warm, files, scratch):
     flags, device = list(MODES[name]), args.device
     if name.endswith("2cpu"):
-        device = "cpu,cpu" if args.device == "cpu" else f"{args.device},{args.device}"
+        device = f"{args.device},{args.device}"
     if flags[1] == "faster-whisper":
         flags += ["--compute-type", "int8" if args.device == "cpu" else "float16"]
     out = scratch / name
     out.mkdir(parents=True)
     daemon = Daemon(scratch / f"state-{name}", args.model_dir, *flags, "--device", device,
-                    "--default-model", args.model, "--max-queue", "100000",
-                    "--history", "100000").start()
+                    "--max-queue", "100000", "--history", "100000", model=args.model).start()
     try:
         started = time.monotonic()
         daemon.completed(daemon.submit(path=warm, output_path=out)["id"], JOB_TIMEOUT)
@@ -232,16 +221,13 @@ def main():
     audio, warm = sum(seconds), prompt("en", WARM)[0]
     print(f"queue: {len(files)} prompts, {audio:.0f} s of audio ({min(seconds):.1f} to "
           f"{max(seconds):.1f} s each), model {args.model}, device {args.device}", flush=True)
-    m = machine()
-    print(f"machine: {m['cpus']} CPUs ({m['cpu']}), {m['ram_gib']} GiB, GPU {m['gpu'] or '-'}; "
-          f"torch {m['torch']}, openai-whisper {m['openai-whisper']}, faster-whisper "
-          f"{m['faster-whisper']}, ctranslate2 {m['ctranslate2']}", flush=True)
+    m = print_machine()
     scratch = OUT / "scratch-queue"
     shutil.rmtree(scratch, ignore_errors=True)
     if not (args.quick or args.no_wait):
         wait_until_quiet()
 
-    began, watch, rows = time.monotonic(), CpuWatch(), {}
+    began, watch, runs = time.monotonic(), CpuWatch(), {name: [] for name in want}
     for round_no in range(1, args.rounds + 1):  # the modes in turn, each round
         if args.rounds > 1:
             print(f"round {round_no} of {args.rounds}", flush=True)
@@ -253,13 +239,13 @@ def main():
             print(f"{r['wall_s']:.2f} s ({r['speed']:.2f}x real time), WER {r['wer']:.3f}"
                   + (f", {len(r['failed'])} FAILED: {r['failed'][0]}" if r.get("failed")
                      else ""), flush=True)
-            if name in rows:  # the median wall time of the rounds is the mode's
-                runs = rows[name]["walls_s"] + [r["wall_s"]]
-                rows[name].update(walls_s=runs, wall_s=statistics.median(runs),
-                                  failed=rows[name]["failed"] + r.get("failed", []))
-                rows[name]["speed"] = audio / rows[name]["wall_s"]
-            else:
-                rows[name] = dict(r, walls_s=[r["wall_s"]], failed=r.get("failed", []))
+            runs[name].append(r)
+    rows = {}  # each mode: its first round, with the median wall time of the rounds
+    for name, results in runs.items():
+        walls = [r["wall_s"] for r in results]
+        rows[name] = dict(results[0], walls_s=walls, wall_s=statistics.median(walls),
+                          failed=[f for r in results for f in r.get("failed", [])])
+        rows[name]["speed"] = audio / rows[name]["wall_s"]
 
     def ratio(name, base):  # speed of `name` over `base`, or None
         return rows[base]["wall_s"] / rows[name]["wall_s"] if {name, base} <= rows.keys() \

@@ -14,12 +14,13 @@ sent more than once is allowed (at least once) and only reported.
 One node (the default): one daemon on SQLite, engine openai-whisper unless --engine says.
 --nodes N (N > 1): a PostgreSQL server of the script's own (tools/harness.py's Postgres,
 in the work folder) and N daemons on it (--store URL --lease 3, engine faster-whisper
-unless --engine says), each with a state folder of its own and a stable --node nodeK. Each
-job goes to a random live node (503 because it is shutting down, or the connection
-refused because it is down: another node). A fault picks a random node (never the last
-one up): kill -9, then a restart at once or after a short random delay (past the lease or
-not), or SIGTERM, then a restart. Every node is up again before the final wait; the node
-logs are kept in the work folder (printed at the end).
+unless --engine says). Each daemon has a state folder of its own and a stable --node
+nodeK. Each job goes to a random live node, and again while the answer is 503 (full, or
+shutting down) or none came (down: another node, or the same once it is back). A fault
+picks a random node (with several, never the last one up): kill -9, then a restart at
+once or after a short random delay (past the lease or not), or SIGTERM, then a restart.
+Every node is up again before the final wait; the node logs are kept in the work folder
+(printed at the end).
 
     .venv/bin/python bench/soak.py                  # 300 jobs, a few minutes on 2 cores
     .venv/bin/python bench/soak.py --jobs 2000      # the long run
@@ -28,6 +29,7 @@ logs are kept in the work folder (printed at the end).
 
 import argparse
 import collections
+import contextlib
 import http.client
 import json
 import random
@@ -41,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (MODEL_DIR, CpuWatch, Daemon, Receiver, ensure_models,  # noqa: E402
-                     machine, speak)
+                     print_machine, speak)
 from tools.harness import Postgres  # noqa: E402  (_common puts the repository on the path)
 
 COMPLETED = re.compile(r"job (\S+) completed in ")
@@ -59,90 +61,6 @@ def completions(lines):
     return found
 
 
-def print_machine():
-    m = machine()
-    print(f"machine: {m['cpus']} CPUs ({m['cpu']}), {m['ram_gib']} GiB, GPU {m['gpu'] or '-'}; "
-          f"torch {m['torch']}, openai-whisper {m['openai-whisper']}, faster-whisper "
-          f"{m['faster-whisper']}, ctranslate2 {m['ctranslate2']}", flush=True)
-    return m
-
-
-# ---------------------------------------------------------------------------------------
-# One node: one daemon on SQLite
-# ---------------------------------------------------------------------------------------
-
-def soak_one(args, rng, work, models, audio, garbage, receiver, out):
-    daemon = Daemon(work / "state", models, "--engine", args.engine, *COMMON_FLAGS).start()
-    accepted, deleted, faults = [], set(), collections.Counter()
-    refused = collections.Counter()  # what was sent to be refused: how often it was
-    unexpected = []                  # answers and final states that should not be
-    while len(accepted) < args.jobs:
-        bad = rng.random() < 0.02
-        status, _, job = daemon.request("POST", "/transcription/job", {
-            "path": str(garbage if bad else audio), "output_path": str(out),
-            "callback": receiver.url})
-        if status == 503:  # shutting down or full: the client retries, as told (a full
-            time.sleep(0.2)  # queue answers before the audio is probed)
-            continue
-        if bad:
-            faults["not audio"] += 1
-            if status == 400:
-                refused["not audio"] += 1
-            else:
-                unexpected.append(("not audio", status, job))
-                if status == 201:
-                    accepted.append(job["id"])
-            continue
-        if status == 201:
-            accepted.append(job["id"])
-        else:
-            raise SystemExit(f"unexpected answer {status}: {job}")
-        if rng.random() < args.faults:
-            fault = rng.choice(["kill -9", "SIGTERM", "malformed", "delete"])
-            faults[fault] += 1
-            if fault == "kill -9":
-                daemon.kill()
-                daemon.start()
-            elif fault == "SIGTERM":
-                if daemon.terminate() != 0:
-                    raise SystemExit("SIGTERM did not exit 0")
-                daemon.start()
-            elif fault == "malformed":
-                status, _, answer = daemon.request("POST", "/transcription/job",
-                                                   raw=b'{"path": ')
-                if status == 400:
-                    refused["malformed"] += 1
-                else:
-                    unexpected.append(("malformed", status, answer))
-            else:
-                status, _, _ = daemon.request("DELETE", f"/transcription/job/{accepted[-1]}")
-                if status == 200:
-                    deleted.add(accepted[-1])
-
-    finished, lost = collections.Counter(), []
-    for job_id in accepted:
-        if job_id in deleted:
-            continue
-        while True:
-            status, _, job = daemon.request("GET", f"/transcription/job/{job_id}?wait=60")
-            if status != 200 or job["status"] in ("COMPLETED", "FAILED"):
-                break
-        if status != 200:
-            lost.append(job_id)
-            continue
-        finished[job["status"]] += 1
-        if job["status"] == "FAILED":
-            unexpected.append((job_id, job["status"], job["error"]))
-    kept = [j for j in accepted if j not in deleted]
-    wait_for_callbacks(receiver, kept)
-    if daemon.terminate() != 0:
-        unexpected.append(("final SIGTERM", "exit status", daemon.proc.returncode))
-    (work / "node.log").write_text(daemon.log)
-    return dict(accepted=accepted, deleted=deleted, finished=finished, lost=lost, stuck=[],
-                unexpected=unexpected, refused=refused, faults=faults, lines=daemon.lines,
-                logs=[str(work / "node.log")], kept=kept, nodes={}, redirects={})
-
-
 def wait_for_callbacks(receiver, kept, timeout=120):
     def count():
         calls = collections.Counter(job["id"] for job in receiver.jobs())
@@ -153,7 +71,7 @@ def wait_for_callbacks(receiver, kept, timeout=120):
 
 
 # ---------------------------------------------------------------------------------------
-# Several nodes on one PostgreSQL
+# The daemons: one on SQLite, or several on one PostgreSQL
 # ---------------------------------------------------------------------------------------
 
 class Node:
@@ -192,24 +110,21 @@ class Node:
             self.thread.join()
 
 
-def soak_nodes(args, rng, work, models, audio, garbage, receiver, out):
-    database = Postgres(work / "postgres", database="soak").start()
-    try:
-        return _soak_nodes(args, rng, work, models, audio, garbage, receiver, out, database)
-    finally:
-        database.close()
+def soak(args, rng, work, models, audio, garbage, receiver, out, started):
+    with contextlib.ExitStack() as stack:
+        flags = []
+        if args.nodes > 1:
+            database = stack.enter_context(Postgres(work / "postgres", database="soak"))
+            flags = ["--store", database.url, "--lease", f"{args.lease:g}"]
+            print(f"PostgreSQL {database.bindir} at {database.url}; {args.nodes} nodes, "
+                  f"engine {args.engine}, --lease {args.lease:g}", flush=True)
+        nodes = [Node(f"node{k}", Daemon(work / f"state-node{k}", models, *flags, "--engine",
+                                         args.engine, "--node", f"node{k}", *COMMON_FLAGS))
+                 for k in range(1, args.nodes + 1)]
+        return _soak(args, rng, work, nodes, audio, garbage, receiver, out, started)
 
 
-def _soak_nodes(args, rng, work, models, audio, garbage, receiver, out, database):
-    url = database.url
-    print(f"PostgreSQL {database.bindir} at {url}; {args.nodes} nodes, engine {args.engine}, "
-          f"--lease {args.lease:g}", flush=True)
-    nodes = []
-    for k in range(1, args.nodes + 1):
-        daemon = Daemon(work / f"state-node{k}", models, "--store", url, "--lease",
-                        f"{args.lease:g}", "--engine", args.engine, "--node", f"node{k}",
-                        *COMMON_FLAGS)
-        nodes.append(Node(f"node{k}", daemon))
+def _soak(args, rng, work, nodes, audio, garbage, receiver, out, started):
     for node in nodes:
         node.bring_up()
     for node in nodes:
@@ -248,19 +163,13 @@ def _soak_nodes(args, rng, work, models, audio, garbage, receiver, out, database
             node = rng.choice(live)
             state = node.state
             status, answer = request(node, "POST", "/transcription/job", body)
-            if status is None:
-                redirects[f"{answer} ({state})"] += 1
-                if state == "up":  # a node we left alone did not answer
-                    unexpected.append(("POST without an answer", node.name, state, answer))
-                if state == "up" and node.state == "up":
-                    time.sleep(0.2)
-                continue
-            if status == 503:
-                redirects[f"503 ({state})"] += 1
-                if state == "up" and node.state == "up":  # full, or the store away
-                    time.sleep(0.2)
-                continue
-            return node, status, answer
+            if status not in (None, 503):
+                return node, status, answer
+            redirects[f"{answer if status is None else 503} ({state})"] += 1
+            if status is None and state == "up":  # a node we left alone did not answer
+                unexpected.append(("POST without an answer", node.name, state, answer))
+            if len(live) == 1 or (state == "up" and node.state == "up"):
+                time.sleep(0.2)  # nowhere else to go, or it is full: a moment first
 
     while len(accepted) < args.jobs:
         bad = rng.random() < 0.02
@@ -283,7 +192,7 @@ def _soak_nodes(args, rng, work, models, audio, garbage, receiver, out, database
             continue
         fault = rng.choice(["kill -9", "SIGTERM", "malformed", "delete"])
         candidates = up()
-        if fault in ("kill -9", "SIGTERM") and len(candidates) < 2:
+        if fault in ("kill -9", "SIGTERM") and len(nodes) > 1 and len(candidates) < 2:
             faults[f"{fault} skipped (one node up)"] += 1
             continue
         faults[fault] += 1
@@ -338,7 +247,7 @@ def _soak_nodes(args, rng, work, models, audio, garbage, receiver, out, database
             if time.monotonic() - progress > 900:  # nothing ended for 15 minutes
                 stuck.append((job_id, job))
                 break
-    print(f"  submitting took {submitting_s - args.started:.0f} s; every job ended "
+    print(f"  submitting took {submitting_s - started:.0f} s; every job ended "
           f"{time.monotonic() - submitting_s:.0f} s later", flush=True)
     wait_for_callbacks(receiver, kept)
     for node in nodes:
@@ -406,9 +315,8 @@ def main():
           f"{args.faults:g} a submission, seed {args.seed}; work folder {work}", flush=True)
 
     watch = CpuWatch()
-    args.started = started = time.monotonic()
-    soak = soak_one if args.nodes == 1 else soak_nodes
-    r = soak(args, rng, work, models, audio, garbage, receiver, out)
+    started = time.monotonic()
+    r = soak(args, rng, work, models, audio, garbage, receiver, out, started)
     receiver.close()
     wall = time.monotonic() - started
 
@@ -448,7 +356,7 @@ def main():
           f"{r['refused']['not audio']}, malformed: {r['refused']['malformed']})")
     print(f"faults injected    {dict(r['faults'])}")
     if r["redirects"]:
-        print(f"sent elsewhere     {dict(r['redirects'])}")
+        print(f"sent again         {dict(r['redirects'])}")
     for name, figures in r["nodes"].items():
         print(f"  {name}: {figures}")
     print(f"tracebacks logged  {tracebacks}")

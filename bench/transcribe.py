@@ -58,17 +58,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (MODEL_DIR, OUT, PYTHON, CpuWatch, Daemon, audio_seconds,  # noqa: E402
+from _common import (CLI_DECODING, JOB_TIMEOUT, LOGPROB_THRESHOLD,  # noqa: E402
+                     MODEL_DIR, OUT, PYTHON, CpuWatch, Daemon, audio_seconds,
                      ensure_models, gpu_mib, machine, make_set, peak_rss_mib, reference,
                      speak, wait_until_quiet, word_error_rate)
-
-# The `whisper` command line's decoding defaults (whisper/transcribe.py, cli()).
-TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-CLI_DECODING = {"beam_size": 5, "best_of": 5, "temperature": TEMPERATURES,
-                "compression_ratio_threshold": 2.4, "no_speech_threshold": 0.6,
-                "condition_on_previous_text": True}
-LOGPROB_THRESHOLD = -1.0
-JOB_TIMEOUT = 3600  # seconds a job may take before the bench gives up on it
 
 SIZES = {  # seconds of each file: (the set, the long file, the short files)
     "quick": ([10, 30, 60], None, [10] * 4),

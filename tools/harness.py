@@ -143,15 +143,15 @@ class Daemon:
     """A whisperd.py process on a loopback port ("--port 0": its log says which), and a
     small HTTP client for it."""
 
-    def __init__(self, state_dir, model_dir, *flags, env=None, token=None):
+    def __init__(self, state_dir, model_dir, *flags, env=None, token=None, model="tiny.en"):
         self.state_dir, self.model_dir = Path(state_dir), Path(model_dir)
-        self.flags, self.env, self.token = list(flags), env or {}, token
+        self.flags, self.env, self.token, self.model = list(flags), env or {}, token, model
         self.proc, self.lines = None, []
 
     def start(self):
         command = [PYTHON, str(WHISPERD), "--host", "127.0.0.1", "--port", "0",
                    "--state-dir", str(self.state_dir), "--model-dir", str(self.model_dir),
-                   "--default-model", "tiny.en", *self.flags]
+                   "--default-model", self.model, *self.flags]
         self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
                                      stdin=subprocess.DEVNULL, env={**os.environ, **self.env})
         for line in self.proc.stderr:
