@@ -103,7 +103,6 @@ TASKS = ("transcribe", "translate")
 
 MAX_BODY = 1 << 20          # bytes of a request body
 MAX_WAIT = 60.0             # seconds a GET ?wait= may hold a request
-CONNECTION_TIMEOUT = 30.0   # seconds a client may sit idle on its connection
 SMI_TIMEOUT = 10.0          # seconds nvidia-smi may take
 PROBE_TIMEOUT = 20.0        # seconds ffprobe may take to read a file's header
 MIN_FREE = 1 << 20          # bytes free in --state-dir below which no new job is taken
@@ -223,6 +222,8 @@ def build_parser():
          "interrupting the daemon is FAILED")
     flag("max-queue", 1000, int, "queued jobs accepted; past it POST answers 503")
     flag("shutdown-grace", 30, float, "seconds SIGTERM waits for the running jobs")
+    flag("idle-timeout", 30, float, "seconds a client may sit idle on its connection (or "
+         "stall mid-request) before whisperd closes it")
     flag("max-upload", 25, float, "MiB an upload to /v1/audio/* may have")
     flag("token", None, help="require 'Authorization: Bearer TOKEN' on every request")
     flag("allow-dir", [], action="append", metavar="DIR",
@@ -247,6 +248,8 @@ def parse_settings(argv=None):
     for device in settings.devices:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
             parser.error(f"--device: {device!r} is not auto, cpu, cuda or cuda:N")
+    if settings.idle_timeout <= 0:
+        parser.error("--idle-timeout must be more than 0 seconds")
     for name in ("history", "max_queue", "batch_size", "model_ttl"):
         if getattr(settings, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
@@ -2945,9 +2948,9 @@ class _TimedReads(io.RawIOBase):
     """A connection's reads, where one that the kernel ended (SO_RCVTIMEO) is a timeout,
     as http.server expects, not a short read."""
 
-    def __init__(self, raw):
+    def __init__(self, raw, timeout):
         super().__init__()
-        self.raw = raw
+        self.raw, self.timeout = raw, timeout
 
     def readable(self):
         return True
@@ -2955,7 +2958,7 @@ class _TimedReads(io.RawIOBase):
     def readinto(self, buffer):
         count = self.raw.readinto(buffer)
         if count is None:
-            raise TimeoutError(f"no data for {CONNECTION_TIMEOUT:g} s")
+            raise TimeoutError(f"no data for {self.timeout:g} s")
         return count
 
     def close(self):
@@ -3395,14 +3398,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self):
         """An idle or slow client cannot hold a thread: the kernel ends a read or a write
-        that waited CONNECTION_TIMEOUT (SO_RCVTIMEO, SO_SNDTIMEO). The stdlib's `timeout`
+        that waited --idle-timeout (SO_RCVTIMEO, SO_SNDTIMEO). The stdlib's `timeout`
         would do it with a poll() before every read and write: a quarter of the time of a
         small request."""
         super().setup()
-        limit = struct.pack("ll", int(CONNECTION_TIMEOUT), 0)
+        timeout = self.server.settings.idle_timeout
+        limit = struct.pack("ll", int(timeout), int(timeout % 1 * 1e6))
         for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
             self.connection.setsockopt(socket.SOL_SOCKET, option, limit)
-        self.rfile = io.BufferedReader(_TimedReads(self.rfile.detach()))
+        self.rfile = io.BufferedReader(_TimedReads(self.rfile.detach(), timeout))
 
     def handle(self):
         with contextlib.suppress(ConnectionResetError):  # the client left between requests
