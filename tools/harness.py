@@ -154,14 +154,20 @@ class Daemon:
                    "--default-model", self.model, *self.flags]
         self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
                                      stdin=subprocess.DEVNULL, env={**os.environ, **self.env})
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            found = re.search(r"listening on http://([\d.]+):(\d+)", line)
-            if found:
-                self.host, self.port = found.group(1), int(found.group(2))
-                break
-        else:
-            raise AssertionError("whisperd did not start:\n" + self.log)
+        ceiling = threading.Timer(CEILING, self.proc.kill)  # one that never listens ends
+        ceiling.start()
+        try:
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                found = re.search(r"listening on http://([\d.]+):(\d+)", line)
+                if found:
+                    self.host, self.port = found.group(1), int(found.group(2))
+                    break
+            else:
+                raise AssertionError(f"whisperd did not start (or listen within {CEILING:g} "
+                                     f"s):\n" + self.log)
+        finally:
+            ceiling.cancel()
         threading.Thread(target=self._drain, daemon=True).start()
         return self
 
