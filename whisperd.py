@@ -1,37 +1,45 @@
 #!/usr/bin/env python3
 """whisperd: OpenAI's Whisper behind a small HTTP job API.
 
-A shell script POSTs a job naming an audio file on this host; one worker thread per device
+A shell script POSTs a job naming an audio file on this host; one runner thread per device
 transcribes jobs in the order they came; the transcript lands as files in a folder
 (written by openai-whisper's own writers) and a webhook is called when the job ends. Jobs
 live in a SQLite database, so a job that was accepted is never lost: not to a crash, a
 `kill -9`, a reboot or a `systemctl restart`. Several whisperds on several hosts may share
 one queue in a PostgreSQL database instead (--store).
 
-The HTTP API is the one of the original "Whisper Api" (ORIGINAL-API.md) with the gaps
-settled by CONTRACT.md; README.md documents every endpoint and flag.
+The HTTP API keeps the field names and spellings of the original "Whisper Api" it grew
+from (POST /transcription/job, GET and DELETE /transcription/job/:id, /transcription/jobs,
+/stats, /smi): existing clients parse them, so they are the wire format. README.md
+documents every endpoint and flag, and every decision those left open.
 
 Dependencies: the Python standard library for the server, the queue, the job store and
-the callbacks; openai-whisper (and torch) in the worker threads; faster-whisper only with
+the callbacks; openai-whisper (and torch) in the runner threads; faster-whisper only with
 `--engine faster-whisper` (or `vad`); psycopg only with `--store`. Heavy imports happen in
-the workers, after the port answers.
+the runners, after the port answers.
+
+How a job goes: the HTTP handler validates it and the service probes its audio; the job
+queue stores it; a runner claims it, transcribes it and hands back an Outcome; the
+finisher writes its files and ends it in the queue; the callback sender posts it.
 
 Sections, in reading order:
   settings      the flags, and the constants of the wire format
   errors        what can go wrong, as exceptions carrying their HTTP status or their cause
   jobs          a job's fields, declared once; validation derived from them
   audio         ffprobe at the door
-  job store     where jobs are: SQLite on one host (and memory for reading), or PostgreSQL
-                shared by several
+  job store     storage only: SQLite on one host, or PostgreSQL shared by several
+  job queue     every change of a job's state, and the rules, once
   engines       openai-whisper and faster-whisper: models, decoding options, transcription
   batches       the windows of several jobs decoded together, short jobs packed
   output files  openai-whisper's writers, all of a job's files renamed into place whole
-  worker        one thread per device: take a job, transcribe it, hand it on
+  runners       one thread per device: claim a job, transcribe it, hand back its outcome
   callbacks     the webhook sender, retried with backoff
   systemd       READY, STATUS, WATCHDOG and STOPPING over $NOTIFY_SOCKET
-  service       the one owner of a job's life: workers, audio decoded ahead, finishing,
-                callbacks, the store's upkeep, health, metrics
-  http          the routes, OpenAPI, OpenAI's audio API, the page
+  finisher      the files and the end of each job, off the runners' path
+  status        health, metrics and the status line, read-only
+  service       the parts, made, started and stopped; jobs taken at the door
+  http          the routes and their answers (OpenAPI made from them), OpenAI's audio API,
+                the page
   client        `whisperd submit | status | jobs`
   main          bind, announce, wait for a signal, stop, exit
 """
@@ -50,7 +58,6 @@ import hmac
 import heapq
 import http.client
 import io
-import itertools
 import json
 import math
 import os
@@ -86,7 +93,7 @@ __version__ = "0.2.0"
 # Settings
 # ---------------------------------------------------------------------------------------
 
-# The valid values of ORIGINAL-API.md, word for word: they are the wire format.
+# The original API's valid values, word for word: they are the wire format.
 LANGUAGES = (
     "af,am,ar,as,az,ba,be,bg,bn,bo,br,bs,ca,cs,cy,da,de,el,en,es,et,eu,fa,fi,fo,fr,gl,gu,"
     "ha,haw,he,hi,hr,ht,hu,hy,id,is,it,ja,jw,ka,kk,km,kn,ko,la,lb,ln,lo,lt,lv,mg,mi,mk,ml,"
@@ -307,6 +314,38 @@ class Interrupted(Exception):
     """Raised inside a transcription to stop it; the job goes back to the queue."""
 
 
+def _fault(point):
+    """Raises at `point` when WHISPERD_FAULT names it: how the tests prove that a runner
+    outlives an error nobody foresaw (there is no input that makes these points fail)."""
+    if os.environ.get("WHISPERD_FAULT") == point:
+        raise RuntimeError(f"fault injected at {point} (WHISPERD_FAULT)")
+
+
+class ShuttingDown(Exception):
+    """whisperd is stopping: it takes no new job, and an upload's answer will not come."""
+
+
+class QueueFull(Exception):
+    """--max-queue jobs are waiting already."""
+
+
+class NotFound(Exception):
+    """No such job (never was, deleted, or past --history)."""
+
+
+class NotQueued(Exception):
+    """The job has left the queue (it runs or ended): it can no longer be deleted."""
+
+
+class StoreUnavailable(Exception):
+    """The job store cannot take a change now: its disk is full (`full`), or its database
+    cannot be reached. Nothing was changed."""
+
+    def __init__(self, message, full=False):
+        super().__init__(message)
+        self.full = full
+
+
 # ---------------------------------------------------------------------------------------
 # Jobs: every field declared once
 # ---------------------------------------------------------------------------------------
@@ -333,7 +372,8 @@ class Callback:
     PENDING = "pending"     # not delivered yet; another attempt is due
     DELIVERED = "delivered"
     FAILED = "failed"       # a final answer (4xx but 429), or out of attempts
-    ALL = (NONE, PENDING, DELIVERED, FAILED)
+    SENT = (PENDING, DELIVERED, FAILED)  # after an attempt
+    ALL = (NONE, *SENT)
 
 
 def _field(kind, default, schema, help, **more):
@@ -624,329 +664,256 @@ def probe(path):
 
 
 # ---------------------------------------------------------------------------------------
-# Job store
+# Job store: rows in, rows out, claims
 # ---------------------------------------------------------------------------------------
+#
+# Jobs are kept by one of two storages: SQLite in --state-dir (one host) or PostgreSQL
+# (--store, one queue for several hosts). Both answer this interface, each method one
+# transaction, and neither knows what a job becomes (that is the job queue's, below):
+#
+#   insert(job, max_queued)     a new QUEUED job, unless max_queued are waiting (QueueFull)
+#   claim(start)                the next QUEUED job this node may run, changed by
+#                               start(job) and now RUNNING here; None if start says no
+#   end(ends, keep)             [(job, changes)] ended and counted; the finished jobs past
+#                               the newest `keep` forgotten, but those whose callback is
+#                               due; returns the ends recorded (not a run another node
+#                               took over)
+#   requeue(undone)             [(job, changes)] of runs here: QUEUED again, in their place
+#   delete(job_id)              a QUEUED job removed and returned (NotFound, NotQueued)
+#   set_callback(job, changes, keep)   a callback's status and attempts
+#   keep_up(runs, lost)         this node is alive and renews its runs [(job id, progress)];
+#                               each job whose node stopped renewing gets lost(job)'s
+#                               changes; returns (those [(job, changes)], the jobs whose
+#                               callbacks are now this node's to send)
+#   adopt()                     at start: pending callbacks to send
+#   get(id), active(), finished(count), upcoming(count), left_behind(), counts(), nodes()
+#
+# Their errors are their own (StoreUnavailable: nothing changed; QueueFull, NotFound,
+# NotQueued); the HTTP section turns them into statuses. A storage locks nothing but its
+# pool of connections: no lock is held across a database round trip.
 
-class QueueFull(Exception):
-    pass
+# The history rule's SQL, one text for both: forget the finished jobs past the newest
+# `keep` (LIMIT ALL: PostgreSQL's spelling, -1: SQLite's), but those whose callback is due.
+PRUNE = ("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL "
+         "ORDER BY finished_at DESC, seq DESC LIMIT {all} OFFSET {keep}) "
+         "AND callback_status != 'pending'")
 
 
-class StoreUnavailable(Exception):
-    """The job store cannot take a change now: its disk is full, or its database cannot be
-    reached. Nothing was changed. `status` is what a client hears: 507 or 503."""
+class _Pool:
+    """Connections kept for reuse: a thread takes one, uses it alone, and gives it back."""
 
-    def __init__(self, message, status=HTTPStatus.SERVICE_UNAVAILABLE):
-        super().__init__(message)
-        self.status = HTTPStatus(status)
-
-
-def _remaining(job):
-    """Seconds of a job's audio not decoded yet."""
-    return (job.audio_duration or 0) * (100 - job.progress) / 100
-
-
-def _started(job, worker, node):
-    """What a run's start changes in a job (either store)."""
-    return dict(status=RUNNING, attempts=job.attempts + 1, started_at=utcnow(), progress=0,
-                worker=worker, node=node)
-
-
-def _undone(job, count_attempt=True):
-    """What a run that ended without an end changes: the job is QUEUED again; a run that
-    was not the job's fault (a shutdown) does not count as an attempt."""
-    return dict(status=QUEUED, progress=0, started_at=None, worker=None, node=None,
-                attempts=job.attempts - (not count_attempt))
-
-
-class SQLiteStore:
-    """Where jobs are, on one host: every job in memory for reading, and in SQLite (WAL)
-    for surviving.
-
-    The queued and running jobs and the last `history` finished ones are kept; this is the
-    one place that knows them, their order, their counts and the history rule. Every
-    change is one committed transaction, and only once it is committed does memory follow:
-    a job's arrival, end, deletion and requeue with synchronous=FULL (on disk before the
-    caller answers), a job's start and a callback's progress with synchronous=NORMAL (they
-    survive a crash or `kill -9`; a power cut may only forget an attempt, never a job). A
-    full disk raises StoreUnavailable and changes nothing. `changed` is notified after
-    every change.
-    """
-
-    def __init__(self, state_dir, history, node):
-        os.makedirs(state_dir, exist_ok=True)
-        self.path = os.path.join(state_dir, "whisperd.sqlite3")
-        self.history, self.node = history, node
-        self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)
-        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self.durable = None
-        self.db.executescript("""
-            CREATE TABLE IF NOT EXISTS jobs (
-                seq INTEGER PRIMARY KEY AUTOINCREMENT,
-                id TEXT NOT NULL UNIQUE,
-                status TEXT NOT NULL,
-                callback_status TEXT NOT NULL DEFAULT '',
-                finished_at TEXT,
-                doc TEXT NOT NULL);
-            CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, finished_at);
-            CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-            INSERT OR IGNORE INTO counters VALUES ('processed', 0);
-        """)
-        self.jobs = {}                           # id -> Job, oldest first
-        self.queued = collections.OrderedDict()  # ids of QUEUED jobs, next first
-        self.finished = collections.deque()      # ids of the finished jobs kept, oldest first
-        self.active = set()                      # ids of RUNNING jobs
-        self.counts = collections.Counter()      # status -> jobs
-        self.processed, = self.db.execute(
-            "SELECT value FROM counters WHERE name='processed'").fetchone()
+    def __init__(self):
+        self.pool_lock = threading.Lock()
+        self.idle = []
         self.closed = False
-        rows = self.db.execute("SELECT doc FROM jobs ORDER BY seq").fetchall()
-        for job in sorted((Job.from_json(json.loads(doc)) for doc, in rows),
-                          key=lambda job: job.created_at):
-            self._keep(job)
-        while len(self.finished) > self.history:
-            self._forget(self.finished[0])
 
-    # -- memory, changed only after the disk ----------------------------------------------
+    @contextlib.contextmanager
+    def _db(self):
+        with self.pool_lock:
+            conn = self.idle.pop() if self.idle else None
+        try:
+            conn = conn or self._connect()
+            yield conn
+        except Exception as e:
+            problem = self._problem(e)
+            if conn is not None and problem is not None:
+                conn.close()
+            if problem is not None:
+                raise problem from None
+            raise
+        with self.pool_lock:
+            if self.closed or len(self.idle) >= 8 or self._broken(conn):
+                conn.close()
+            else:
+                self.idle.append(conn)
 
-    def _keep(self, job):
-        self.jobs[job.id] = job
-        self.counts[job.status] += 1
-        if job.status == QUEUED:
-            self.queued[job.id] = None
-        elif job.status == RUNNING:
-            self.active.add(job.id)
-        elif job.status in FINISHED:
-            self.finished.append(job.id)
-
-    def _forget(self, job_id):
-        job = self.jobs.pop(job_id)
-        self.counts[job.status] -= 1
-        self.queued.pop(job_id, None)
-        self.active.discard(job_id)
-        if job_id in self.finished:
-            self.finished.remove(job_id)
-
-    def _apply(self, job, changes):
-        if changes.get("status", job.status) != job.status:
-            self._forget(job.id)
-            job.update(**changes)
-            self._keep(job)
-        else:
-            job.update(**changes)
-
-    # -- disk -----------------------------------------------------------------------------
-
-    def _commit(self, statements, durable=True):
-        """Runs [(sql, args)] as one transaction; FULL waits for the disk, NORMAL does not."""
+    def _writing(self):
         if self.closed:
             raise StoreUnavailable("the job store is closed")
-        try:
-            if durable is not self.durable:
-                self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                self.durable = durable
-            self.db.execute("BEGIN IMMEDIATE")
-            for sql, args in statements:
-                self.db.execute(sql, args)
-            self.db.execute("COMMIT")
-        except sqlite3.Error as e:
-            with contextlib.suppress(sqlite3.Error):
-                self.db.execute("ROLLBACK")
-            if getattr(e, "sqlite_errorname", "") == "SQLITE_FULL" or "full" in str(e):
-                raise StoreUnavailable(f"no space left on {os.path.dirname(self.path)}",
-                                       HTTPStatus.INSUFFICIENT_STORAGE) from None
-            raise
-        self.changed.notify_all()
+        return self._db()
+
+    def close(self):
+        """Writes nothing more (reads go on, for the answers still on their way); a job
+        still running stays as the store last saw it."""
+        with self.pool_lock:
+            self.closed = True
+            for conn in self.idle:
+                conn.close()
+            self.idle.clear()
+
+
+class SQLiteStore(_Pool):
+    """Jobs on one host: a SQLite database (WAL) in --state-dir. A job's arrival, end,
+    deletion and requeue are committed with synchronous=FULL (on disk before the caller
+    answers), a job's start and a callback's progress with NORMAL (they survive a crash or
+    `kill -9`; a power cut may only forget an attempt, never a job). A full disk raises
+    StoreUnavailable(full=True) and changes nothing."""
+
+    def __init__(self, state_dir, node):
+        super().__init__()
+        os.makedirs(state_dir, exist_ok=True)
+        self.path = os.path.join(state_dir, "whisperd.sqlite3")
+        self.node, self.on_change = node, None
+        with self._db() as db:
+            db.executescript("""
+                CREATE TABLE IF NOT EXISTS jobs (
+                    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- queue order
+                    id TEXT NOT NULL UNIQUE,
+                    status TEXT NOT NULL,
+                    callback_status TEXT NOT NULL DEFAULT '',
+                    finished_at TEXT,
+                    doc TEXT NOT NULL);
+                CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, finished_at);
+                CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (seq) WHERE status = 'QUEUED';
+                CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY,
+                                                     value INTEGER NOT NULL);
+                INSERT OR IGNORE INTO counters VALUES ('processed', 0);
+            """)
+
+    def _connect(self):
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA busy_timeout=10000")
+        return db
+
+    def _problem(self, error):
+        if isinstance(error, sqlite3.Error) and (
+                getattr(error, "sqlite_errorname", "") == "SQLITE_FULL" or "full" in str(error)):
+            return StoreUnavailable(f"no space left on {os.path.dirname(self.path)}", full=True)
+        return None
 
     @staticmethod
-    def _update(job, changes):
+    def _broken(db):
+        return db.in_transaction
+
+    @contextlib.contextmanager
+    def _write(self, durable=True):
+        with self._writing() as db:
+            db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _job(doc):
+        return Job.from_json(json.loads(doc))
+
+    @staticmethod
+    def _update(db, job, changes):
         new = dataclasses.replace(job, **changes)
-        return ("UPDATE jobs SET status=?, callback_status=?, finished_at=?, doc=? WHERE id=?",
-                (new.status, new.callback_status, new.finished_at,
-                 json.dumps(new.stored(), ensure_ascii=False), new.id))
+        db.execute("UPDATE jobs SET status=?, callback_status=?, finished_at=?, doc=? "
+                   "WHERE id=?", (new.status, new.callback_status, new.finished_at,
+                                  json.dumps(new.stored(), ensure_ascii=False), new.id))
+
+    def _jobs(self, sql, *args):
+        with self._db() as db:
+            return [self._job(doc) for doc, in db.execute(sql, args).fetchall()]
 
     # -- changes --------------------------------------------------------------------------
 
-    def add(self, job, max_queue, event=None):
-        """Stores a new QUEUED job, unless `max_queue` jobs are queued already; returns its
-        JSON as created (before a worker can take it) and logs `event`."""
-        with self.lock:
-            if self.counts[QUEUED] >= max_queue:
+    def insert(self, job, max_queued):
+        with self._write() as db:
+            if db.execute("SELECT count(*) FROM jobs WHERE status = 'QUEUED'"
+                          ).fetchone()[0] >= max_queued:
                 raise QueueFull()
-            self._commit([("INSERT INTO jobs (id, status, doc) VALUES (?, ?, ?)",
-                           (job.id, job.status, json.dumps(job.stored(), ensure_ascii=False)))])
-            self._keep(job)
-            if event:
-                log(event)
-            return self.show(job.id)
+            db.execute("INSERT INTO jobs (id, status, doc) VALUES (?, ?, ?)",
+                       (job.id, job.status, json.dumps(job.stored(), ensure_ascii=False)))
 
-    def claim(self, worker, accept=None):
-        """The next QUEUED job, now RUNNING on `worker`; None when none is queued, or
-        when `accept` does not take it (jobs start in the order they came)."""
-        with self.lock:
-            job_id = next(iter(self.queued), None)
-            if job_id is None or (accept is not None and not accept(self.jobs[job_id])):
+    def claim(self, start):
+        with self._write(durable=False) as db:
+            row = db.execute("SELECT doc FROM jobs WHERE status = 'QUEUED' ORDER BY seq "
+                             "LIMIT 1").fetchone()
+            job = row and self._job(row[0])
+            changes = job and start(job)
+            if not changes:
                 return None
-            job = self.jobs[job_id]
-            changes = _started(job, worker, self.node)
-            self._commit([self._update(job, changes)], durable=False)
-            self._apply(job, changes)
-            return job
+            self._update(db, job, changes)
+        job.update(**changes)
+        return job
 
-    def touch(self, job, **changes):
-        """Changes kept in memory only (progress): a restart starts the job over anyway."""
-        with self.lock:
-            job.update(**changes)
-
-    def finish(self, ends):
-        """Ends jobs in one transaction: [(job, status, changes)]. The history rule: the
-        last `history` finished jobs are kept, and any whose callback is still due."""
-        with self.lock:
-            now = utcnow()
-            ends = [(job, dict(changes, status=status, finished_at=now))
-                    for job, status, changes in ends]
-            kept = list(self.finished) + [job.id for job, _ in ends]
-            past = kept[:max(0, len(kept) - self.history)]
-            self._commit([self._update(job, changes) for job, changes in ends] +
-                         [("UPDATE counters SET value = value + ? WHERE name='processed'",
-                           (len(ends),))] +
-                         [("DELETE FROM jobs WHERE id=? AND callback_status != ?",
-                           (job_id, Callback.PENDING)) for job_id in past])
+    def end(self, ends, keep):
+        with self._write() as db:
             for job, changes in ends:
-                self._apply(job, changes)
-            self.processed += len(ends)
-            for job_id in past:
-                self._forget(job_id)
-            return [(job, job.status, changes) for job, changes in ends]
+                self._update(db, job, changes)
+            db.execute("UPDATE counters SET value = value + ? WHERE name = 'processed'",
+                       (len(ends),))
+            db.execute(PRUNE.format(all=-1, keep=int(keep)))
+        return ends
 
-    def maintain(self):
-        """Nothing to keep up on one host (see PostgresStore.maintain)."""
-        return []
+    def requeue(self, undone):
+        with self._write() as db:
+            for job, changes in undone:
+                self._update(db, job, changes)
+
+    def delete(self, job_id):
+        with self._write() as db:
+            row = db.execute("DELETE FROM jobs WHERE id = ? AND status = 'QUEUED' RETURNING doc",
+                             (job_id,)).fetchone()
+            status = row or db.execute("SELECT status FROM jobs WHERE id = ?",
+                                       (job_id,)).fetchone()
+        if row:
+            return self._job(row[0])
+        raise NotQueued(status[0]) if status else NotFound()
+
+    def set_callback(self, job, changes, keep):
+        with self._write(durable=False) as db:
+            self._update(db, job, changes)
+            db.execute(PRUNE.format(all=-1, keep=int(keep)))
+
+    def keep_up(self, runs, lost):
+        return [], []  # one host: no leases, no other node
+
+    def adopt(self):
+        return self._jobs("SELECT doc FROM jobs WHERE callback_status = 'pending' "
+                          "ORDER BY finished_at")
+
+    # -- reading --------------------------------------------------------------------------
+
+    def get(self, job_id):
+        found = self._jobs("SELECT doc FROM jobs WHERE id = ?", job_id)
+        return found[0] if found else None
+
+    def active(self):
+        return self._jobs("SELECT doc FROM jobs WHERE status IN ('QUEUED', 'RUNNING') "
+                          "ORDER BY seq")
+
+    def finished(self, count):
+        return self._jobs("SELECT doc FROM jobs WHERE finished_at IS NOT NULL "
+                          "ORDER BY finished_at DESC, seq DESC LIMIT ?", count)
+
+    def upcoming(self, count):
+        return self._jobs("SELECT doc FROM jobs WHERE status = 'QUEUED' ORDER BY seq LIMIT ?",
+                          count)
+
+    def left_behind(self):
+        return self.active()  # every run was this host's, and every upload
+
+    def counts(self):
+        with self._db() as db:
+            return db.execute(
+                "SELECT count(*) FILTER (WHERE status = 'QUEUED'), count(*) FILTER (WHERE "
+                "status = 'RUNNING'), (SELECT value FROM counters WHERE name = 'processed') "
+                "FROM jobs WHERE status IN ('QUEUED', 'RUNNING')").fetchone()
 
     def nodes(self):
         return []
 
-    def requeue(self, jobs, count_attempt=True):
-        """Running jobs back to the front of the queue, in their order; a run that was
-        not the job's fault (a shutdown) does not count as an attempt."""
-        with self.lock:
-            changes = [_undone(job, count_attempt) for job in jobs]
-            self._commit([self._update(job, c) for job, c in zip(jobs, changes)])
-            for job, c in reversed(list(zip(jobs, changes))):
-                self._apply(job, c)
-                self.queued.move_to_end(job.id, last=False)  # they were next before
 
-    def delete(self, job_id):
-        """Removes a QUEUED job; returns it, or raises HTTPError 404 / 409."""
-        with self.lock:
-            job = self._get(job_id)
-            if job.status != QUEUED:
-                raise HTTPError(409, f"job {job_id} is {job.status}; only QUEUED jobs can "
-                                     f"be deleted")
-            self._commit([("DELETE FROM jobs WHERE id=?", (job_id,))])
-            self._forget(job_id)
-            return job
+class PostgresStore(_Pool):
+    """Jobs for several hosts: one PostgreSQL database every node reads and writes
+    (--store postgresql://...), through psycopg 3.
 
-    def callback_status(self, job, status, attempts):
-        with self.lock:
-            changes = dict(callback_status=status, callback_attempts=attempts)
-            if job.id in self.jobs or status == Callback.PENDING:
-                self._commit([self._update(job, changes)], durable=False)
-            else:  # past the history already: its record was only kept for this
-                self._commit([("DELETE FROM jobs WHERE id=?", (job.id,))], durable=False)
-            job.update(**changes)
-
-    # -- reading --------------------------------------------------------------------------
-
-    def _get(self, job_id):
-        job = self.jobs.get(job_id)
-        if job is None:
-            raise HTTPError(404, f"no job {job_id}: it never existed, was deleted, or "
-                                 f"finished more than {self.history} jobs ago")
-        return job
-
-    def running(self):
-        """The RUNNING jobs (all of them run here)."""
-        with self.lock:
-            return [self.jobs[i] for i in self.active]
-
-    def unfinished(self):
-        with self.lock:
-            return [job for job in self.jobs.values() if job.status not in FINISHED]
-
-    def next_queued(self, count):
-        """The first `count` QUEUED jobs, next first."""
-        with self.lock:
-            return [self.jobs[i] for i in itertools.islice(self.queued, count)]
-
-    def show(self, job_id=None, eta=lambda seconds, running: None):
-        """The JSON of one job, or of every job kept (oldest first), with its `position`
-        and its `eta`: eta(seconds of audio until it is done, running) -> seconds."""
-        with self.lock:
-            wanted = None if job_id is None else self._get(job_id)
-            if wanted is not None and wanted.status != QUEUED:
-                doc = wanted.to_json()
-                if wanted.status == RUNNING:
-                    doc["eta"] = eta(_remaining(wanted), True)
-                return doc
-            shown = {}
-            ahead = sum(_remaining(self.jobs[i]) for i in self.active)
-            for position, queued_id in enumerate(self.queued, 1):
-                job = self.jobs[queued_id]
-                ahead += job.audio_duration or 0
-                if wanted is None or job is wanted:
-                    shown[queued_id] = dict(job.to_json(), position=position,
-                                            eta=eta(ahead, False))
-                    if job is wanted:
-                        return shown[queued_id]
-            for running_id in self.active:
-                job = self.jobs[running_id]
-                shown[running_id] = dict(job.to_json(), eta=eta(_remaining(job), True))
-            return [shown.get(i) or job.to_json() for i, job in self.jobs.items()]
-
-    def wait(self, job_id, seconds):
-        """Holds until the job has finished, at most `seconds`; 404 if it is gone."""
-        with self.changed:
-            job = self._get(job_id)
-            self.changed.wait_for(lambda: job.status in FINISHED or
-                                  self.jobs.get(job_id) is not job, timeout=seconds)
-            self._get(job_id)
-
-    def pending_callbacks(self):
-        """Jobs whose callback is due, including those already past the history."""
-        with self.lock:
-            rows = self.db.execute("SELECT doc FROM jobs WHERE callback_status=? "
-                                   "ORDER BY finished_at", (Callback.PENDING,)).fetchall()
-            return [self.jobs.get(job.id, job) for job in
-                    (Job.from_json(json.loads(doc)) for doc, in rows)]
-
-    def stats(self):
-        with self.lock:
-            return {"Queued": self.counts[QUEUED], "Running": self.counts[RUNNING],
-                    "Processed": self.processed}
-
-    def close(self):
-        """Writes nothing more; a job still running stays as the store last saw it."""
-        with self.lock:
-            self.closed = True
-            self.db.close()
-
-
-class PostgresStore:
-    """Where jobs are, for several hosts: one PostgreSQL database every node reads and
-    writes (--store postgresql://...), through psycopg 3.
-
-    Every change is one transaction, and every read goes to the database, so any node
-    answers for any job. A node claims the next job with SELECT ... FOR UPDATE SKIP
-    LOCKED (no job runs twice) and holds it on a lease that it renews while it runs
-    (maintain()); a node that dies lets its leases lapse and any other runs those jobs
-    again, counted as an attempt. Each run carries a token, so a node that lost its lease
-    cannot record the end of a job another node took over. Callbacks are leased the same
-    way. LISTEN/NOTIFY wakes workers and waiting requests on every node. When the
-    database cannot be reached a change raises StoreUnavailable (503) and changes
-    nothing; connections are made again by themselves.
+    A node claims the next job with SELECT ... FOR UPDATE SKIP LOCKED (no job runs twice)
+    and holds it on a lease that it renews while it runs (keep_up); a node that dies lets
+    its leases lapse, and any other node changes those jobs as the queue's rule says. Each
+    run carries a token, so a node that lost its lease cannot record the end of a job
+    another node took over. Callbacks are leased the same way. LISTEN/NOTIFY calls
+    on_change() on every node. Connections are made again by themselves.
     """
 
     SCHEMA = """
@@ -972,178 +939,125 @@ class PostgresStore:
         CREATE TABLE IF NOT EXISTS nodes (name text PRIMARY KEY, url text,
                                           last_seen timestamptz NOT NULL);
     """
+    CLAIMABLE = "status = 'QUEUED' AND (NOT upload OR origin = %s)"  # uploads stay home
 
-    def __init__(self, url, history, node, address, lease, max_attempts):
+    def __init__(self, url, node, address, lease):
+        super().__init__()
         import psycopg
         self.psycopg = psycopg
-        self.url, self.history, self.node, self.address = url, history, node, address
-        self.lease, self.max_attempts = lease, max_attempts
-        self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)
-        self.idle = []             # connections not in use
-        self.local = {}            # id -> Job running on this node
-        self.tokens = {}           # id -> its run's token
+        self.url, self.node, self.address, self.lease = url, node, address, lease
+        self.tokens = {}           # job id -> the token of its run here
         self.ready = False         # schema made
-        self.closed = False
+        self.on_change = None
         threading.Thread(target=self._listen, name="listen", daemon=True).start()
 
-    # -- connections ----------------------------------------------------------------------
+    def _connect(self):
+        conn = self.psycopg.connect(self.url, autocommit=True, connect_timeout=3,
+                                    application_name=f"whisperd {self.node}")
+        if not self.ready:
+            with conn.transaction():  # nodes starting together must not race on it
+                conn.execute("SELECT pg_advisory_xact_lock(2004318071)")
+                conn.execute(self.SCHEMA)
+            self.ready = True
+        return conn
+
+    def _problem(self, error):
+        if isinstance(error, self.psycopg.OperationalError):
+            return StoreUnavailable(f"the database cannot be reached ({_reason(error)})")
+        return None
+
+    @staticmethod
+    def _broken(conn):
+        return conn.closed or conn.broken
 
     @contextlib.contextmanager
-    def _db(self):
-        """A connection (autocommit; `with conn.transaction()` where several statements
-        must go together). Any trouble reaching the database is StoreUnavailable."""
-        if self.closed:
-            raise StoreUnavailable("the job store is closed")
-        with self.lock:
-            conn = self.idle.pop() if self.idle else None
-        try:
-            if conn is None:
-                conn = self.psycopg.connect(self.url, autocommit=True, connect_timeout=3,
-                                            application_name=f"whisperd {self.node}")
-            if not self.ready:
-                self._create(conn)
+    def _write(self):
+        with self._writing() as conn, conn.transaction():
             yield conn
-        except self.psycopg.OperationalError as e:
-            if conn is not None:
-                conn.close()
-            raise StoreUnavailable(f"the database cannot be reached ({_reason(e)})") from None
-        with self.lock:
-            if conn.closed or conn.broken or len(self.idle) >= 8:
-                conn.close()
-            else:
-                self.idle.append(conn)
-
-    def _create(self, conn):
-        with conn.transaction():  # nodes starting together must not race on the schema
-            conn.execute("SELECT pg_advisory_xact_lock(2004318071)")
-            conn.execute(self.SCHEMA)
-        self.ready = True
 
     def _listen(self):
-        """Hears every node's changes (NOTIFY whisperd) and wakes the waiters here. After a
-        reconnection everyone is woken: what was said meanwhile is lost."""
+        """Hears every node's changes (NOTIFY whisperd) and tells on_change()."""
         delay = 0.1
         while not self.closed:
             try:
                 with self.psycopg.connect(self.url, autocommit=True, connect_timeout=3) as conn:
                     conn.execute("LISTEN whisperd")
                     delay = 0.1
-                    with self.changed:
-                        self.changed.notify_all()
+                    heard = True  # after a reconnection: what was said meanwhile is lost
                     while not self.closed:
-                        if any(True for _ in conn.notifies(timeout=1.0, stop_after=1)):
-                            with self.changed:
-                                self.changed.notify_all()
+                        if heard and self.on_change:
+                            self.on_change()
+                        heard = any(conn.notifies(timeout=1.0, stop_after=1))
             except self.psycopg.OperationalError:
-                with self.lock:  # the idle connections went down with this one
+                with self.pool_lock:  # the idle connections went down with this one
                     for conn in self.idle:
                         conn.close()
                     self.idle.clear()
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def _notify(self, conn, job_id):
-        conn.execute("SELECT pg_notify('whisperd', %s)", (job_id,))
-
     @staticmethod
     def _doc(job, **changes):
         from psycopg.types.json import Jsonb
         return Jsonb(dataclasses.replace(job, **changes).stored())
 
+    def _jobs(self, sql, *args):
+        with self._db() as conn:
+            return [Job.from_json(doc) for doc, in conn.execute(sql, args).fetchall()]
+
     # -- changes --------------------------------------------------------------------------
 
-    def add(self, job, max_queue, event=None):
-        with self._db() as conn, conn.transaction():
-            row = conn.execute(
-                "INSERT INTO jobs (id, status, origin, upload, doc) SELECT %s, 'QUEUED', %s, "
-                "%s, %s WHERE (SELECT count(*) FROM jobs WHERE status = 'QUEUED') < %s "
-                "RETURNING seq", (job.id, self.node, job.upload, self._doc(job), max_queue)
-            ).fetchone()
-            if row is None:
+    def insert(self, job, max_queued):
+        with self._write() as conn:
+            if conn.execute(
+                    "INSERT INTO jobs (id, status, origin, upload, doc) SELECT %s, 'QUEUED', "
+                    "%s, %s, %s WHERE (SELECT count(*) FROM jobs WHERE status = 'QUEUED') < %s "
+                    "RETURNING seq", (job.id, self.node, job.upload, self._doc(job), max_queued)
+                    ).fetchone() is None:
                 raise QueueFull()
-            self._notify(conn, job.id)
-        if event:
-            log(event)
-        return self.show(job.id)
+            conn.execute("NOTIFY whisperd")
 
-    def claim(self, worker, accept=None):
-        with self._db() as conn, conn.transaction():
-            row = conn.execute(
-                "SELECT doc FROM jobs WHERE status = 'QUEUED' AND (NOT upload OR origin = %s) "
-                "ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED", (self.node,)).fetchone()
-            if row is None:
-                return None
-            job = Job.from_json(row[0])
-            if accept is not None and not accept(job):
+    def claim(self, start):
+        with self._write() as conn:
+            row = conn.execute(f"SELECT doc FROM jobs WHERE {self.CLAIMABLE} ORDER BY seq "
+                               f"LIMIT 1 FOR UPDATE SKIP LOCKED", (self.node,)).fetchone()
+            job = row and Job.from_json(row[0])
+            changes = job and start(job)
+            if not changes:
                 return None
             token = uuid.uuid4()
-            job.update(**_started(job, worker, self.node))
             conn.execute("UPDATE jobs SET status = 'RUNNING', node = %s, token = %s, "
                          "lease_until = now() + %s * interval '1 second', doc = %s "
-                         "WHERE id = %s", (self.node, token, self.lease, self._doc(job), job.id))
-            self._notify(conn, job.id)
-        with self.lock:
-            self.local[job.id], self.tokens[job.id] = job, token
+                         "WHERE id = %s", (self.node, token, self.lease,
+                                           self._doc(job, **changes), job.id))
+            conn.execute("NOTIFY whisperd")
+        job.update(**changes)
+        self.tokens[job.id] = token
         return job
 
-    def touch(self, job, **changes):
-        """Changes kept here (progress); the database hears them at the next renewal."""
-        with self.lock:
-            job.update(**changes)
+    def _end(self, conn, job, changes, token):
+        """One job's end, if `token` still holds its run; True when recorded."""
+        pending = changes.get("callback_status") == Callback.PENDING
+        return conn.execute(
+            "UPDATE jobs SET status = %s, finished_at = now(), lease_until = NULL, token = NULL, "
+            "node = NULL, callback_status = %s, callback_node = CASE WHEN %s THEN %s END, "
+            "callback_lease_until = CASE WHEN %s THEN now() + %s * interval '1 second' END, "
+            "doc = %s WHERE id = %s AND status IN ('QUEUED', 'RUNNING') AND token IS NOT "
+            "DISTINCT FROM %s", (changes["status"], changes["callback_status"], pending,
+                                 self.node, pending, self.lease, self._doc(job, **changes),
+                                 job.id, token)).rowcount == 1
 
-    def finish(self, ends):
-        """Ends jobs: [(job, status, changes)]; returns those recorded. A run whose lease
-        another node took over is not recorded (that node runs the job again)."""
-        recorded = []
-        with self._db() as conn, conn.transaction():
-            for job, status, changes in ends:
-                new = dict(changes, status=status, finished_at=utcnow())
-                pending = new.get("callback_status") == Callback.PENDING
-                done = conn.execute(
-                    "UPDATE jobs SET status = %s, finished_at = now(), lease_until = NULL, "
-                    "token = NULL, node = NULL, callback_status = %s, "
-                    "callback_node = CASE WHEN %s THEN %s END, callback_lease_until = "
-                    "CASE WHEN %s THEN now() + %s * interval '1 second' END, doc = %s "
-                    "WHERE id = %s AND status IN ('QUEUED', 'RUNNING') "
-                    "AND token IS NOT DISTINCT FROM %s",
-                    (status, new["callback_status"], pending, self.node, pending, self.lease,
-                     self._doc(job, **new), job.id, self.tokens.get(job.id))).rowcount
-                if done:
-                    recorded.append((job, new))
-                    self._notify(conn, job.id)
-                else:
-                    log(f"job {job.id} ended here after another node took it over: this "
-                        f"run is not recorded")
+    def end(self, ends, keep):
+        with self._write() as conn:
+            recorded = [(job, changes) for job, changes in ends
+                        if self._end(conn, job, changes, self.tokens.get(job.id))]
             conn.execute("UPDATE counters SET value = value + %s WHERE name = 'processed'",
                          (len(recorded),))
-            self._prune(conn)
-        with self.lock:
-            for job, new in recorded:
-                job.update(**new)
-            for job, _, _ in ends:
-                self.local.pop(job.id, None)
-                self.tokens.pop(job.id, None)
-        return [(job, job.status, changes) for job, changes in recorded]
-
-    def _prune(self, conn):
-        """The history rule: the last `history` finished jobs are kept, and any whose
-        callback is still due."""
-        conn.execute("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS "
-                     "NOT NULL ORDER BY finished_at DESC, seq DESC OFFSET %s) AND "
-                     "callback_status != 'pending'", (self.history,))
-
-    def requeue(self, jobs, count_attempt=True):
-        with self._db() as conn, conn.transaction():
-            changes = [_undone(job, count_attempt) for job in jobs]
-            for job, c in zip(jobs, changes):
-                self._queue_again(conn, job, c)
-                self._notify(conn, job.id)
-        with self.lock:
-            for job, c in zip(jobs, changes):
-                job.update(**c)
-                self.local.pop(job.id, None)
-                self.tokens.pop(job.id, None)
+            conn.execute(PRUNE.format(all="ALL", keep=int(keep)))
+            conn.execute("NOTIFY whisperd")
+        for job, _ in ends:
+            self.tokens.pop(job.id, None)
+        return recorded
 
     def _queue_again(self, conn, job, changes):
         """A RUNNING job QUEUED again, in its place in the queue (its seq stays)."""
@@ -1151,76 +1065,65 @@ class PostgresStore:
                      "lease_until = NULL, doc = %s WHERE id = %s",
                      (self._doc(job, **changes), job.id))
 
+    def requeue(self, undone):
+        with self._write() as conn:
+            for job, changes in undone:
+                self._queue_again(conn, job, changes)
+            conn.execute("NOTIFY whisperd")
+        for job, _ in undone:
+            self.tokens.pop(job.id, None)
+
     def delete(self, job_id):
-        with self._db() as conn, conn.transaction():
+        with self._write() as conn:
             row = conn.execute("DELETE FROM jobs WHERE id = %s AND status = 'QUEUED' "
                                "RETURNING doc", (job_id,)).fetchone()
-            if row is not None:
-                self._notify(conn, job_id)
-                return Job.from_json(row[0])
-            status = conn.execute("SELECT status FROM jobs WHERE id = %s", (job_id,)).fetchone()
-        if status is None:
-            raise HTTPError(404, f"no job {job_id}: it never existed, was deleted, or "
-                                 f"finished more than {self.history} jobs ago")
-        raise HTTPError(409, f"job {job_id} is {status[0]}; only QUEUED jobs can be deleted")
+            status = row or conn.execute("SELECT status FROM jobs WHERE id = %s",
+                                         (job_id,)).fetchone()
+            conn.execute("NOTIFY whisperd")
+        if row:
+            return Job.from_json(row[0])
+        raise NotQueued(status[0]) if status else NotFound()
 
-    def callback_status(self, job, status, attempts):
-        changes = dict(callback_status=status, callback_attempts=attempts)
-        with self._db() as conn, conn.transaction():
+    def set_callback(self, job, changes, keep):
+        with self._write() as conn:
             conn.execute("UPDATE jobs SET callback_status = %s, callback_lease_until = CASE "
                          "WHEN %s THEN now() + %s * interval '1 second' END, doc = %s "
-                         "WHERE id = %s", (status, status == Callback.PENDING, self.lease,
-                                           self._doc(job, **changes), job.id))
-            self._prune(conn)
-        job.update(**changes)
+                         "WHERE id = %s", (changes["callback_status"],
+                                           changes["callback_status"] == Callback.PENDING,
+                                           self.lease, self._doc(job, **changes), job.id))
+            conn.execute(PRUNE.format(all="ALL", keep=int(keep)))
 
-    def maintain(self):
-        """What keeps the cluster going, every few seconds on each node: says this node
-        is alive, renews the leases of its runs (and tells their progress), runs again the
-        jobs of nodes whose leases lapsed (or fails them past --max-attempts), and takes
-        over the callbacks of dead nodes. Returns the jobs whose callbacks are now this
-        node's to send."""
-        with self.lock:
-            runs = [(job.id, self.tokens[job.id], job.progress)
-                    for job in self.local.values()]
-        adopted = []
-        with self._db() as conn, conn.transaction():
+    def keep_up(self, runs, lost):
+        with self._write() as conn:
             conn.execute("INSERT INTO nodes VALUES (%s, %s, now()) ON CONFLICT (name) DO "
                          "UPDATE SET url = excluded.url, last_seen = now()",
                          (self.node, self.address))
-            for job_id, token, progress in runs:
+            for job_id, progress in runs:
                 conn.execute("UPDATE jobs SET lease_until = now() + %s * interval '1 second', "
-                             "doc = jsonb_set(doc, '{progress}', to_jsonb(%s::int)) "
-                             "WHERE id = %s AND token = %s", (self.lease, progress, job_id, token))
+                             "doc = jsonb_set(doc, '{progress}', to_jsonb(%s::int)) WHERE id = "
+                             "%s AND token = %s", (self.lease, progress, job_id,
+                                                   self.tokens.get(job_id)))
             conn.execute("UPDATE jobs SET callback_lease_until = now() + %s * interval "
                          "'1 second' WHERE callback_status = 'pending' AND callback_node = %s",
                          (self.lease, self.node))
-            lapsed = conn.execute("SELECT doc FROM jobs WHERE status = 'RUNNING' AND "
-                                  "lease_until < now() ORDER BY seq FOR UPDATE SKIP LOCKED"
-                                  ).fetchall()
-            for doc, in lapsed:
+            changed, due = [], []
+            for doc, token in conn.execute(
+                    "SELECT doc, token FROM jobs WHERE status = 'RUNNING' AND lease_until < "
+                    "now() ORDER BY seq FOR UPDATE SKIP LOCKED").fetchall():
                 job = Job.from_json(doc)
-                if job.attempts >= self.max_attempts:
-                    error = (f"the nodes running this job stopped {job.attempts} times (crash, "
-                             f"kill or power loss); giving up after --max-attempts="
-                             f"{self.max_attempts}")
-                    changes = dict(status=FAILED, error=error, finished_at=utcnow(),
-                                   callback_status=Callback.PENDING if job.callback else "")
-                    conn.execute("UPDATE jobs SET status = 'FAILED', finished_at = now(), "
-                                 "node = NULL, token = NULL, lease_until = NULL, "
-                                 "callback_status = %s, doc = %s WHERE id = %s",
-                                 (changes["callback_status"], self._doc(job, **changes),
-                                  job.id))
+                changes = lost(job)
+                if changes["status"] == QUEUED:
+                    self._queue_again(conn, job, changes)
+                elif self._end(conn, job, changes, token):
                     conn.execute("UPDATE counters SET value = value + 1 "
                                  "WHERE name = 'processed'")
-                    log(f"job {job.id} failed: {error}")
-                else:
-                    self._queue_again(conn, job, _undone(job))
-                    log(f"job {job.id} requeued: the node running it stopped renewing its "
-                        f"lease (attempt {job.attempts} of {self.max_attempts})")
-                self._notify(conn, job.id)
-            adopted = self._adopt(conn, orphans_only=True)
-        return adopted
+                    if job.callback:
+                        due.append(dataclasses.replace(job, **changes))
+                changed.append((job, changes))
+            if changed:
+                conn.execute("NOTIFY whisperd")
+            due += self._adopt(conn, orphans_only=True)
+        return changed, due
 
     def _adopt(self, conn, orphans_only):
         """Takes the pending callbacks of nodes that stopped (and, at start, this node's
@@ -1233,87 +1136,45 @@ class PostgresStore:
         ).fetchall()
         return [Job.from_json(doc) for doc, in rows]
 
-    # -- reading --------------------------------------------------------------------------
-
-    def running(self):
-        """The jobs RUNNING on this node."""
-        with self.lock:
-            return list(self.local.values())
-
-    def unfinished(self):
-        """What this node left behind when it stopped: its runs, and its uploads."""
-        with self._db() as conn:
-            rows = conn.execute(
-                "SELECT doc FROM jobs WHERE (status = 'RUNNING' AND node = %s) OR (upload AND "
-                "origin = %s AND status IN ('QUEUED', 'RUNNING')) ORDER BY seq",
-                (self.node, self.node)).fetchall()
-        return [Job.from_json(doc) for doc, in rows]
-
-    def next_queued(self, count):
-        with self._db() as conn:
-            rows = conn.execute("SELECT doc FROM jobs WHERE status = 'QUEUED' AND (NOT upload "
-                                "OR origin = %s) ORDER BY seq LIMIT %s",
-                                (self.node, count)).fetchall()
-        return [Job.from_json(doc) for doc, in rows]
-
-    def _fresh(self, doc):
-        """A job's JSON, with the progress of a run on this node as it is now."""
-        local = self.local.get(doc["id"])
-        return dict(doc, progress=local.progress) if local is not None else doc
-
-    def show(self, job_id=None, eta=lambda seconds, running: None):
-        with self._db() as conn:
-            if job_id is not None:
-                row = conn.execute("SELECT doc, status, seq FROM jobs WHERE id = %s",
-                                   (job_id,)).fetchone()
-                if row is None:
-                    raise HTTPError(404, f"no job {job_id}: it never existed, was deleted, "
-                                         f"or finished more than {self.history} jobs ago")
-                rows = [row] if row[1] != QUEUED else conn.execute(
-                    "SELECT doc, status, seq FROM jobs WHERE status = 'RUNNING' OR (status = "
-                    "'QUEUED' AND seq <= %s) ORDER BY seq", (row[2],)).fetchall()
-            else:
-                rows = conn.execute(
-                    "SELECT doc, status, seq FROM jobs WHERE status IN ('QUEUED', 'RUNNING') "
-                    "OR id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL ORDER BY "
-                    "finished_at DESC, seq DESC LIMIT %s) ORDER BY seq",
-                    (self.history,)).fetchall()
-        docs = [self._fresh(doc) for doc, _, _ in rows]
-        ahead = sum(_remaining(Job.from_json(d)) for d in docs if d["status"] == RUNNING)
-        position = 0
-        for doc in docs:
-            job = Job.from_json(doc)
-            if job.status == QUEUED:
-                position += 1
-                ahead += job.audio_duration or 0
-                doc.update(position=position, eta=eta(ahead, False))
-            elif job.status == RUNNING:
-                doc.update(eta=eta(_remaining(job), True))
-        if job_id is not None:
-            return next(d for d in docs if d["id"] == job_id)
-        return sorted(docs, key=lambda d: d["created_at"])
-
-    def wait(self, job_id, seconds):
-        deadline = time.monotonic() + seconds
-        while True:
-            status = self.show(job_id)["status"]
-            left = deadline - time.monotonic()
-            if status in FINISHED or left <= 0:
-                return
-            with self.changed:  # woken by any node's change; re-read in any case
-                self.changed.wait(min(left, 1.0))
-
-    def pending_callbacks(self):
-        with self._db() as conn:
+    def adopt(self):
+        with self._write() as conn:
             return self._adopt(conn, orphans_only=False)
 
-    def stats(self):
+    # -- reading --------------------------------------------------------------------------
+
+    def get(self, job_id):
+        found = self._jobs("SELECT doc FROM jobs WHERE id = %s", job_id)
+        return found[0] if found else None
+
+    def active(self):
+        return self._jobs("SELECT doc FROM jobs WHERE status IN ('QUEUED', 'RUNNING') "
+                          "ORDER BY seq")
+
+    def finished(self, count):
+        return self._jobs("SELECT doc FROM jobs WHERE finished_at IS NOT NULL "
+                          "ORDER BY finished_at DESC, seq DESC LIMIT %s", count)
+
+    def upcoming(self, count):
+        return self._jobs(f"SELECT doc FROM jobs WHERE {self.CLAIMABLE} ORDER BY seq "
+                          f"LIMIT %s", self.node, count)
+
+    def left_behind(self):
+        """What this node left when it stopped: its runs (whose tokens it takes back),
+        and its uploads."""
         with self._db() as conn:
-            queued, running, processed = conn.execute(
+            rows = conn.execute(
+                "SELECT doc, token FROM jobs WHERE (status = 'RUNNING' AND node = %s) OR "
+                "(upload AND origin = %s AND status IN ('QUEUED', 'RUNNING')) ORDER BY seq",
+                (self.node, self.node)).fetchall()
+        self.tokens.update((doc["id"], token) for doc, token in rows)
+        return [Job.from_json(doc) for doc, _ in rows]
+
+    def counts(self):
+        with self._db() as conn:
+            return conn.execute(
                 "SELECT count(*) FILTER (WHERE status = 'QUEUED'), count(*) FILTER (WHERE "
                 "status = 'RUNNING'), (SELECT value FROM counters WHERE name = 'processed') "
-                "FROM jobs").fetchone()
-        return {"Queued": queued, "Running": running, "Processed": processed}
+                "FROM jobs WHERE status IN ('QUEUED', 'RUNNING')").fetchone()
 
     def nodes(self):
         """The nodes seen within a lease: [{"name", "url", "last_seen"}]."""
@@ -1324,12 +1185,294 @@ class PostgresStore:
         return [{"name": name, "url": url, "last_seen": seen.isoformat(timespec="seconds")}
                 for name, url, seen in rows]
 
-    def close(self):
-        self.closed = True
+
+# ---------------------------------------------------------------------------------------
+# Job queue: every change of a job's state, and the rules, once
+# ---------------------------------------------------------------------------------------
+
+def _remaining(job):
+    """Seconds of a job's audio not decoded yet."""
+    return (job.audio_duration or 0) * (100 - job.progress) / 100
+
+
+def _started(job, worker, node):
+    """What a run's start changes in a job."""
+    return dict(status=RUNNING, attempts=job.attempts + 1, started_at=utcnow(), progress=0,
+                worker=worker, node=node)
+
+
+def _undone(job, count_attempt=True):
+    """What a run that ended without an end changes: the job is QUEUED again; a run that
+    was not the job's fault (a shutdown) does not count as an attempt."""
+    return dict(status=QUEUED, progress=0, started_at=None, worker=None, node=None,
+                attempts=job.attempts - (not count_attempt))
+
+
+@dataclasses.dataclass(eq=False)
+class Outcome:
+    """What a runner hands back for a job: whisper's result, the JobFailed that ended it,
+    or None when it was interrupted (a shutdown); the seconds it took, and the runner's
+    busy seconds since it last handed one back."""
+    job: Job
+    result: object
+    seconds: float = 0.0
+    busy: float = 0.0
+
+
+class JobQueue:
+    """The one owner of every change of a job's state: added, claimed, progressed, ended,
+    requeued, lost (its whisperd died under it), deleted, and its callback's status. Each
+    goes through one method here that stores it (one transaction of the storage), logs it
+    and tells the waiters. The rules that hold on either storage are here, once: what a
+    run's start and a lost run change, the history kept, a queued job's position and
+    every job's eta.
+
+    Its lock guards only its memory (the runs on this node, recent speeds, counters) and
+    is never held across a storage call. It publishes, for /health and /metrics: stats(),
+    speed(), counters and `trouble` (what keeps the storage from taking changes)."""
+
+    SPEED_WINDOW = 20  # recent jobs whose speed gives the eta
+
+    def __init__(self, storage, settings):
+        self.storage, self.settings = storage, settings
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.version = 0                 # counts changes, so a waiter misses none
+        self.runs = {}                   # id -> the Job running here, with its progress
+        self.speeds = collections.deque(maxlen=self.SPEED_WINDOW)  # (audio s, busy s)
+        self.counters = collections.Counter()
+        self.trouble = None
+        storage.on_change = self.wake
+
+    def wake(self):
+        with self.changed:
+            self.version += 1
+            self.changed.notify_all()
+
+    def wait_for_change(self, seen, seconds):
+        """Holds until a change after `seen` (a version read before looking), at most
+        `seconds`."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.version != seen, seconds)
+
+    def troubled(self, message):
+        """Says once what keeps the storage from taking changes; None says it is over."""
+        if message != self.trouble:
+            log(message or "the job store takes changes again")
+            self.trouble = message
+
+    # -- changes --------------------------------------------------------------------------
+
+    def add(self, job):
+        """Stores a new QUEUED job; returns its JSON as created."""
+        self.storage.insert(job, self.settings.max_queue)
+        log(f"job {job.id} queued: {job.path} -> {job.output_path} (model {job.model}, "
+            f"format {job.format})")
+        self.wake()
+        return self.show(job.id)
+
+    def claim(self, worker, accept=lambda job: True):
+        """The next queued job, now RUNNING on `worker`; None when none is queued, or when
+        `accept` does not take it (jobs start in the order they came)."""
+        job = self.storage.claim(lambda job: accept(job) and _started(
+            job, worker, self.storage.node))
+        if job is not None:
+            with self.lock:
+                self.runs[job.id] = job
+            log(f"job {job.id} running on {worker} (attempt {job.attempts})")
+            self.wake()
+        return job
+
+    def progress(self, job, fraction=None, **seen):
+        """How far a run here is (kept in memory: a restarted run starts over), and what
+        was learnt of its audio."""
+        changes = dict(seen)
+        if fraction is not None:
+            changes["progress"] = min(99, int(fraction * 100))  # 100 is for COMPLETED
         with self.lock:
-            for conn in self.idle:
-                conn.close()
-            self.idle.clear()
+            job.update(**changes)
+
+    def _ending(self, job, outcome, seconds=0.0):
+        """What a job's end changes: whisper's result, or the JobFailed that ended it."""
+        changes = {"Duration": seconds, "finished_at": utcnow(),
+                   "callback_status": Callback.PENDING if job.callback else Callback.NONE}
+        if isinstance(outcome, dict):
+            return dict(changes, status=COMPLETED, result=transcript(outcome), progress=100,
+                        language=outcome.get("language") or job.language)
+        return dict(changes, status=FAILED, error=str(outcome))
+
+    def end(self, outcomes):
+        """Ends jobs in one commit: [Outcome]; returns those recorded (a run another node
+        took over is not). Raises StoreUnavailable, changing nothing."""
+        ends = [(o.job, self._ending(o.job, o.result, o.seconds)) for o in outcomes]
+        recorded = {job.id for job, _ in self.storage.end(ends, self.settings.history)}
+        with self.lock:
+            for (job, changes), o in zip(ends, outcomes):
+                self.runs.pop(job.id, None)
+                if job.id not in recorded:
+                    continue
+                job.update(**changes)
+                self.counters[("jobs", job.status, job.worker)] += 1
+                self.counters[("busy", job.worker)] += o.busy
+                if job.status == COMPLETED:
+                    self.counters[("audio", job.worker)] += job.audio_duration or 0
+                    self.speeds.append((job.audio_duration or 0, o.busy))
+        for job, _ in ends:
+            log(f"job {job.id} ended here after another node took it over: this run is not "
+                f"recorded" if job.id not in recorded else
+                f"job {job.id} completed in {job.Duration} s" if job.status == COMPLETED else
+                f"job {job.id} failed: {job.error}")
+        self.wake()
+        return [o for o in outcomes if o.job.id in recorded]
+
+    def requeue(self, jobs, count_attempt=True):
+        """Runs here back to the queue, in their places."""
+        self.storage.requeue([(job, _undone(job, count_attempt)) for job in jobs])
+        with self.lock:
+            for job in jobs:
+                self.runs.pop(job.id, None)
+                job.update(**_undone(job, count_attempt))
+        self.wake()
+
+    def _lost(self, job):
+        """What a job becomes when the whisperd running it died (a crash, `kill -9`, power
+        loss; with --store, a lease that lapsed): it runs again, counted as an attempt, up
+        to --max-attempts starts; an upload fails, for its client was disconnected."""
+        limit = self.settings.max_attempts
+        if job.upload:
+            return self._ending(job, JobFailed("whisperd restarted while this upload was "
+                                               "waiting; its client was disconnected"))
+        if job.attempts >= limit:
+            return self._ending(job, JobFailed(
+                f"the whisperd running this job stopped {job.attempts} times (crash, kill or "
+                f"power loss); giving up after --max-attempts={limit}"))
+        return _undone(job)
+
+    def _said(self, lost, why):
+        for job, changes in lost:
+            log(f"job {job.id} failed: {changes['error']}" if changes["status"] == FAILED else
+                f"job {job.id} requeued: {why} (attempt {job.attempts} of "
+                f"{self.settings.max_attempts})")
+
+    def recover(self):
+        """At start: what this whisperd left behind when it died. Queued jobs stay queued;
+        runs and uploads are lost (_lost). Returns the callbacks to send."""
+        lost = [(job, self._lost(job)) for job in self.storage.left_behind()
+                if job.status == RUNNING or job.upload]
+        ended = [(job, c) for job, c in lost if c["status"] != QUEUED]
+        if ended:
+            self.storage.end(ended, self.settings.history)
+        self.storage.requeue([(job, c) for job, c in lost if c["status"] == QUEUED])
+        self._said(lost, "whisperd stopped while running it")
+        self.wake()
+        return self.storage.adopt()
+
+    def keep_up(self):
+        """Every third of a lease (--store): renews this node's runs, applies _lost to the
+        jobs of nodes that stopped renewing theirs; returns the callbacks now this node's."""
+        with self.lock:
+            runs = [(job.id, job.progress) for job in self.runs.values()]
+        lost, due = self.storage.keep_up(runs, self._lost)
+        self._said(lost, "the node running it stopped renewing its lease")
+        return due
+
+    def delete(self, job_id):
+        """Removes a QUEUED job; returns it."""
+        try:
+            job = self.storage.delete(job_id)
+        except NotFound:
+            raise self._missing(job_id) from None
+        except NotQueued as e:
+            raise NotQueued(f"job {job_id} is {e}; only QUEUED jobs can be deleted") from None
+        log(f"job {job_id} deleted")
+        self.wake()
+        return job
+
+    def callback_attempted(self, job, status, attempts, detail):
+        changes = dict(callback_status=status, callback_attempts=attempts)
+        try:
+            self.storage.set_callback(job, changes, self.settings.history)
+        except StoreUnavailable as e:
+            log(f"job {job.id} callback {status}, not recorded ({e})")
+        with self.lock:
+            job.update(**changes)
+            self.counters[("callbacks", status)] += 1
+        log(f"job {job.id} callback {status} ({detail}) after attempt {attempts} to "
+            f"{job.callback}")
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _missing(self, job_id):
+        return NotFound(f"no job {job_id}: it never existed, was deleted, or finished more "
+                        f"than {self.settings.history} jobs ago")
+
+    def speed(self):
+        """Seconds of audio transcribed per second of decoding, over recent jobs."""
+        with self.lock:
+            audio, busy = map(sum, zip(*self.speeds)) if self.speeds else (0, 0)
+        return round(audio / busy, 2) if busy else None
+
+    def _shown(self, jobs):
+        """The JSON of jobs given in queue order: a run here as it is now, a queued job's
+        position, and an eta for each unfinished one (from recent speed: the running jobs'
+        audio left, then the audio queued ahead, shared by the workers)."""
+        speed, workers = self.speed(), len(self.settings.devices)
+        with self.lock:
+            jobs = [self.runs.get(job.id, job) if job.status == RUNNING else job
+                    for job in jobs]
+            docs = [job.to_json() for job in jobs]
+        ahead, position = sum(_remaining(j) for j in jobs if j.status == RUNNING), 0
+        for job, doc in zip(jobs, docs):
+            if job.status == QUEUED:
+                position += 1
+                ahead += job.audio_duration or 0
+                doc["position"] = position
+            if job.status in (QUEUED, RUNNING) and speed:
+                left = ahead if job.status == QUEUED else _remaining(job)
+                doc["eta"] = round(left / (speed * (workers if job.status == QUEUED else 1)), 1)
+        return docs
+
+    def show(self, job_id):
+        job = self.storage.get(job_id)
+        if job is None:
+            raise self._missing(job_id)
+        if job.status != QUEUED:
+            return self._shown([job])[0]
+        found = [doc for doc in self._shown(self.storage.active()) if doc["id"] == job_id]
+        return found[0] if found else self.show(job_id)  # it ended meanwhile
+
+    def listing(self):
+        """Queued and running jobs and the last --history finished ones, oldest first."""
+        docs = self._shown(self.storage.active()) + self._shown(
+            self.storage.finished(self.settings.history))
+        return sorted(docs, key=lambda doc: doc["created_at"])
+
+    def wait(self, job_id, seconds):
+        """Holds until the job has finished, at most `seconds`."""
+        deadline = time.monotonic() + seconds
+        while True:
+            seen = self.version
+            job = self.storage.get(job_id)
+            if job is None:
+                raise self._missing(job_id)
+            left = deadline - time.monotonic()
+            if job.status in FINISHED or left <= 0:
+                return
+            self.wait_for_change(seen, min(left, 5.0))
+
+    def stats(self):
+        queued, running, processed = self.storage.counts()
+        return {"Queued": queued, "Running": running, "Processed": processed}
+
+    def upcoming(self, count):
+        return self.storage.upcoming(count)
+
+    def running_here(self):
+        with self.lock:
+            return list(self.runs.values())
+
+    def nodes(self):
+        return self.storage.nodes()
 
 
 # ---------------------------------------------------------------------------------------
@@ -1405,7 +1548,8 @@ class Engine:
 
     The steps both engines share are here; a subclass names its library's calls: prepare()
     (import, resolve the device), known() (model names), load(), load_audio() and
-    transcribe(). An engine belongs to one worker thread, so it needs no locks.
+    transcribe(). An engine belongs to one runner: its thread loads and decodes, and its
+    prefetcher only calls load_audio(), which keeps no state.
     """
 
     name = ""
@@ -2010,20 +2154,22 @@ class Batch:
 
     def add(self, entries):
         """Plans the windows of newly claimed jobs: [(job, audio)] (packing happens
-        among them)."""
+        among them). All join, or (it raised) none."""
         tracks = [Track(job, audio, None if job.language == AUTO_LANGUAGE else job.language)
                   for job, audio in entries]
+        _fault("batch.add")
+        windows = plan(tracks, self.pack)
         for track in tracks:
             self.task = track.job.task
             self.pending[track] = collections.deque()
             self.results[track] = {"language": track.language, "segments": []}
-        for window in plan(tracks, self.pack):
+        for window in windows:
             for track in window.tracks:
                 self.pending[track].append(window)
         for track in tracks:
             self.planned[track] = max(len(self.pending[track]), 1)
 
-    def jobs(self):
+    def members(self):
         return [track.job for track in self.pending]
 
     def progress(self):
@@ -2146,132 +2292,248 @@ def write_outputs(result, job):
 
 
 # ---------------------------------------------------------------------------------------
-# Worker
+# Runners: one thread per device
 # ---------------------------------------------------------------------------------------
 
-class Worker(threading.Thread):
-    """One device's thread: its models live here, and its jobs run here.
+class Ahead:
+    """Audio decoded ahead of the runners, by job id. Each runner's prefetcher fills it
+    with the next queued jobs' audio; whichever runner claims a job takes its audio from
+    here; no job is decoded twice. Bounded: `seconds` of audio at most."""
 
-    Its whole life: prepare the engine, then `service.next_job(self)` until it says stop
-    (None). A job runs alone, or (--batch-size) starts a batch that the jobs queued
-    behind it join while it runs. Every job is handed back to the service, whatever it
-    raises.
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.lock = threading.Condition()
+        self.audio = {}     # job id -> audio (or the AudioError decoding it raised)
+        self.busy = set()   # job ids being decoded
+
+    def reserve(self, upcoming, keep):
+        """The first of `upcoming` jobs to decode now, or None; drops what is no longer
+        upcoming nor running (`keep`: their ids)."""
+        with self.lock:
+            for job_id in set(self.audio) - keep:  # deleted, or ended meanwhile
+                del self.audio[job_id]
+            held = sum(len(a) for a in self.audio.values() if not isinstance(a, Exception))
+            job = next((j for j in upcoming if j.id not in self.audio and j.id not in self.busy),
+                       None)
+            if job is None or held / RATE >= self.seconds:
+                return None
+            self.busy.add(job.id)
+            return job
+
+    def put(self, job_id, audio):
+        with self.lock:
+            self.busy.discard(job_id)
+            self.audio[job_id] = audio
+            self.lock.notify_all()
+
+    def take(self, job_id):
+        """The job's audio if it was decoded ahead (waiting if it is being decoded now)."""
+        with self.lock:
+            self.lock.wait_for(lambda: job_id not in self.busy)
+            return self.audio.pop(job_id, None)
+
+
+RunnerState = collections.namedtuple("RunnerState", "name device ready error models running "
+                                                    "loads ahead beat loading")
+
+
+class Runner(threading.Thread):
+    """One device's thread (a "worker" in the API's words): its engine, and so its models,
+    live here, and its jobs run here.
+
+    Its whole life: prepare the engine, then claim the next job from the queue and run it
+    (or, with --batch-size, start a batch that the jobs queued behind it join), and hand
+    back an Outcome on `outcomes` for every job it claimed, whatever the job raised; until
+    its owner calls stop(). Its prefetcher decodes the audio of the next queued jobs into
+    `ahead` meanwhile. It tells the queue how far a run is, and publishes what it is doing
+    (state()); it calls nothing else.
     """
 
     TICK = 1.0  # seconds between idle housekeeping rounds (model TTL, watchdog)
+    AHEAD_JOBS = 4  # queued jobs decoded ahead, per window of --batch-size
 
-    def __init__(self, service, engine, suffix=""):
-        super().__init__(name=f"worker {engine.device}{suffix}", daemon=True)
-        self.service, self.engine, self.suffix = service, engine, suffix
+    def __init__(self, engine, job_queue, outcomes, ahead, suffix=""):
+        super().__init__(name=f"runner {engine.device}{suffix}", daemon=True)
+        self.engine, self.queue, self.outcomes, self.ahead = engine, job_queue, outcomes, ahead
+        self.suffix = suffix
+        self.stopping = threading.Event()   # take no new job
         self.abort = threading.Event()      # interrupt the running jobs
         self.beat = time.monotonic()        # last sign of life, for the watchdog
         self.ready = False
-        self.prepare_error = None
-        self.jobs = []                      # the running jobs
-        self.busy = 0.0                     # seconds spent running jobs, not yet reported
+        self.error = None                   # why the engine cannot start
+        self.running = ()                   # the jobs it runs now
+        self.busy = 0.0                     # seconds spent running jobs, not handed back yet
+        self.decoded_ahead = 0
+        self.prefetcher = threading.Thread(target=self.prefetch, daemon=True,
+                                           name=f"prefetch {engine.device}{suffix}")
+
+    @property
+    def label(self):
+        """The runner's name: its device (auto until resolved), numbered when it repeats."""
+        return self.engine.device + self.suffix
+
+    def state(self):
+        """What this runner publishes, for health, metrics and the status line."""
+        return RunnerState(self.label, self.engine.device, self.ready, self.error,
+                           self.engine.loaded, tuple(self.running), self.engine.loads,
+                           self.decoded_ahead, self.beat, self.engine.loading)
+
+    def stop(self):
+        self.stopping.set()
+        self.queue.wake()
 
     def run(self):
         try:
             self.engine.prepare()
         except Exception as e:  # e.g. torch missing: every job will say so
-            self.prepare_error = f"the {self.engine.name} engine cannot start: {_reason(e)}"
-            log(self.prepare_error)
+            self.error = f"the {self.engine.name} engine cannot start: {_reason(e)}"
+            log(self.error)
         self.ready = True
-        while (job := self.service.next_job(self)) is not None:
-            if not self.prepare_error and self.engine.batchable(job):
+        self.prefetcher.start()
+        while (job := self.next_job()) is not None:
+            if not self.error and self.engine.batchable(job):
                 self.run_batch(job)
             else:
                 self.run_job(job)
-            self.jobs = []
+            self.running = ()
 
-    @property
-    def label(self):
-        """The worker's name: its device (auto until resolved), numbered when it repeats."""
-        return self.engine.device + self.suffix
+    def next_job(self, wait=True, accept=lambda job: True):
+        """The next job, now RUNNING here; None once stopping (or, without `wait`, when
+        none is queued that `accept` takes)."""
+        while not self.stopping.is_set():
+            seen = self.queue.version
+            try:
+                job = self.queue.claim(self.label, accept)
+                if job is not None or not wait:
+                    return job
+            except StoreUnavailable as e:
+                self.queue.troubled(f"no job can start: {e}")
+                if not wait:
+                    return None
+            self.queue.wait_for_change(seen, self.TICK)
+            self.beat = time.monotonic()
+            self.engine.unload_idle()
+        return None
 
-    def idle(self):
-        self.beat = time.monotonic()
-        self.engine.unload_idle()
+    def prefetch(self):
+        """Decodes the audio of the next queued jobs while this runner is busy, so that it
+        goes from one job (or batch) to the next without waiting for ffmpeg."""
+        count = self.AHEAD_JOBS * max(1, self.engine.settings.batch_size)
+        while not self.stopping.is_set() and not self.error:
+            seen = self.queue.version
+            try:
+                upcoming = self.queue.upcoming(count)
+                keep = {job.id for job in upcoming + self.queue.running_here()}
+                job = self.ahead.reserve(upcoming, keep)
+            except StoreUnavailable:
+                job = None
+            if job is None:
+                self.queue.wait_for_change(seen, self.TICK)
+                continue
+            try:
+                audio = self.engine.load_audio(job.path)
+            except Exception as e:  # the claiming runner raises it as the job's failure
+                audio = e if isinstance(e, AudioError) else AudioError(
+                    f"could not decode the audio in {job.path}: {_reason(e)}")
+            self.ahead.put(job.id, audio)
+
+    def audio(self, job):
+        """The job's audio, decoded ahead when it could be, else now."""
+        audio = self.ahead.take(job.id)
+        if audio is None:
+            audio = self.engine.load_audio(job.path)
+        else:
+            self.decoded_ahead += 1
+        if isinstance(audio, Exception):
+            raise audio
+        if job.audio_duration is None:
+            self.queue.progress(job, audio_duration=round(len(audio) / RATE, 3))
+        return audio
 
     def report(self, job, done):
         self.beat = time.monotonic()
         if self.abort.is_set():
             raise Interrupted()
-        self.service.progress(job, done)
+        self.queue.progress(job, done)
 
-    def hand_back(self, job, outcome, started):
-        """Gives a job's result (or the JobFailed that ended it) to the service, with the
-        seconds it took and this worker's busy time since the last one handed back."""
+    def hand_back(self, job, result, started=None):
+        """An Outcome for the job: whisper's result, a JobFailed, or None (interrupted),
+        with this runner's busy time since the last one."""
         busy, self.busy = self.busy, 0.0
-        self.service.ended(job, outcome, _since(started), busy)
+        self.outcomes.put(Outcome(job, result, 0.0 if started is None else _since(started),
+                                  busy))
+
+    @staticmethod
+    def failure(job_or_batch, error):
+        """A JobFailed for an error nobody foresaw: still only these jobs' failure."""
+        if isinstance(error, JobFailed):
+            return error
+        log(f"{job_or_batch} raised: " + "".join(traceback.format_exception_only(error)).strip())
+        return JobFailed(f"transcription failed: {type(error).__name__}: {_reason(error)}")
 
     def run_job(self, job):
-        self.jobs = [job]
+        self.running = (job.id,)
         started = time.monotonic()
         try:
-            if self.prepare_error:
-                raise JobFailed(self.prepare_error)
-            audio = self.service.audio(job, self.engine)
-            outcome = self.engine.run(job, audio, lambda done: self.report(job, done))
+            if self.error:
+                raise JobFailed(self.error)
+            audio = self.audio(job)
+            result = self.engine.run(job, audio, lambda done: self.report(job, done))
         except Interrupted:
-            self.service.interrupted(job)
-            return
-        except JobFailed as e:
-            outcome = e
-        except Exception as e:  # anything else is still only this job's failure
-            log(f"job {job.id} raised: " + "".join(traceback.format_exception_only(e)).strip())
-            outcome = JobFailed(f"transcription failed: {type(e).__name__}: {_reason(e)}")
-        self.busy += time.monotonic() - started
-        self.hand_back(job, outcome, started)
+            result, started = None, None
+        except Exception as e:
+            result = self.failure(f"job {job.id}", e)
+        if started is not None:
+            self.busy += time.monotonic() - started
+        self.hand_back(job, result, started)
 
     def run_batch(self, first):
         """Decodes `first` and the queued jobs that may join it, a batch of windows at a
         time, until none is left. Jobs join in queue order while there is room; the first
-        one that cannot join waits until the batch is done."""
-        started, joining = {}, [first]
-        try:
-            batch = self.engine.batch(first.model)
-        except JobFailed as e:
-            return self.hand_back(first, e, time.monotonic())
+        one that cannot join waits until the batch is done. Whatever raises fails the jobs
+        it concerns (the joining ones, or all those held), never the runner."""
+        held, joining = {first: time.monotonic()}, [first]  # claimed, not handed back
 
         def may_join(job):
             return self.engine.batchable(job) and batch.accepts(job, first.model)
 
-        while True:
-            while batch.room(joining):
-                job = self.service.next_job(self, wait=False, accept=may_join)
-                if job is None:
-                    break
-                joining.append(job)
-            entries = []
-            for job in joining:
-                started[job] = time.monotonic()
+        try:
+            batch = self.engine.batch(first.model)
+            while True:
+                while batch.room(joining) and (job := self.next_job(False, may_join)):
+                    held[job] = time.monotonic()
+                    joining.append(job)
+                entries = []
+                for job in joining:
+                    try:
+                        entries.append((job, self.audio(job)))
+                    except Exception as e:
+                        self.hand_back(job, self.failure(f"job {job.id}", e), held.pop(job))
+                joining = []
                 try:
-                    entries.append((job, self.service.audio(job, self.engine)))
-                except JobFailed as e:
-                    self.hand_back(job, e, started.pop(job))
-            step = time.monotonic()
-            batch.add(entries)
-            joining, self.jobs = [], batch.jobs()
-            if not batch:
-                return
-            if self.abort.is_set():
-                for job in batch.jobs():
-                    self.service.interrupted(job)
-                return
-            try:
+                    batch.add(entries)
+                except Exception as e:  # they did not join: only they fail
+                    for job, _ in entries:
+                        self.hand_back(job, self.failure("a batch", e), held.pop(job))
+                self.running = tuple(job.id for job in held)
+                if not batch:
+                    return
+                if self.abort.is_set():
+                    for job in list(held):
+                        self.hand_back(job, None, held.pop(job))
+                    return
+                step = time.monotonic()
                 done = batch.step()
-            except Exception as e:  # the batch's jobs fail; the worker lives on
-                log("a batch raised: " + "".join(traceback.format_exception_only(e)).strip())
-                error = JobFailed(f"transcription failed: {type(e).__name__}: {_reason(e)}")
-                done = {job: error for job in batch.jobs()}
-                batch = self.engine.batch(first.model)
-            self.busy += time.monotonic() - step
-            self.beat = time.monotonic()
-            for job, outcome in done.items():
-                self.hand_back(job, outcome, started.pop(job))
-            for job, fraction in batch.progress().items():
-                self.service.progress(job, fraction)
+                self.busy += time.monotonic() - step
+                self.beat = time.monotonic()
+                for job, result in done.items():
+                    self.hand_back(job, result, held.pop(job))
+                for job, fraction in batch.progress().items():
+                    self.queue.progress(job, fraction)
+        except Exception as e:  # a step raised, or worse: the jobs held fail
+            error = self.failure("a batch", e)
+            for job in list(held):
+                self.hand_back(job, error, held.pop(job))
 
 
 # ---------------------------------------------------------------------------------------
@@ -2403,11 +2665,203 @@ def watchdog_interval():
 
 
 # ---------------------------------------------------------------------------------------
-# Service: the one owner of a job's life
+# Finisher: the files and the end of each job, off the runners' path
+# ---------------------------------------------------------------------------------------
+
+class Finisher(threading.Thread):
+    """Takes the Outcomes the runners hand back (`outcomes`, their one channel): writes each
+    transcribed job's files, ends the jobs in the queue (those that come together in one
+    commit, retried while the store cannot take them), puts interrupted ones back, and
+    then lets go of the upload waiting for each and of its callback."""
+
+    def __init__(self, job_queue, callbacks, grace):
+        super().__init__(name="finisher", daemon=True)
+        self.queue, self.callbacks, self.grace = job_queue, callbacks, grace
+        self.outcomes = queue.Queue()
+        self.uploads = {}  # job id -> the Future of an upload's (result, JSON)
+        self.stopping = False
+
+    def stop(self):
+        """Finishes what was handed back, then stops; the uploads still waiting are told."""
+        self.stopping = True
+        self.outcomes.put(None)
+        self.join()
+        for job_id in list(self.uploads):
+            self.settle(job_id, ShuttingDown("whisperd is shutting down; send it again once "
+                                             "it is back"))
+
+    def settle(self, job_id, answer):
+        """Gives an upload's client its answer: (result, JSON) or an exception."""
+        future = self.uploads.pop(job_id, None)
+        if future is not None:
+            (future.set_exception if isinstance(answer, Exception) else future.set_result)(
+                answer)
+
+    def run(self):
+        stop = False
+        while not stop:
+            items = [self.outcomes.get()]
+            while not self.outcomes.empty():
+                items.append(self.outcomes.get())
+            stop = None in items
+            outcomes = [o for o in items if o is not None]
+            back = [o.job for o in outcomes if o.result is None]
+            if back:
+                try:
+                    self.queue.requeue(back, count_attempt=False)
+                    log(f"job(s) {', '.join(j.id for j in back)} interrupted by shutdown; "
+                        f"they run again on start")
+                except StoreUnavailable as e:
+                    log(f"job(s) interrupted by shutdown run again on start, counted as an "
+                        f"attempt ({e})")
+            ended = [self.written(o) for o in outcomes if o.result is not None]
+            for o in self.end(ended, give_up=stop) if ended else []:
+                self.settle(o.job.id, (o.result, o.job.to_json()) if o.job.status == COMPLETED
+                            else o.result if isinstance(o.result, JobFailed)
+                            else JobFailed(o.job.error))
+                if o.job.callback:
+                    self.callbacks.schedule(o.job)
+
+    @staticmethod
+    def written(outcome):
+        """The outcome once the job's files are written; a JobFailed if they cannot be."""
+        job, result = outcome.job, outcome.result
+        if isinstance(result, dict) and not job.upload:
+            try:
+                write_outputs(result, job)
+            except OSError as e:
+                return dataclasses.replace(outcome, result=JobFailed(
+                    f"no space left on {job.output_path}" if e.errno == errno.ENOSPC else
+                    f"could not write the files into {job.output_path}: {e.strerror or e}"))
+        return outcome
+
+    def end(self, outcomes, give_up):
+        """Ends the jobs, retrying while the store cannot take them (a full disk, a
+        database away): the files are written, the jobs wait. At shutdown it gives up
+        after the grace, and the jobs run again on start."""
+        deadline, delay = time.monotonic() + self.grace, 0.1
+        while True:
+            try:
+                recorded = self.queue.end(outcomes)
+                self.queue.troubled(None)
+                return recorded
+            except StoreUnavailable as e:
+                self.queue.troubled(f"{len(outcomes)} finished job(s) wait to be recorded: "
+                                    f"{e}; retrying")
+                if (give_up or self.stopping) and time.monotonic() > deadline:
+                    log("giving up: those jobs run again on start")
+                    return []
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Status: health, metrics and the systemd status line, read-only
+# ---------------------------------------------------------------------------------------
+
+class Status:
+    """What whisperd says of itself, built from what the job queue and the runners
+    publish (stats, speed, counters, trouble; each runner's state()); it changes
+    nothing."""
+
+    def __init__(self, settings, node, job_queue, runners):
+        self.settings, self.node, self.queue, self.runners = settings, node, job_queue, runners
+        self.started = time.monotonic()
+        self.stopping = False
+
+    def states(self):
+        return [runner.state() for runner in self.runners]
+
+    def health(self):
+        workers = [{"name": s.name, "device": s.device, "ready": s.ready,
+                    "models_loaded": list(s.models), "running": list(s.running),
+                    **({"error": s.error} if s.error else {})} for s in self.states()]
+        try:
+            stats, nodes = self.queue.stats(), self.queue.nodes()
+        except StoreUnavailable:
+            stats, nodes = {"Queued": None, "Running": None, "Processed": None}, []
+        status = "shutting down" if self.stopping else \
+            "store unavailable" if self.queue.trouble else "ok"
+        return {"status": status, "version": __version__, "node": self.node,
+                **({"nodes": nodes} if self.settings.store else {}),
+                "engine": self.settings.engine,
+                "device": ",".join(w["device"] for w in workers),
+                "models_loaded": sorted({m for w in workers for m in w["models_loaded"]}),
+                "worker_ready": all(w["ready"] for w in workers), "workers": workers,
+                "store_error": self.queue.trouble, **stats, "speed": self.queue.speed(),
+                "uptime": round(time.monotonic() - self.started, 1)}
+
+    def models(self):
+        engine, states = ENGINES[self.settings.engine], self.states()
+        shown = []
+        for name in engine.catalog(self.settings.model_dir):
+            path = engine.on_disk(self.settings.model_dir, name)
+            loaded = [s.name for s in states if name in s.models]
+            shown.append({"name": name, "state": "loaded" if loaded else "on disk" if path
+                          else "download", "path": path, "loaded_on": loaded})
+        return shown
+
+    def metrics(self):
+        """/metrics in Prometheus' text format."""
+        with self.queue.lock:
+            m = dict(self.queue.counters)
+        stats, states = self.queue.stats(), self.states()  # 503 if unreachable
+        labels, lines = [s.name for s in states], []
+
+        def metric(name, kind, help, samples):
+            lines.append(f"# HELP whisperd_{name} {help}")
+            lines.append(f"# TYPE whisperd_{name} {kind}")
+            for sample_labels, value in samples:
+                pairs = ",".join(f'{k}="{v}"' for k, v in sample_labels.items())
+                lines.append(f"whisperd_{name}{{{pairs}}} {value}" if pairs else
+                             f"whisperd_{name} {value}")
+
+        metric("jobs_finished_total", "counter", "Jobs finished since start, by final status "
+               "and worker.", [({"status": s, "worker": w}, m.get(("jobs", s, w), 0))
+                               for s in FINISHED for w in labels])
+        metric("jobs", "gauge", "Jobs now queued or running.",
+               [({"status": QUEUED}, stats["Queued"]), ({"status": RUNNING}, stats["Running"])])
+        metric("queue_length", "gauge", "Jobs waiting in the queue.", [({}, stats["Queued"])])
+        metric("audio_seconds_total", "counter", "Seconds of audio transcribed, by worker.",
+               [({"worker": w}, round(m.get(("audio", w), 0), 3)) for w in labels])
+        metric("transcription_seconds_total", "counter", "Seconds the worker spent "
+               "transcribing.", [({"worker": w}, round(m.get(("busy", w), 0), 3)) for w in labels])
+        metric("worker_jobs", "gauge", "Jobs the worker runs now.",
+               [({"worker": s.name}, len(s.running)) for s in states])
+        metric("callback_attempts_total", "counter", "Callback deliveries tried, by the "
+               "callback's status after each (pending: another attempt is due).",
+               [({"status": s}, m.get(("callbacks", s), 0)) for s in Callback.SENT])
+        metric("audio_decoded_ahead_total", "counter", "Jobs whose audio was decoded "
+               "while a worker was busy with others.", [({}, sum(s.ahead for s in states))])
+        metric("model_loads_total", "counter", "Models loaded, by worker.",
+               [({"worker": s.name}, s.loads) for s in states])
+        return "\n".join(lines) + "\n"
+
+    def line(self):
+        """The systemd status line."""
+        many = len(self.runners) > 1
+        running = [f"running {job.id} ({job.progress}%)" + (f" on {job.worker}" if many else "")
+                   for job in self.queue.running_here()]
+        try:
+            queued = f"{self.queue.stats()['Queued']} queued"
+        except StoreUnavailable:
+            queued = "job store unreachable"
+        return f"{queued}; " + ("; ".join(running) or "idle")
+
+    def alive(self, ping):
+        """Every runner alive, and none stuck: each took a job, reported progress or sat
+        idle within two pings (a model load, which may download, is allowed longer)."""
+        now = time.monotonic()
+        return all(runner.is_alive() for runner in self.runners) and all(
+            s.loading or now - s.beat < 2 * ping for s in self.states())
+
+
+# ---------------------------------------------------------------------------------------
+# Service: a daemon's parts, wired, started and stopped
 # ---------------------------------------------------------------------------------------
 
 def _suffixes(devices):
-    """What tells workers on the same device apart: cpu, cpu#2, cpu#3."""
+    """What tells runners on the same device apart: cpu, cpu#2, cpu#3."""
     seen = collections.Counter()
     for device in devices:
         seen[device] += 1
@@ -2415,166 +2869,108 @@ def _suffixes(devices):
 
 
 class Service:
-    """The one owner of a job's life, from its 201 to its callback.
+    """Makes a daemon's parts and runs them: the job queue on its storage, a runner per
+    --device entry, the finisher, the callback sender, the status, and the upkeep (the
+    watchdog, the status line, the store's leases); stops them in order. At the door it
+    takes jobs: validated, their audio probed, queued; and uploads, answered when done."""
 
-    It holds the job store, starts and stops the workers (one per --device entry) and the
-    callback sender, decodes the audio of the next jobs ahead of the workers, finishes
-    jobs off their path (the files, the final commit, the callback), and answers for all
-    of it: the jobs, health, metrics and the systemd status line. Nothing outside reads
-    its store, workers or engines.
-    """
-
-    AHEAD_JOBS = 4         # queued jobs whose audio is decoded ahead, per worker and
-                           # per window of --batch-size (a batch takes several at once)
-    AHEAD_SECONDS = 600    # at most this much audio held decoded
-    SPEED_WINDOW = 20      # recent jobs whose speed gives the eta
+    AHEAD_SECONDS = 600  # audio held decoded ahead, at most
 
     def __init__(self, settings, node, address):
-        self.settings, self.node = settings, node
-        self.store = PostgresStore(settings.store, settings.history, node, address,
-                                   settings.lease, settings.max_attempts) \
-            if settings.store else SQLiteStore(settings.state_dir, settings.history, node)
+        self.settings = settings
+        storage = PostgresStore(settings.store, node, address, settings.lease) \
+            if settings.store else SQLiteStore(settings.state_dir, node)
+        self.queue = JobQueue(storage, settings)
         engine = ENGINES[settings.engine]
         self.context = types.SimpleNamespace(  # what validate() needs to know
             allow_dir=settings.allow_dir, default_model=settings.default_model,
             model_dir=settings.model_dir, model_suffix=engine.model_suffix or "/",
             models=lambda: engine.catalog(settings.model_dir))
-        cpu_workers = settings.devices.count("cpu")
-        threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers > 1 else 0
-        self.workers = [Worker(self, engine(settings, device, threads if device == "cpu" else 0),
-                               suffix)
+        self.callbacks = Callbacks(settings, self.queue.callback_attempted)
+        self.finisher = Finisher(self.queue, self.callbacks, settings.shutdown_grace)
+        cpu_runners = settings.devices.count("cpu")
+        threads = max(1, (os.cpu_count() or 1) // cpu_runners) if cpu_runners > 1 else 0
+        ahead = Ahead(self.AHEAD_SECONDS)
+        self.runners = [Runner(engine(settings, device, threads if device == "cpu" else 0),
+                               self.queue, self.finisher.outcomes, ahead, suffix)
                         for device, suffix in zip(settings.devices, _suffixes(settings.devices))]
-        self.ahead = self.AHEAD_JOBS * len(self.workers) * max(1, settings.batch_size)
-        self.callbacks = Callbacks(settings, self._callback_attempted)
-        self.finishing = queue.Queue()   # (job, result or JobFailed, seconds), from workers
-        self.decoded = {}                # job id -> audio (or AudioError), decoded ahead
-        self.decoding = None             # the job id being decoded ahead
-        self.results = {}                # job id -> Future of an upload's result
-        self.lock = threading.Lock()     # metrics and speeds
-        self.metrics = collections.Counter()
-        self.speeds = collections.deque(maxlen=self.SPEED_WINDOW)  # (audio s, decoding s)
-        self.accepting = True
-        self.stopping = False
-        self.trouble = None              # what keeps the store from taking changes, if any
-        self.started = time.monotonic()
-        self.threads = [threading.Thread(target=target, name=name, daemon=True) for
-                        target, name in ((self._finish, "finisher"),
-                                         (self._decode_ahead, "decoder"),
-                                         (self._keep_up, "keep up"))]
+        self.status = Status(settings, node, self.queue, self.runners)
+        self.upkeep = threading.Thread(target=self._keep_up, name="upkeep", daemon=True)
         self.uploads = os.path.join(settings.state_dir, "uploads")
         shutil.rmtree(self.uploads, ignore_errors=True)
         os.makedirs(self.uploads)
         self.recovered = False
-        try:
-            self._recover()
-        except StoreUnavailable as e:  # the database is away: once it is back
-            self._trouble(f"the job store cannot be reached: {e}; retrying")
+        self._recover()
 
     def _recover(self):
-        """Jobs left QUEUED run as queued; a RUNNING one (the daemon died under it) runs
-        again, up to --max-attempts starts. Uploads end FAILED: the client that waited for
-        the answer was disconnected, and its file is gone. (With --store, only what this
-        node left: the other nodes' jobs are theirs, and lapsed leases free them.)"""
-        limit, again, ends = self.settings.max_attempts, [], []
-        for job in self.store.unfinished():
-            if job.upload:
-                ends.append(self._end(job, JobFailed(
-                    "whisperd restarted while this upload was waiting; its client was "
-                    "disconnected"), 0))
-            elif job.status == RUNNING and job.attempts >= limit:
-                ends.append(self._end(job, JobFailed(
-                    f"whisperd stopped while running this job {job.attempts} times (crash, "
-                    f"kill or power loss); giving up after --max-attempts={limit}"), 0))
-            elif job.status == RUNNING:
-                again.append(job)
-        if ends:
-            self.store.finish(ends)
-            for job, status, _ in ends:
-                log(f"job {job.id} failed: {job.error}")
-        if again:
-            self.store.requeue(again)
-            for job in again:
-                log(f"job {job.id} requeued after an interrupted run (attempt {job.attempts} "
-                    f"of {limit})")
-        for job in self.store.pending_callbacks():
-            self.callbacks.schedule(job)
-        self.recovered = True
+        try:
+            for job in self.queue.recover():
+                self.callbacks.schedule(job)
+            self.recovered = True
+        except StoreUnavailable as e:  # the database is away: the upkeep tries again
+            self.queue.troubled(f"the job store cannot be reached: {e}; retrying")
 
     def start(self):
-        for thread in self.workers + self.threads:
+        for thread in (*self.runners, self.finisher, self.upkeep):
             thread.start()
         self.callbacks.start()
 
     def stop(self, grace):
         """Takes no new job (503); lets the running ones finish within `grace` seconds,
         else interrupts them (they run again on start, not counted as an attempt);
-        finishes what was transcribed. False when a worker is stuck in native code."""
-        with self.store.changed:
-            self.accepting, self.stopping = False, True
-            self.store.changed.notify_all()
-        running = [job for w in self.workers for job in w.jobs]
-        log(f"stopping: no new jobs; waiting up to {grace:g} s for {len(running)} running "
-            f"job(s)" if running else "stopping: no new jobs; no job is running")
+        finishes what was transcribed. False when a runner is stuck in native code."""
+        self.status.stopping = True
+        for runner in self.runners:
+            runner.stop()
+        running = len(self.queue.running_here())
+        log(f"stopping: no new jobs; waiting up to {grace:g} s for {running} running job(s)"
+            if running else "stopping: no new jobs; no job is running")
         deadline = time.monotonic() + grace
-        for worker in self.workers:
-            worker.join(max(0.0, deadline - time.monotonic()))
-        late = [worker for worker in self.workers if worker.is_alive()]
+        for runner in self.runners:
+            runner.join(max(0.0, deadline - time.monotonic()))
+        late = [runner for runner in self.runners if runner.is_alive()]
         if late:
             log(f"the running jobs did not finish within {grace:g} s; interrupting them, they "
                 f"run again on start")
-            for worker in late:
-                worker.abort.set()
-            for worker in late:
-                worker.join(10)
-        stuck = [worker for worker in self.workers if worker.is_alive()]
+            for runner in late:
+                runner.abort.set()
+            for runner in late:
+                runner.join(10)
+        stuck = {runner.label for runner in self.runners if runner.is_alive()}
         if stuck:  # deep in a model load or a decode: leave their jobs to run again
-            self.store.requeue([job for w in stuck for job in w.jobs], count_attempt=False)
-        self.finishing.put(None)
-        self.threads[0].join()
+            with contextlib.suppress(StoreUnavailable):
+                self.queue.requeue([job for job in self.queue.running_here()
+                                    if job.worker in stuck], count_attempt=False)
+        self.finisher.stop()
         self.callbacks.stop()
-        for future in list(self.results.values()):
-            future.set_exception(HTTPError(503, "whisperd is shutting down; send it again "
-                                                "once it is back", headers={"Retry-After": "10"}))
-        self.store.close()
+        self.queue.storage.close()
         return not stuck
 
-    # -- the API's side -------------------------------------------------------------------
+    # -- at the door ----------------------------------------------------------------------
 
-    def submit(self, body, future=None, context=None):
+    def submit(self, body, upload=None, context=None):
         """Validates a job, probes its audio and queues it; returns its JSON as created.
-        With `future` (an upload), the result is handed to it in memory when it ends."""
-        if not self.accepting:
-            raise HTTPError(503, "whisperd is shutting down and takes no new jobs; retry once "
-                                 "it is back", headers={"Retry-After": "10"})
-        full = HTTPError(503, f"the queue is full ({self.settings.max_queue} jobs waiting); "
-                              f"retry later", headers={"Retry-After": "30"})
-        if self.store.stats()["Queued"] >= self.settings.max_queue:
-            raise full  # before the costly checks
+        With `upload` (a Future), its result is handed to it in memory when it ends."""
+        if self.status.stopping:
+            raise ShuttingDown("whisperd is shutting down and takes no new jobs; retry once "
+                               "it is back")
+        if self.queue.stats()["Queued"] >= self.settings.max_queue:
+            raise QueueFull()  # before the costly checks
         if shutil.disk_usage(self.settings.state_dir).free < MIN_FREE:
-            raise HTTPError(507, f"no space left on {self.settings.state_dir}, where "
-                                 f"whisperd keeps its jobs; every job accepted before is "
-                                 f"safe; retry once space is freed",
-                            headers={"Retry-After": "30"})
+            raise StoreUnavailable(f"no space left on {self.settings.state_dir}", full=True)
         job = validate(body, context or self.context)
         try:
             job.audio_duration = probe(job.path)
         except Invalid as e:
             raise HTTPError(e.status, str(e), "path") from None
-        job.upload = future is not None
-        if future is not None:
-            self.results[job.id] = future
+        job.upload = upload is not None
+        if upload is not None:
+            self.finisher.uploads[job.id] = upload
         try:
-            return self.store.add(job, self.settings.max_queue, event=(
-                f"job {job.id} queued: {job.path} -> {job.output_path} (model {job.model}, "
-                f"format {job.format})"))
-        except QueueFull:
-            self.results.pop(job.id, None)
-            raise full from None
-        except StoreUnavailable as e:
-            self.results.pop(job.id, None)
-            raise HTTPError(e.status, f"whisperd cannot take new jobs now: {e}; every job "
-                                      f"accepted before is safe; retry later",
-                            headers={"Retry-After": "30"}) from None
+            return self.queue.add(job)
+        except Exception:
+            self.finisher.uploads.pop(job.id, None)
+            raise
 
     def transcribe_upload(self, upload, fields):
         """An OpenAI-style upload, run as a job in the same queue: returns (whisper's
@@ -2606,334 +3002,36 @@ class Service:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def job(self, job_id, wait=None):
-        if wait:
-            self.store.wait(job_id, wait)
-        return self.store.show(job_id, eta=self._eta)
-
-    def jobs(self):
-        return self.store.show(eta=self._eta)
-
     def delete(self, job_id):
-        try:
-            job = self.store.delete(job_id)
-        except StoreUnavailable as e:
-            raise HTTPError(e.status, f"the job cannot be deleted now: {e}; retry later",
-                            headers={"Retry-After": "30"}) from None
-        log(f"job {job_id} deleted")
-        future = self.results.pop(job_id, None)
-        if future is not None:
-            future.set_exception(JobFailed("the job was deleted before it ran"))
+        job = self.queue.delete(job_id)
+        self.finisher.settle(job_id, JobFailed("the job was deleted before it ran"))
         return job.to_json()
 
-    def stats(self):
-        return self.store.stats()
-
-    def models(self):
-        engine = ENGINES[self.settings.engine]
-        shown = []
-        for name in engine.catalog(self.settings.model_dir):
-            path = engine.on_disk(self.settings.model_dir, name)
-            loaded = [w.label for w in self.workers if name in w.engine.loaded]
-            shown.append({"name": name, "state": "loaded" if loaded else "on disk" if path
-                          else "download", "path": path, "loaded_on": loaded})
-        return shown
-
-    # -- the workers' side ----------------------------------------------------------------
-
-    def next_job(self, worker, wait=True, accept=None):
-        """The worker's next job, now RUNNING on it; None once the service stops (or,
-        without `wait`, when none is queued that `accept` takes)."""
-        while True:
-            with self.store.changed:
-                if self.stopping:
-                    return None
-                try:
-                    job = self.store.claim(worker.label, accept)
-                except StoreUnavailable as e:
-                    self._trouble(f"no job can start: {e}")
-                    job = None
-                if job is None and wait:
-                    self.store.changed.wait(Worker.TICK)
-            if job is not None:
-                log(f"job {job.id} running on {worker.label} (attempt {job.attempts})")
-                return job
-            if not wait:
-                return None
-            worker.idle()
-
-    def audio(self, job, engine):
-        """The job's audio, decoded ahead when it could be, else now."""
-        with self.store.changed:
-            self.store.changed.wait_for(lambda: self.decoding != job.id)
-            audio = self.decoded.pop(job.id, None)
-        if audio is None:
-            audio = engine.load_audio(job.path)
-        else:
-            with self.lock:
-                self.metrics["decoded ahead"] += 1
-        if isinstance(audio, Exception):
-            raise audio
-        if job.audio_duration is None:
-            self.store.touch(job, audio_duration=round(len(audio) / RATE, 3))
-        return audio
-
-    def progress(self, job, done):
-        percent = min(99, int(done * 100))  # 100 is for COMPLETED
-        if percent != job.progress:
-            self.store.touch(job, progress=percent)
-
-    def interrupted(self, job):
-        try:
-            self.store.requeue([job], count_attempt=False)
-            log(f"job {job.id} interrupted by shutdown; it runs again on start")
-        except StoreUnavailable as e:
-            log(f"job {job.id} interrupted by shutdown; it runs again on start, counted as "
-                f"an attempt ({e})")
-
-    def _trouble(self, message):
-        """Says once what keeps the job store from taking changes; `_trouble(None)` says
-        it is over."""
-        if message != self.trouble:
-            log(message or "the job store takes changes again")
-            self.trouble = message
-
-    def ended(self, job, outcome, seconds, busy):
-        """A worker is done with a job: whisper's result, or the JobFailed that ended it,
-        the seconds it took, and the worker's busy seconds since it last handed one back.
-        The rest (files, commit, callback) happens on the finisher, off its path."""
-        self.finishing.put((job, outcome, seconds, busy))
-
-    # -- off the workers' path ------------------------------------------------------------
-
-    def _end(self, job, outcome, seconds):
-        """(job, final status, changes) for a result or a JobFailed; writes the files."""
-        changes = {"Duration": seconds,
-                   "callback_status": Callback.PENDING if job.callback else Callback.NONE}
-        if isinstance(outcome, dict):
-            try:
-                if not job.upload:
-                    write_outputs(outcome, job)
-                return job, COMPLETED, dict(changes, result=transcript(outcome), progress=100,
-                                            language=outcome.get("language") or job.language)
-            except OSError as e:
-                outcome = JobFailed(f"no space left on {job.output_path}"
-                                    if e.errno == errno.ENOSPC else
-                                    f"could not write the files into {job.output_path}: "
-                                    f"{e.strerror or e}")
-        return job, FAILED, dict(changes, error=str(outcome))
-
-    def _finish(self):
-        """The finisher: writes the files of transcribed jobs and commits their ends (those
-        that fall together share one commit), then lets their waiters and callbacks go."""
-        stop = False
-        while not stop:
-            items = [self.finishing.get()]
-            while not self.finishing.empty():
-                items.append(self.finishing.get())
-            stop = None in items
-            items = [item for item in items if item is not None]
-            if not items:
-                continue
-            ends = [self._end(job, outcome, seconds) for job, outcome, seconds, _ in items]
-            recorded = {job.id: status for job, status, _ in self._commit(ends, give_up=stop)}
-            for job, outcome, _, busy in items:
-                if job.id in recorded:
-                    self._ended(job, recorded[job.id], outcome, busy)
-
-    def _commit(self, ends, give_up):
-        """Commits the ends, retrying while the store cannot take them (a full disk, a
-        database away): the files are written, the jobs wait. At shutdown it gives up
-        after the grace, and the jobs run again on start."""
-        deadline = time.monotonic() + self.settings.shutdown_grace
-        delay = 0.1
-        while True:
-            try:
-                recorded = self.store.finish(ends)
-                self._trouble(None)
-                return recorded
-            except StoreUnavailable as e:
-                self._trouble(f"{len(ends)} finished job(s) wait to be recorded: {e}; "
-                              f"retrying")
-                if (give_up or self.stopping) and time.monotonic() > deadline:
-                    log("giving up: those jobs run again on start")
-                    return []
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    def _ended(self, job, status, outcome, busy):
-        with self.lock:
-            self.metrics[("jobs", status, job.worker)] += 1
-            self.metrics[("busy", job.worker)] += busy
-            if status == COMPLETED:
-                self.metrics[("audio", job.worker)] += job.audio_duration or 0
-                self.speeds.append((job.audio_duration or 0, busy))
-        log(f"job {job.id} completed in {job.Duration} s" if status == COMPLETED else
-            f"job {job.id} failed: {job.error}")
-        future = self.results.pop(job.id, None)
-        if future is not None:
-            if status == COMPLETED:
-                future.set_result((outcome, job.to_json()))
-            else:
-                future.set_exception(outcome if isinstance(outcome, JobFailed)
-                                     else JobFailed(job.error))
-        if job.callback:
-            self.callbacks.schedule(job)
-
-    def _callback_attempted(self, job, status, attempts, detail):
-        try:
-            self.store.callback_status(job, status, attempts)
-        except StoreUnavailable as e:
-            job.update(callback_status=status, callback_attempts=attempts)
-            log(f"job {job.id} callback {status}, not recorded ({e})")
-        with self.lock:
-            self.metrics[("callbacks", status)] += 1
-        log(f"job {job.id} callback {status} ({detail}) after attempt {attempts} to "
-            f"{job.callback}")
-
-    def _decode_ahead(self):
-        """Decodes the audio of the next queued jobs while the workers are busy, so that a
-        worker goes from one job (or batch) to the next without waiting for ffmpeg.
-        Bounded: `ahead` jobs and AHEAD_SECONDS of audio, however long the queue."""
-        worker = self.workers[0]
-        while True:
-            with self.store.changed:
-                while True:
-                    if self.stopping:
-                        return
-                    try:
-                        upcoming = self.store.next_queued(self.ahead) \
-                            if worker.ready and not worker.prepare_error else []
-                    except StoreUnavailable:
-                        upcoming = []
-                    keep = {job.id for job in upcoming + self.store.running()}
-                    for job_id in set(self.decoded) - keep:  # deleted meanwhile
-                        del self.decoded[job_id]
-                    held = sum(len(a) for a in self.decoded.values()
-                               if not isinstance(a, Exception)) / RATE
-                    todo = next((job for job in upcoming if job.id not in self.decoded), None)
-                    if todo is not None and held < self.AHEAD_SECONDS:
-                        self.decoding = todo.id
-                        break
-                    self.store.changed.wait(Worker.TICK)
-            try:
-                audio = worker.engine.load_audio(todo.path)
-            except AudioError as e:
-                audio = e
-            with self.store.changed:
-                self.decoded[todo.id] = audio
-                self.decoding = None
-                self.store.changed.notify_all()
-
-    # -- health, metrics, systemd ---------------------------------------------------------
-
-    def speed(self):
-        """Seconds of audio transcribed per second of decoding, over recent jobs."""
-        with self.lock:
-            audio, busy = map(sum, zip(*self.speeds)) if self.speeds else (0, 0)
-        return round(audio / busy, 2) if busy else None
-
-    def _eta(self, seconds, running):
-        speed = self.speed()
-        if speed is None:
-            return None
-        return round(seconds / (speed * (1 if running else len(self.workers))), 1)
-
-    def health(self):
-        workers = [{"name": w.label, "device": w.engine.device, "ready": w.ready,
-                    "models_loaded": list(w.engine.loaded),
-                    "running": [job.id for job in w.jobs],
-                    **({"error": w.prepare_error} if w.prepare_error else {})}
-                   for w in self.workers]
-        try:
-            stats, nodes = self.stats(), self.store.nodes()
-        except StoreUnavailable:
-            stats, nodes = {"Queued": None, "Running": None, "Processed": None}, []
-        status = "shutting down" if not self.accepting else \
-            "store unavailable" if self.trouble else "ok"
-        return {"status": status, "version": __version__, "node": self.node,
-                **({"nodes": nodes} if self.settings.store else {}),
-                "engine": self.settings.engine,
-                "device": ",".join(w["device"] for w in workers),
-                "models_loaded": sorted({m for w in workers for m in w["models_loaded"]}),
-                "worker_ready": all(w["ready"] for w in workers), "workers": workers,
-                "store_error": self.trouble, **stats, "speed": self.speed(),
-                "uptime": round(time.monotonic() - self.started, 1)}
-
-    def metrics_text(self):
-        """/metrics in Prometheus' text format."""
-        with self.lock:
-            m = dict(self.metrics)
-        stats, labels = self.stats(), [w.label for w in self.workers]  # 503 if unreachable
-        lines = []
-
-        def metric(name, kind, help, samples):
-            lines.append(f"# HELP whisperd_{name} {help}")
-            lines.append(f"# TYPE whisperd_{name} {kind}")
-            for sample_labels, value in samples:
-                pairs = ",".join(f'{k}="{v}"' for k, v in sample_labels.items())
-                lines.append(f"whisperd_{name}{{{pairs}}} {value}" if pairs else
-                             f"whisperd_{name} {value}")
-
-        metric("jobs_finished_total", "counter", "Jobs finished since start, by final status "
-               "and worker.", [({"status": s, "worker": w}, m.get(("jobs", s, w), 0))
-                               for s in FINISHED for w in labels])
-        metric("jobs", "gauge", "Jobs now queued or running.",
-               [({"status": s}, stats[s.title()]) for s in (QUEUED, RUNNING)])
-        metric("queue_length", "gauge", "Jobs waiting in the queue.", [({}, stats["Queued"])])
-        metric("audio_seconds_total", "counter", "Seconds of audio transcribed, by worker.",
-               [({"worker": w}, round(m.get(("audio", w), 0), 3)) for w in labels])
-        metric("transcription_seconds_total", "counter", "Seconds the worker spent "
-               "transcribing.", [({"worker": w}, round(m.get(("busy", w), 0), 3)) for w in labels])
-        metric("worker_jobs", "gauge", "Jobs the worker runs now.",
-               [({"worker": w.label}, len(w.jobs)) for w in self.workers])
-        metric("callback_attempts_total", "counter", "Callback deliveries tried, by the "
-               "callback's status after each (pending: another attempt is due).",
-               [({"status": s}, m.get(("callbacks", s), 0)) for s in Callback.ALL[1:]])
-        metric("audio_decoded_ahead_total", "counter", "Jobs whose audio was decoded "
-               "while a worker was busy with others.", [({}, m.get("decoded ahead", 0))])
-        metric("model_loads_total", "counter", "Models loaded, by worker.",
-               [({"worker": w.label}, w.engine.loads) for w in self.workers])
-        return "\n".join(lines) + "\n"
-
-    def status_line(self):
-        running = [f"running {job.id} ({job.progress}%)" + (
-            f" on {w.label}" if len(self.workers) > 1 else "")
-            for w in self.workers for job in w.jobs]
-        try:
-            queued = f"{self.stats()['Queued']} queued"
-        except StoreUnavailable:
-            queued = "job store unreachable"
-        return f"{queued}; " + ("; ".join(running) or "idle")
-
-    def alive(self, ping):
-        """Every worker alive, and none stuck: each took a job, reported progress or sat
-        idle within two pings (a model load, which may download, is allowed longer)."""
-        return all(w.is_alive() and (w.engine.loading or time.monotonic() - w.beat < 2 * ping)
-                   for w in self.workers)
+    # -- upkeep ---------------------------------------------------------------------------
 
     def _keep_up(self):
         """Every second: systemd's watchdog and status line. Every third of a lease: the
         store's upkeep (with --store: this node's leases, the jobs and callbacks of nodes
         that stopped), and the recovery that waited for the store to be reachable."""
         ping, said, due = watchdog_interval(), None, 0.0
-        while not self.stopping:
-            if ping and self.alive(ping):
+        while not self.status.stopping:
+            if ping and self.status.alive(ping):
                 sd_notify("WATCHDOG=1")
-            now = self.status_line()
+            now = self.status.line()
             if now != said:
                 sd_notify(f"STATUS={now}")
                 said = now
             if time.monotonic() >= due:
                 due = time.monotonic() + self.settings.lease / 3
+                if not self.recovered:
+                    self._recover()
                 try:
-                    if not self.recovered:
-                        self._recover()
-                    for job in self.store.maintain():
+                    for job in self.queue.keep_up():
                         self.callbacks.schedule(job)
-                    self._trouble(None)
+                    if self.recovered and self.settings.store:  # it reached the database
+                        self.queue.troubled(None)
                 except StoreUnavailable as e:
-                    self._trouble(f"the job store cannot be reached: {e}; retrying")
+                    self.queue.troubled(f"the job store cannot be reached: {e}; retrying")
             time.sleep(min(ping or 1.0, 1.0))
 
 
@@ -2966,15 +3064,6 @@ class _TimedReads(io.RawIOBase):
         super().close()
 
 
-def route(method, path, public=False):
-    """Marks a Handler method as the answer to METHOD on `path` (a regular expression
-    where it has a group). `public`: answered without the token (the page itself)."""
-    def mark(function):
-        function.route = (method, path, public)
-        return function
-    return mark
-
-
 def openai_answer(result, job, response_format):
     """(body, content type) in OpenAI's shape for one response_format, from whisper's
     result and the job's JSON."""
@@ -3005,7 +3094,7 @@ def read_form(content_type, raw):
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
         b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
     if not message.is_multipart():
-        raise HTTPError(400, "the multipart body could not be read")
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "the multipart body could not be read")
     form = {}
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
@@ -3019,129 +3108,135 @@ def read_form(content_type, raw):
     return form
 
 
-def _openapi():
-    """GET /openapi.json: every endpoint, request and response, as OpenAPI 3.1; the job's
-    schemas come from its field declarations."""
-    def ref(name):
-        return {"$ref": f"#/components/schemas/{name}"}
-
-    def answer(description, schema=None, text=False, **more):
-        media = "text/plain" if text else "application/json"
-        return {"description": description,
-                **({"content": {media: {"schema": schema or {"type": "string"}}}}
-                   if schema or text else {}), **more}
-
-    def errors(*codes, schema="Error"):
-        meaning = {400: "Invalid input; `field` names it", 401: "Missing or wrong token",
-                   403: "Outside --allow-dir", 404: "No such job", 409: "Job not QUEUED",
-                   411: "No Content-Length", 413: "Body too large",
-                   500: "The job failed", 503: "Queue full or shutting down"}
-        return {str(c): answer(meaning[c], ref(schema)) for c in codes + (401,)}
-
-    def request(f):  # what a client may send: null (and "" for strings) mean the default
-        schema = dict(f.metadata["schema"], description=f.metadata["help"])
-        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        schema["type"] = list(dict.fromkeys(kinds + ["null"]))
-        if "enum" in schema:
-            schema["enum"] = [*schema["enum"], "", None]
-        return schema
-
-    job_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-    string = {"type": "string"}
-    job = {"type": "object", "required": list(WIRE), "properties": {
-        f.name: dict(f.metadata["schema"], description=f.metadata["help"]) for f in FIELDS}}
-    counts = {k: {"type": "integer"} for k in ("Queued", "Running", "Processed")}
-    audio_form = {"type": "object", "required": ["file"], "properties": {
-        "file": {"type": "string", "format": "binary"}, "model": string,
-        "language": string, "prompt": string,
-        "response_format": {"type": "string", "enum": list(OPENAI_FORMATS)},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
-        "timestamp_granularities[]": {"type": "array",
-                                      "items": {"type": "string", "enum": ["word", "segment"]}}}}
-    audio = {"requestBody": {"required": True,
-                             "content": {"multipart/form-data": {"schema": audio_form}}},
-             "responses": {"200": {"description": "The transcript, in response_format",
-                                   "content": {"application/json": {"schema": {"type": "object"}},
-                                               "text/plain": {"schema": string}}},
-                           **errors(400, 411, 413, 500, 503, schema="OpenAIError")}}
-    worker = {"type": "object", "required": ["name", "device", "ready"], "properties": {
-        "name": string, "device": string, "ready": {"type": "boolean"},
-        "models_loaded": {"type": "array", "items": string},
-        "running": {"type": "array", "items": string}, "error": string}}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "whisperd", "version": __version__,
-                 "description": "Whisper speech-to-text behind a small HTTP job API."},
-        "paths": {
-            "/transcription/job": {"post": {
-                "summary": "Create a job",
-                "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": {"type": "object", "required": ["path"],
-                               "properties": {f.name: request(f) for f in OPTIONS},
-                               "additionalProperties": False}}}},
-                "responses": {"201": answer("Created", ref("Job"), headers={"Location": {
-                    "schema": string, "description": "/transcription/job/{id}"}}),
-                    **errors(400, 403, 411, 413, 503)}}},
-            "/transcription/job/{id}": {
-                "get": {"summary": "A job", "parameters": [job_id, {
-                    "name": "wait", "in": "query", "required": False,
-                    "description": "Hold up to this many seconds (at most 60) until it finished",
-                    "schema": {"type": "number", "minimum": 0}}],
-                    "responses": {"200": answer("The job", ref("Job")), **errors(400, 404)}},
-                "delete": {"summary": "Delete a QUEUED job", "parameters": [job_id],
-                           "responses": {"200": answer("The job as it was, and deleted: true", {
-                               "allOf": [ref("Job"), {"type": "object", "required": ["deleted"],
-                                   "properties": {"deleted": {"const": True}}}]}),
-                               **errors(404, 409)}}},
-            "/transcription/jobs": {"get": {
-                "summary": "Queued and running jobs and the last --history finished ones",
-                "responses": {"200": answer("Oldest first", {"type": "array", "items": ref("Job")}),
-                              **errors()}}},
-            "/stats": {"get": {"summary": "Counts", "responses": {
-                "200": answer("Counts", {"type": "object", "properties": counts,
-                                         "required": list(counts)}), **errors()}}},
-            "/smi": {"get": {"summary": "nvidia-smi's output, for a person", "responses": {
-                "200": answer("nvidia-smi's text", text=True),
-                "503": answer("No nvidia-smi, or it failed", text=True), **errors()}}},
-            "/models": {"get": {"summary": "Every model name a job may ask for", "responses": {
-                "200": answer("Each with its state", {"type": "array", "items": {
-                    "type": "object", "required": ["name", "state"], "properties": {
-                        "name": string, "state": {"enum": ["loaded", "on disk", "download"]},
-                        "path": {"type": ["string", "null"]},
-                        "loaded_on": {"type": "array", "items": string}}}}), **errors()}}},
-            "/health": {"get": {"summary": "Liveness, the workers and what is loaded",
-                                "responses": {"200": answer("Serving", ref("Health")),
-                                              "503": answer("Shutting down", ref("Health")),
-                                              **errors()}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
-                "200": answer("Prometheus text format", text=True), **errors()}}},
-            "/openapi.json": {"get": {"summary": "This document", "responses": {
-                "200": answer("OpenAPI 3.1", {"type": "object"}), **errors()}}},
-            "/v1/audio/transcriptions": {"post": {"summary": "OpenAI-compatible", **audio}},
-            "/v1/audio/translations": {"post": {"summary": "OpenAI-compatible", **audio}},
-        },
-        "components": {
-            "schemas": {
-                "Job": job,
-                "Error": {"type": "object", "required": ["error"],
-                          "properties": {"error": string, "field": string}},
-                "OpenAIError": {"type": "object", "required": ["error"], "properties": {
-                    "error": {"type": "object", "required": ["message", "type"], "properties": {
-                        "message": string, "type": string, "param": {"type": ["string", "null"]},
-                        "code": {"type": "null"}}}}},
-                "Health": {"type": "object", "required": ["status", "engine", "device",
-                                                          "workers"],
-                           "properties": {"status": string, "engine": string, "device": string,
-                                          "models_loaded": {"type": "array", "items": string},
-                                          "workers": {"type": "array", "items": worker},
-                                          "store_error": {"type": ["string", "null"]},
-                                          "speed": {"type": ["number", "null"]}, **counts}}},
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{}, {"bearer": []}],
-    }
+def route(method, path, summary, ok, errors=(), public=False, document=True, **operation):
+    """Declares a Handler method as the answer to METHOD on `path` (an OpenAPI template,
+    like /transcription/job/{id}): its summary, its successful answers {status: answer}
+    and the statuses of the errors it may raise. /openapi.json is made from these
+    declarations alone, and an error answered that its route does not declare is logged
+    as a bug, so the document cannot leave an answer out. Every route but a `public` one
+    may also answer 401. `operation`: the OpenAPI operation's other keys (requestBody,
+    parameters)."""
+    def mark(function):
+        function.routes = [*getattr(function, "routes", []), types.SimpleNamespace(
+            method=method, path=path, summary=summary, ok=ok, public=public, document=document,
+            errors=tuple(HTTPStatus(e) for e in errors) + ((HTTPStatus.UNAUTHORIZED,)
+                                                           if not public else ()),
+            operation=operation, pattern=re.compile(re.sub(r"\{\w+\}", "([^/]+)", path) + "/?"))]
+        return function
+    return mark
 
 
-OPENAPI = _openapi()
+def _ref(name):
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _answer(description, schema=None, text=False, **more):
+    media = "text/plain" if text else "application/json"
+    return {"description": description,
+            **({"content": {media: {"schema": schema or {"type": "string"}}}}
+               if schema or text else {}), **more}
+
+
+def _request_field(f):
+    """A job option as a client may send it: null (and "" for strings) mean the default."""
+    schema = dict(f.metadata["schema"], description=f.metadata["help"])
+    kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    schema["type"] = list(dict.fromkeys(kinds + ["null"]))
+    if "enum" in schema:
+        schema["enum"] = [*schema["enum"], "", None]
+    return schema
+
+
+ERRORS = {  # what each error status means, in /openapi.json
+    HTTPStatus.BAD_REQUEST: "Invalid input; `field` names it",
+    HTTPStatus.UNAUTHORIZED: "Missing or wrong token", HTTPStatus.FORBIDDEN: "Outside --allow-dir",
+    HTTPStatus.NOT_FOUND: "No such job", HTTPStatus.CONFLICT: "Job not QUEUED",
+    HTTPStatus.LENGTH_REQUIRED: "No Content-Length", HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+    "Body too large", HTTPStatus.INTERNAL_SERVER_ERROR: "The job failed",
+    HTTPStatus.SERVICE_UNAVAILABLE: "Queue full, shutting down, or the job store unreachable "
+                                    "(Retry-After)",
+    HTTPStatus.INSUFFICIENT_STORAGE: "No space left in --state-dir (Retry-After)"}
+STORE = (HTTPStatus.SERVICE_UNAVAILABLE,)  # what a route that reads the job store may add
+_STRING = {"type": "string"}
+_COUNTS = {k: {"type": "integer"} for k in ("Queued", "Running", "Processed")}
+_JOB_ID = {"name": "id", "in": "path", "required": True, "schema": _STRING}
+_AUDIO = {  # OpenAI's audio endpoints, both
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file"], "properties": {
+            "file": {"type": "string", "format": "binary"}, "model": _STRING,
+            "language": _STRING, "prompt": _STRING,
+            "response_format": {"type": "string", "enum": list(OPENAI_FORMATS)},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+            "timestamp_granularities[]": {"type": "array", "items": {
+                "type": "string", "enum": ["word", "segment"]}}}}}}}}
+_AUDIO_OK = {HTTPStatus.OK: {"description": "The transcript, in response_format", "content": {
+    "application/json": {"schema": {"type": "object"}}, "text/plain": {"schema": _STRING}}}}
+_WORKER = {"type": "object", "required": ["name", "device", "ready"], "properties": {
+    "name": _STRING, "device": _STRING, "ready": {"type": "boolean"},
+    "models_loaded": {"type": "array", "items": _STRING},
+    "running": {"type": "array", "items": _STRING}, "error": _STRING}}
+SCHEMAS = {
+    "Job": {"type": "object", "required": list(WIRE), "properties": {
+        f.name: dict(f.metadata["schema"], description=f.metadata["help"]) for f in FIELDS}},
+    "Error": {"type": "object", "required": ["error"],
+              "properties": {"error": _STRING, "field": _STRING}},
+    "OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type"], "properties": {
+            "message": _STRING, "type": _STRING, "param": {"type": ["string", "null"]},
+            "code": {"type": "null"}}}}},
+    "Health": {"type": "object", "required": ["status", "engine", "device", "workers"],
+               "properties": {"status": _STRING, "engine": _STRING, "device": _STRING,
+                              "models_loaded": {"type": "array", "items": _STRING},
+                              "workers": {"type": "array", "items": _WORKER},
+                              "store_error": {"type": ["string", "null"]},
+                              "speed": {"type": ["number", "null"]}, **_COUNTS}}}
+
+
+def openapi_document(routes):
+    """GET /openapi.json: every declared route, as OpenAPI 3.1."""
+    paths = {}
+    for r in routes:
+        if not r.document:
+            continue
+        error = "OpenAIError" if r.path.startswith("/v1/") else "Error"
+        paths.setdefault(r.path, {})[r.method.lower()] = {
+            "summary": r.summary, **r.operation, "responses": {
+                **{str(int(status)): answer for status, answer in r.ok.items()},
+                **{str(int(status)): _answer(ERRORS[status], _ref(error))
+                   for status in r.errors if status not in r.ok}}}
+    return {"openapi": "3.1.0",
+            "info": {"title": "whisperd", "version": __version__, "description":
+                     "Whisper speech-to-text behind a small HTTP job API. Any path answers "
+                     "404 when it is not one of these, and 405 (with Allow) to a method it "
+                     "does not take."},
+            "paths": paths,
+            "components": {"schemas": SCHEMAS,
+                           "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+            "security": [{}, {"bearer": []}]}
+
+
+def refusal(error, method, max_queue):
+    """(status, message, field, headers) of an exception that ends a request, or None:
+    the one place where the job store's and the queue's errors become statuses."""
+    if isinstance(error, HTTPError):
+        return error.status, error.message, error.field, error.headers
+    if isinstance(error, NotFound):
+        return HTTPStatus.NOT_FOUND, str(error), None, {}
+    if isinstance(error, NotQueued):
+        return HTTPStatus.CONFLICT, str(error), None, {}
+    if isinstance(error, QueueFull):
+        return (HTTPStatus.SERVICE_UNAVAILABLE, f"the queue is full ({max_queue} jobs "
+                f"waiting); retry later", None, {"Retry-After": "30"})
+    if isinstance(error, ShuttingDown):
+        return HTTPStatus.SERVICE_UNAVAILABLE, str(error), None, {"Retry-After": "10"}
+    if isinstance(error, StoreUnavailable):
+        message = {"POST": f"whisperd cannot take new jobs now: {error}; every job accepted "
+                           f"before is safe; retry later",
+                   "DELETE": f"the job cannot be deleted now: {error}; retry later"}.get(
+            method, f"the job store cannot answer now: {error}; retry later")
+        return (HTTPStatus.INSUFFICIENT_STORAGE if error.full else
+                HTTPStatus.SERVICE_UNAVAILABLE), message, None, {"Retry-After": "30"}
+    return None
 
 
 # GET /: one page for a person, no assets from elsewhere; it reads the API every second.
@@ -3387,8 +3482,8 @@ tick();
 
 class Handler(BaseHTTPRequestHandler):
     """Routes requests to the `@route` methods below; every answer is JSON but the page's,
-    /smi's and /metrics' text. Errors are raised as HTTPError and turned into JSON in one
-    place, handle()."""
+    /smi's and /metrics' text. Errors are raised (HTTPError, or the job queue's own) and
+    turned into JSON in one place, handle_one()."""
 
     server_version = f"whisperd/{__version__}"
     protocol_version = "HTTP/1.1"        # keep-alive
@@ -3416,54 +3511,64 @@ class Handler(BaseHTTPRequestHandler):
     def service(self):
         return self.server.service
 
+    @property
+    def queue(self):
+        return self.server.service.queue
+
+    @property
+    def status(self):
+        return self.server.service.status
+
     # -- dispatch -----------------------------------------------------------------------
 
     def handle_one(self):
         path, _, query = self.path.partition("?")
+        declared = None
         try:
             self.query = urllib.parse.parse_qs(query) if query else {}
-            answer, params = self.find_route(path)
+            answer, params, declared = self.find_route(path)
             status, payload, *headers = answer(self, *params)
             self.respond(status, payload, **(headers[0] if headers else {}))
-        except HTTPError as e:
-            if path.startswith("/v1/"):  # OpenAI's error shape, which its SDKs read
-                body = {"error": {"message": e.message, "param": e.field, "code": None,
-                                  "type": "invalid_request_error" if e.status < 500
-                                  else "server_error"}}
-            else:
-                body = {"error": e.message, **({"field": e.field} if e.field else {})}
-            self.respond(e.status, body, **e.headers)
-        except StoreUnavailable as e:
-            self.respond(e.status, {"error": f"the job store cannot answer now: {e}; retry "
-                                             f"later"}, **{"Retry-After": "10"})
         except (ConnectionError, TimeoutError):
             self.close_connection = True
-        except Exception:
-            log(f"internal error on {self.command} {self.path}:\n{traceback.format_exc()}")
-            self.respond(HTTPStatus.INTERNAL_SERVER_ERROR,
-                         {"error": "internal error; the daemon's log says more"})
+        except Exception as error:
+            refused = refusal(error, self.command, self.server.settings.max_queue)
+            if refused is None:
+                log(f"internal error on {self.command} {self.path}:\n{traceback.format_exc()}")
+                self.respond(HTTPStatus.INTERNAL_SERVER_ERROR,
+                             {"error": "internal error; the daemon's log says more"})
+                return
+            status, message, field, headers = refused
+            if declared is not None and status not in declared.errors:
+                log(f"bug: answer {int(status)} to {declared.method} {declared.path} is not "
+                    f"declared in /openapi.json")
+            if path.startswith("/v1/"):  # OpenAI's error shape, which its SDKs read
+                body = {"error": {"message": message, "param": field, "code": None,
+                                  "type": "invalid_request_error" if status < 500
+                                  else "server_error"}}
+            else:
+                body = {"error": message, **({"field": field} if field else {})}
+            self.respond(status, body, **headers)
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_OPTIONS = do_HEAD = handle_one
 
     def find_route(self, path):
-        routes = EXACT_ROUTES.get(path.rstrip("/") or "/")
-        params = ()
-        if routes is None:
-            for pattern, candidates in PATTERN_ROUTES:
-                match = pattern.fullmatch(path)
-                if match:
-                    routes, params = candidates, match.groups()
-                    break
-            else:
-                raise HTTPError(404, f"no such endpoint: {path}; see GET /openapi.json")
-        answer = routes.get(self.command)
-        if answer is None:
-            allowed = ", ".join(routes)
-            raise HTTPError(405, f"{self.command} is not allowed on {path}; use {allowed}",
-                            headers={"Allow": allowed})
-        if not answer.route[2]:
+        """(the answering method, the path's parameters, its declaration)."""
+        for pattern, methods in ROUTES:
+            match = pattern.fullmatch(path)
+            if match:
+                break
+        else:
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}; see GET "
+                                                  f"/openapi.json")
+        if self.command not in methods:
+            allowed = ", ".join(methods)
+            raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed on "
+                            f"{path}; use {allowed}", headers={"Allow": allowed})
+        answer, declared = methods[self.command]
+        if not declared.public:
             self.check_token()
-        return answer, params
+        return answer, match.groups(), declared
 
     def check_token(self):
         token = self.server.settings.token
@@ -3472,7 +3577,7 @@ class Handler(BaseHTTPRequestHandler):
         scheme, _, value = self.headers.get("Authorization", "").partition(" ")
         if not (scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(),
                                                                     token.encode())):
-            raise HTTPError(401, "missing or wrong token: send 'Authorization: Bearer "
+            raise HTTPError(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send 'Authorization: Bearer "
                                  "<token>' (whisperd --token)",
                             headers={"WWW-Authenticate": 'Bearer realm="whisperd"'})
 
@@ -3497,18 +3602,21 @@ class Handler(BaseHTTPRequestHandler):
     def read_body(self, limit):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
-            raise HTTPError(411, "send the body with a Content-Length; chunked transfer "
-                                 "encoding is not supported")
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length; "
+                                                        "chunked transfer encoding is not "
+                                                        "supported")
         try:
             length = int(self.headers.get("Content-Length", ""))
             if length < 0:
                 raise ValueError
         except ValueError:
             self.close_connection = True
-            raise HTTPError(411, "a Content-Length header is required") from None
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is "
+                                                        "required") from None
         if length > limit:
             self.close_connection = True  # the unread body must not be parsed as a request
-            raise HTTPError(413, f"the body is {length} bytes; at most {limit} are accepted")
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is {length} bytes; "
+                                                                 f"at most {limit} are accepted")
         raw = self.rfile.read(length)
         if len(raw) < length:
             raise ConnectionError("client closed the connection mid-body")
@@ -3518,37 +3626,57 @@ class Handler(BaseHTTPRequestHandler):
         try:
             return json.loads(self.read_body(MAX_BODY))
         except ValueError as e:  # UnicodeDecodeError is a ValueError too
-            raise HTTPError(400, f"the body is not valid JSON: {e}") from None
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {e}") from None
 
     # -- the original API ---------------------------------------------------------------
 
-    @route("POST", r"/transcription/job")
+    @route("POST", "/transcription/job", "Create a job", {
+        HTTPStatus.CREATED: _answer("Created", _ref("Job"), headers={"Location": {
+            "schema": _STRING, "description": "/transcription/job/{id}"}})},
+        errors=(400, 403, 411, 413, 503, 507), requestBody={"required": True, "content": {
+            "application/json": {"schema": {
+                "type": "object", "required": ["path"], "additionalProperties": False,
+                "properties": {f.name: _request_field(f) for f in OPTIONS}}}}})
     def post_job(self):
         job = self.service.submit(self.read_json())
         return HTTPStatus.CREATED, job, {"Location": f"/transcription/job/{job['id']}"}
 
-    @route("GET", r"/transcription/job/([^/]+)/?")
+    @route("GET", "/transcription/job/{id}", "A job", {
+        HTTPStatus.OK: _answer("The job", _ref("Job"))}, errors=(400, 404, *STORE),
+        parameters=[_JOB_ID, {"name": "wait", "in": "query", "required": False,
+                              "description": "Hold up to this many seconds (at most 60) "
+                                             "until it finished",
+                              "schema": {"type": "number", "minimum": 0}}])
     def get_job(self, job_id):
-        wait = None
         if "wait" in self.query:
             try:
                 wait = float(self.query["wait"][-1])
                 if not 0 <= wait < math.inf:
                     raise ValueError
             except ValueError:
-                raise HTTPError(400, "wait must be a number of seconds (at most 60)",
-                                "wait") from None
-        return HTTPStatus.OK, self.service.job(job_id, wait and min(wait, MAX_WAIT))
+                raise HTTPError(HTTPStatus.BAD_REQUEST, "wait must be a number of seconds (at "
+                                                        "most 60)", "wait") from None
+            self.queue.wait(job_id, min(wait, MAX_WAIT))
+        return HTTPStatus.OK, self.queue.show(job_id)
 
-    @route("DELETE", r"/transcription/job/([^/]+)/?")
+    @route("DELETE", "/transcription/job/{id}", "Delete a QUEUED job", {
+        HTTPStatus.OK: _answer("The job as it was, and deleted: true", {"allOf": [
+            _ref("Job"), {"type": "object", "required": ["deleted"],
+                          "properties": {"deleted": {"const": True}}}]})},
+        errors=(404, 409, *STORE), parameters=[_JOB_ID])
     def delete_job(self, job_id):
         return HTTPStatus.OK, {**self.service.delete(job_id), "deleted": True}
 
-    @route("GET", r"/transcription/jobs")
+    @route("GET", "/transcription/jobs", "Queued and running jobs and the last --history "
+           "finished ones", {HTTPStatus.OK: _answer("Oldest first", {"type": "array",
+                                                                     "items": _ref("Job")})},
+           errors=STORE)
     def list_jobs(self):
-        return HTTPStatus.OK, self.service.jobs()
+        return HTTPStatus.OK, self.queue.listing()
 
-    @route("GET", r"/smi")
+    @route("GET", "/smi", "nvidia-smi's output, for a person", {
+        HTTPStatus.OK: _answer("nvidia-smi's text", text=True),
+        HTTPStatus.SERVICE_UNAVAILABLE: _answer("No nvidia-smi, or it failed", text=True)})
     def smi(self):
         unavailable = HTTPStatus.SERVICE_UNAVAILABLE
         try:
@@ -3565,70 +3693,90 @@ class Handler(BaseHTTPRequestHandler):
                                  f"{done.stdout}{done.stderr}")
         return HTTPStatus.OK, done.stdout
 
-    @route("GET", r"/stats")
+    @route("GET", "/stats", "Counts", {HTTPStatus.OK: _answer("Counts", {
+        "type": "object", "properties": _COUNTS, "required": list(_COUNTS)})}, errors=STORE)
     def stats(self):
-        return HTTPStatus.OK, self.service.stats()
+        return HTTPStatus.OK, self.queue.stats()
 
     # -- OpenAI's audio API -------------------------------------------------------------
 
-    @route("POST", r"/v1/audio/(transcriptions|translations)")
-    def openai_audio(self, kind):
+    @route("POST", "/v1/audio/transcriptions", "OpenAI-compatible", _AUDIO_OK,
+           errors=(400, 411, 413, 500, 503, 507), **_AUDIO)
+    @route("POST", "/v1/audio/translations", "OpenAI-compatible", _AUDIO_OK,
+           errors=(400, 411, 413, 500, 503, 507), **_AUDIO)
+    def openai_audio(self):
         """OpenAI's `audio.transcriptions.create` and `audio.translations.create`, answered
         when done: the upload becomes an ordinary job in the same queue, and the answer
         comes from its result in memory."""
         content_type = self.headers.get("Content-Type", "")
         if not content_type.startswith("multipart/form-data"):
-            raise HTTPError(400, "send the body as multipart/form-data, as OpenAI's clients do")
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "send the body as multipart/form-data, as "
+                                                    "OpenAI's clients do")
         form = read_form(content_type, self.read_body(int(self.server.settings.max_upload
                                                               * 1024 * 1024)))
         upload = form.get("file")
         if not isinstance(upload, tuple):
-            raise HTTPError(400, "send the audio as a multipart file field named 'file'", "file")
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "send the audio as a multipart file field "
+                                                    "named 'file'", "file")
         response_format = form.get("response_format") or "json"
         if response_format not in OPENAI_FORMATS:
-            raise HTTPError(400, f"response_format {response_format!r} is not supported; valid "
-                                 f"values: {', '.join(OPENAI_FORMATS)}", "response_format")
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"response_format {response_format!r} is "
+                            f"not supported; valid values: {', '.join(OPENAI_FORMATS)}",
+                            "response_format")
         granularities = form.get("timestamp_granularities[]", [])
         granularities = [granularities] if isinstance(granularities, str) else granularities
         for value in granularities:
             if value not in ("word", "segment"):
-                raise HTTPError(400, f"timestamp_granularities[] {value!r} is not supported; "
-                                     f"valid values: word, segment", "timestamp_granularities[]")
+                raise HTTPError(HTTPStatus.BAD_REQUEST, f"timestamp_granularities[] {value!r} "
+                                f"is not supported; valid values: word, segment",
+                                "timestamp_granularities[]")
         try:
             temperature = float(form.get("temperature") or 0)
         except (TypeError, ValueError):
-            raise HTTPError(400, "temperature must be a number from 0 to 1",
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "temperature must be a number from 0 to 1",
                             "temperature") from None
         model = form.get("model") if isinstance(form.get("model"), str) else ""
         result, job = self.service.transcribe_upload(upload, {
             "model": "" if model.startswith(("whisper-", "gpt-")) else model,
             "language": form.get("language") or None, "initial_prompt": form.get("prompt"),
-            "task": "translate" if kind == "translations" else "transcribe",
+            "task": "translate" if self.path.startswith("/v1/audio/translations")
+            else "transcribe",
             "word_timestamps": "word" in granularities, "temperature": temperature})
         body, content_type = openai_answer(result, job, response_format)
         return HTTPStatus.OK, body, {"content_type": content_type} if content_type else {}
 
     # -- for people and operators -------------------------------------------------------
 
-    @route("GET", r"/", public=True)
+    @route("GET", "/", "The page", {HTTPStatus.OK: _answer("HTML")}, public=True,
+           document=False)
     def page(self):
         return HTTPStatus.OK, PAGE, {"content_type": "text/html; charset=utf-8"}
 
-    @route("GET", r"/models")
+    @route("GET", "/models", "Every model name a job may ask for", {
+        HTTPStatus.OK: _answer("Each with its state", {"type": "array", "items": {
+            "type": "object", "required": ["name", "state"], "properties": {
+                "name": _STRING, "state": {"enum": ["loaded", "on disk", "download"]},
+                "path": {"type": ["string", "null"]},
+                "loaded_on": {"type": "array", "items": _STRING}}}})})
     def models(self):
-        return HTTPStatus.OK, self.service.models()
+        return HTTPStatus.OK, self.status.models()
 
-    @route("GET", r"/health")
+    @route("GET", "/health", "Liveness, the workers and what is loaded", {
+        HTTPStatus.OK: _answer("Serving", _ref("Health")),
+        HTTPStatus.SERVICE_UNAVAILABLE: _answer("Shutting down, or the job store unreachable",
+                                                _ref("Health"))})
     def health(self):
-        body = self.service.health()
+        body = self.status.health()
         return HTTPStatus.OK if body["status"] == "ok" else HTTPStatus.SERVICE_UNAVAILABLE, body
 
-    @route("GET", r"/metrics")
+    @route("GET", "/metrics", "Prometheus metrics", {
+        HTTPStatus.OK: _answer("Prometheus text format", text=True)}, errors=STORE)
     def metrics(self):
-        return HTTPStatus.OK, self.service.metrics_text(), \
+        return HTTPStatus.OK, self.status.metrics(), \
             {"content_type": "text/plain; version=0.0.4; charset=utf-8"}
 
-    @route("GET", r"/openapi.json")
+    @route("GET", "/openapi.json", "This document", {
+        HTTPStatus.OK: _answer("OpenAPI 3.1", {"type": "object"})})
     def openapi(self):
         return HTTPStatus.OK, OPENAPI
 
@@ -3656,18 +3804,16 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def _routes():
-    """EXACT_ROUTES {path: {method: answer}} and PATTERN_ROUTES [(regex, {method: answer})]
-    from the Handler's @route methods."""
-    exact, patterns = {}, {}
+    """[(path pattern, {method: (answer, its declaration)})] from the @route methods."""
+    routes = {}
     for answer in vars(Handler).values():
-        if hasattr(answer, "route"):
-            method, path, _ = answer.route
-            table = patterns.setdefault(path, {}) if "(" in path else exact.setdefault(path, {})
-            table[method] = answer
-    return exact, [(re.compile(path), table) for path, table in patterns.items()]
+        for r in getattr(answer, "routes", ()):
+            routes.setdefault(r.pattern.pattern, (r.pattern, {}))[1][r.method] = (answer, r)
+    return list(routes.values())
 
 
-EXACT_ROUTES, PATTERN_ROUTES = _routes()
+ROUTES = _routes()
+OPENAPI = openapi_document(r for _, methods in ROUTES for _, r in methods.values())
 
 
 class Server(ThreadingHTTPServer):

@@ -142,6 +142,24 @@ def _soak(args, rng, work, nodes, audio, garbage, receiver, out, started):
     def up():
         return [n for n in nodes if n.state == "up"]
 
+    # GET /stats, timed from the outside (a new connection each, as a monitor asks it)
+    # every 50 ms on a random live node, for as long as the nodes claim and run jobs.
+    stats_ms, probing = [], threading.Event()
+
+    def probe_stats():
+        while not probing.wait(0.05):
+            live = up()
+            if not live:
+                continue
+            begun = time.perf_counter()
+            with contextlib.suppress(http.client.HTTPException, OSError):
+                if rng_probe.choice(live).daemon.request("GET", "/stats", timeout=10)[0] == 200:
+                    stats_ms.append((time.perf_counter() - begun) * 1000)
+
+    rng_probe = random.Random(args.seed + 1)
+    prober = threading.Thread(target=probe_stats, name="stats probe", daemon=True)
+    prober.start()
+
     def request(node, method, path, body=None, raw=None):
         """(status, answer), or (None, why) when the node did not answer."""
         try:
@@ -247,6 +265,8 @@ def _soak(args, rng, work, nodes, audio, garbage, receiver, out, started):
             if time.monotonic() - progress > 900:  # nothing ended for 15 minutes
                 stuck.append((job_id, job))
                 break
+    probing.set()
+    prober.join()
     print(f"  submitting took {submitting_s - started:.0f} s; every job ended "
           f"{time.monotonic() - submitting_s:.0f} s later", flush=True)
     wait_for_callbacks(receiver, kept)
@@ -276,7 +296,8 @@ def _soak(args, rng, work, nodes, audio, garbage, receiver, out, started):
             "tracebacks": sum("Traceback" in line for line in node_lines)}
     return dict(accepted=accepted, deleted=deleted, finished=finished, lost=lost, stuck=stuck,
                 unexpected=unexpected, refused=refused, faults=faults, lines=lines,
-                logs=logs, kept=kept, nodes=per_node, redirects=redirects)
+                logs=logs, kept=kept, nodes=per_node, redirects=redirects,
+                stats_ms=sorted(stats_ms))
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,6 +381,12 @@ def main():
     for name, figures in r["nodes"].items():
         print(f"  {name}: {figures}")
     print(f"tracebacks logged  {tracebacks}")
+    stats_ms = r["stats_ms"]
+    percentile = {p: stats_ms[min(len(stats_ms) - 1, int(len(stats_ms) * p / 100))]
+                  for p in (50, 99)} if stats_ms else {50: None, 99: None}
+    print(f"GET /stats         {len(stats_ms)} answers while the nodes worked: p50 "
+          f"{percentile[50] or 0:.1f} ms, p99 {percentile[99] or 0:.1f} ms, max "
+          f"{stats_ms[-1] if stats_ms else 0:.1f} ms")
     print(f"wall time          {wall:.0f} s")
     print(f"logs               {', '.join(r['logs'])}")
     print(text)
@@ -389,6 +416,8 @@ def main():
             "sent_elsewhere": dict(r["redirects"]), "per_node": r["nodes"],
             "unexpected": [repr(item) for item in unexpected],
             "tracebacks": tracebacks, "wall_s": round(wall, 1),
+            "stats_answers": len(stats_ms), "stats_p50_ms": percentile[50],
+            "stats_p99_ms": percentile[99], "stats_max_ms": stats_ms[-1] if stats_ms else None,
             "foreign_cpu_s": round(foreign_s, 1), "foreign_cpu_share": round(foreign_share, 3),
         }, indent=2) + "\n")
         print(f"figures in {args.json}")
