@@ -1347,6 +1347,20 @@ def test_a_batch_cut_by_sigterm_or_kill_9_loses_no_job(start, speech, tmp_path):
     assert daemon.job(jobs[0]["id"])["attempts"] == 2
 
 
+def test_a_runner_outlives_an_error_inside_a_batch_and_fails_only_the_jobs_it_concerns(
+        start, speech, tmp_path):
+    """No input makes planning a batch raise, so WHISPERD_FAULT makes Batch.add raise,
+    as a bug would: the jobs joining fail with the reason, and the runner goes on."""
+    daemon = start("--engine", "faster-whisper", "--batch-size", "2",
+                   env={"WHISPERD_FAULT": "batch.add"})
+    joined = daemon.finished(daemon.submit(path=speech["call.wav"], output_path=tmp_path)["id"])
+    assert joined["status"] == "FAILED", joined
+    assert "RuntimeError: fault injected at batch.add" in joined["error"]
+    alone = daemon.submit(path=speech["call.wav"], pack=False, output_path=tmp_path)
+    assert word_error_rate((CALL, daemon.completed(alone["id"])["result"])) < 0.3
+    assert daemon.request("GET", "/health")[2]["worker_ready"]
+
+
 # ---------------------------------------------------------------------------------------
 # The batch's arithmetic: windows planned and packed, cut, and mapped back to each job
 # ---------------------------------------------------------------------------------------

@@ -334,7 +334,7 @@ class NotFound(Exception):
 
 
 class NotQueued(Exception):
-    """The job has left the queue (it runs or ended): it can no longer be deleted."""
+    """The job runs or ended: it can no longer be deleted."""
 
 
 class StoreUnavailable(Exception):
@@ -589,13 +589,13 @@ def validate(body, context):
     checks need from the daemon: allow_dir, default_model, models(), model_dir.
     """
     if not isinstance(body, dict):
-        raise HTTPError(400, "the body must be a JSON object, like "
-                             '{"path": "/abs/audio.mp3", "model": "tiny"}')
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object, like "
+                        '{"path": "/abs/audio.mp3", "model": "tiny"}')
     names = [f.name for f in OPTIONS]
     for key in body:
         if key not in names:
-            raise HTTPError(400, f"unknown field {key!r}; known fields: {', '.join(names)}",
-                            key)
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"unknown field {key!r}; known fields: "
+                                                    f"{', '.join(names)}", key)
     job = Job(id=str(uuid.uuid4()), created_at=utcnow())
     for f in OPTIONS:
         value = body.get(f.name)
@@ -621,12 +621,12 @@ def validate(body, context):
         setattr(job, f.name, value)
     if job.model.endswith(".en"):
         if job.language not in ("en", AUTO_LANGUAGE):
-            raise HTTPError(400, f"model {job.model} understands English only; use a "
-                                 f"multilingual model (like {job.model[:-3]}) for language "
-                                 f"{job.language!r}", "language")
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"model {job.model} understands English "
+                            f"only; use a multilingual model (like {job.model[:-3]}) for "
+                            f"language {job.language!r}", "language")
         if job.task == "translate":
-            raise HTTPError(400, f"model {job.model} cannot translate; use a multilingual "
-                                 f"model", "task")
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"model {job.model} cannot translate; use "
+                                                    f"a multilingual model", "task")
     return job
 
 
@@ -671,7 +671,7 @@ def probe(path):
 # (--store, one queue for several hosts). Both answer this interface, each method one
 # transaction, and neither knows what a job becomes (that is the job queue's, below):
 #
-#   insert(job, max_queued)     a new QUEUED job, unless max_queued are waiting (QueueFull)
+#   add(job, max_queued)        a new QUEUED job, unless max_queued are waiting (QueueFull)
 #   claim(start)                the next QUEUED job this node may run, changed by
 #                               start(job) and now RUNNING here; None if start says no
 #   end(ends, keep)             [(job, changes)] ended and counted; the finished jobs past
@@ -680,7 +680,7 @@ def probe(path):
 #                               took over)
 #   requeue(undone)             [(job, changes)] of runs here: QUEUED again, in their place
 #   delete(job_id)              a QUEUED job removed and returned (NotFound, NotQueued)
-#   set_callback(job, changes, keep)   a callback's status and attempts
+#   callback_attempted(job, changes, keep)   a callback's status and attempts
 #   keep_up(runs, lost)         this node is alive and renews its runs [(job id, progress)];
 #                               each job whose node stopped renewing gets lost(job)'s
 #                               changes; returns (those [(job, changes)], the jobs whose
@@ -692,15 +692,12 @@ def probe(path):
 # NotQueued); the HTTP section turns them into statuses. A storage locks nothing but its
 # pool of connections: no lock is held across a database round trip.
 
-# The history rule's SQL, one text for both: forget the finished jobs past the newest
-# `keep` (LIMIT ALL: PostgreSQL's spelling, -1: SQLite's), but those whose callback is due.
-PRUNE = ("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS NOT NULL "
-         "ORDER BY finished_at DESC, seq DESC LIMIT {all} OFFSET {keep}) "
-         "AND callback_status != 'pending'")
+class _SQL:
+    """What both storages share: a pool of connections (a thread takes one, uses it alone
+    and gives it back), and the statements both databases take alike, written with
+    SQLite's `?` (_q() turns them into psycopg's `%s`)."""
 
-
-class _Pool:
-    """Connections kept for reuse: a thread takes one, uses it alone, and gives it back."""
+    ALL = "-1"  # LIMIT's "no limit" (PostgreSQL: ALL)
 
     def __init__(self):
         self.pool_lock = threading.Lock()
@@ -715,12 +712,11 @@ class _Pool:
             conn = conn or self._connect()
             yield conn
         except Exception as e:
-            problem = self._problem(e)
-            if conn is not None and problem is not None:
+            if (problem := self._problem(e)) is None:
+                raise
+            if conn is not None:
                 conn.close()
-            if problem is not None:
-                raise problem from None
-            raise
+            raise problem from None
         with self.pool_lock:
             if self.closed or len(self.idle) >= 8 or self._broken(conn):
                 conn.close()
@@ -741,8 +737,55 @@ class _Pool:
                 conn.close()
             self.idle.clear()
 
+    def _q(self, sql):
+        return sql
 
-class SQLiteStore(_Pool):
+    def _notify(self, db):
+        """Tells the other nodes that the jobs changed (one host: nobody to tell)."""
+
+    def _prune(self, db, keep):
+        """The history rule: forget the finished jobs past the newest `keep`, but those
+        whose callback is still due."""
+        db.execute(f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS "
+                   f"NOT NULL ORDER BY finished_at DESC, seq DESC LIMIT {self.ALL} OFFSET "
+                   f"{int(keep)}) AND callback_status != 'pending'")
+
+    def _jobs(self, sql, *args):
+        with self._db() as db:
+            return [self._job(doc) for doc, in db.execute(self._q(sql), args).fetchall()]
+
+    def delete(self, job_id):
+        with self._write() as db:
+            row = db.execute(self._q("DELETE FROM jobs WHERE id = ? AND status = 'QUEUED' "
+                                     "RETURNING doc"), (job_id,)).fetchone()
+            status = row or db.execute(self._q("SELECT status FROM jobs WHERE id = ?"),
+                                       (job_id,)).fetchone()
+            self._notify(db)
+        if row:
+            return self._job(row[0])
+        raise NotQueued(status[0]) if status else NotFound()
+
+    def get(self, job_id):
+        found = self._jobs("SELECT doc FROM jobs WHERE id = ?", job_id)
+        return found[0] if found else None
+
+    def active(self):
+        return self._jobs("SELECT doc FROM jobs WHERE status IN ('QUEUED', 'RUNNING') "
+                          "ORDER BY seq")
+
+    def finished(self, count):
+        return self._jobs("SELECT doc FROM jobs WHERE finished_at IS NOT NULL "
+                          "ORDER BY finished_at DESC, seq DESC LIMIT ?", count)
+
+    def counts(self):
+        with self._db() as db:
+            return db.execute(
+                "SELECT count(*) FILTER (WHERE status = 'QUEUED'), count(*) FILTER (WHERE "
+                "status = 'RUNNING'), (SELECT value FROM counters WHERE name = 'processed') "
+                "FROM jobs WHERE status IN ('QUEUED', 'RUNNING')").fetchone()
+
+
+class SQLiteStore(_SQL):
     """Jobs on one host: a SQLite database (WAL) in --state-dir. A job's arrival, end,
     deletion and requeue are committed with synchronous=FULL (on disk before the caller
     answers), a job's start and a callback's progress with NORMAL (they survive a crash or
@@ -780,6 +823,8 @@ class SQLiteStore(_Pool):
         if isinstance(error, sqlite3.Error) and (
                 getattr(error, "sqlite_errorname", "") == "SQLITE_FULL" or "full" in str(error)):
             return StoreUnavailable(f"no space left on {os.path.dirname(self.path)}", full=True)
+        if isinstance(error, sqlite3.OperationalError):  # locked past the timeout, read-only
+            return StoreUnavailable(f"the job database cannot be written ({error})")
         return None
 
     @staticmethod
@@ -810,13 +855,9 @@ class SQLiteStore(_Pool):
                    "WHERE id=?", (new.status, new.callback_status, new.finished_at,
                                   json.dumps(new.stored(), ensure_ascii=False), new.id))
 
-    def _jobs(self, sql, *args):
-        with self._db() as db:
-            return [self._job(doc) for doc, in db.execute(sql, args).fetchall()]
-
     # -- changes --------------------------------------------------------------------------
 
-    def insert(self, job, max_queued):
+    def add(self, job, max_queued):
         with self._write() as db:
             if db.execute("SELECT count(*) FROM jobs WHERE status = 'QUEUED'"
                           ).fetchone()[0] >= max_queued:
@@ -842,7 +883,7 @@ class SQLiteStore(_Pool):
                 self._update(db, job, changes)
             db.execute("UPDATE counters SET value = value + ? WHERE name = 'processed'",
                        (len(ends),))
-            db.execute(PRUNE.format(all=-1, keep=int(keep)))
+            self._prune(db, keep)
         return ends
 
     def requeue(self, undone):
@@ -850,20 +891,10 @@ class SQLiteStore(_Pool):
             for job, changes in undone:
                 self._update(db, job, changes)
 
-    def delete(self, job_id):
-        with self._write() as db:
-            row = db.execute("DELETE FROM jobs WHERE id = ? AND status = 'QUEUED' RETURNING doc",
-                             (job_id,)).fetchone()
-            status = row or db.execute("SELECT status FROM jobs WHERE id = ?",
-                                       (job_id,)).fetchone()
-        if row:
-            return self._job(row[0])
-        raise NotQueued(status[0]) if status else NotFound()
-
-    def set_callback(self, job, changes, keep):
+    def callback_attempted(self, job, changes, keep):
         with self._write(durable=False) as db:
             self._update(db, job, changes)
-            db.execute(PRUNE.format(all=-1, keep=int(keep)))
+            self._prune(db, keep)
 
     def keep_up(self, runs, lost):
         return [], []  # one host: no leases, no other node
@@ -874,18 +905,6 @@ class SQLiteStore(_Pool):
 
     # -- reading --------------------------------------------------------------------------
 
-    def get(self, job_id):
-        found = self._jobs("SELECT doc FROM jobs WHERE id = ?", job_id)
-        return found[0] if found else None
-
-    def active(self):
-        return self._jobs("SELECT doc FROM jobs WHERE status IN ('QUEUED', 'RUNNING') "
-                          "ORDER BY seq")
-
-    def finished(self, count):
-        return self._jobs("SELECT doc FROM jobs WHERE finished_at IS NOT NULL "
-                          "ORDER BY finished_at DESC, seq DESC LIMIT ?", count)
-
     def upcoming(self, count):
         return self._jobs("SELECT doc FROM jobs WHERE status = 'QUEUED' ORDER BY seq LIMIT ?",
                           count)
@@ -893,18 +912,11 @@ class SQLiteStore(_Pool):
     def left_behind(self):
         return self.active()  # every run was this host's, and every upload
 
-    def counts(self):
-        with self._db() as db:
-            return db.execute(
-                "SELECT count(*) FILTER (WHERE status = 'QUEUED'), count(*) FILTER (WHERE "
-                "status = 'RUNNING'), (SELECT value FROM counters WHERE name = 'processed') "
-                "FROM jobs WHERE status IN ('QUEUED', 'RUNNING')").fetchone()
-
     def nodes(self):
         return []
 
 
-class PostgresStore(_Pool):
+class PostgresStore(_SQL):
     """Jobs for several hosts: one PostgreSQL database every node reads and writes
     (--store postgresql://...), through psycopg 3.
 
@@ -940,6 +952,7 @@ class PostgresStore(_Pool):
                                           last_seen timestamptz NOT NULL);
     """
     CLAIMABLE = "status = 'QUEUED' AND (NOT upload OR origin = %s)"  # uploads stay home
+    ALL = "ALL"
 
     def __init__(self, url, node, address, lease):
         super().__init__()
@@ -1001,13 +1014,17 @@ class PostgresStore(_Pool):
         from psycopg.types.json import Jsonb
         return Jsonb(dataclasses.replace(job, **changes).stored())
 
-    def _jobs(self, sql, *args):
-        with self._db() as conn:
-            return [Job.from_json(doc) for doc, in conn.execute(sql, args).fetchall()]
+    _job = staticmethod(Job.from_json)  # jsonb arrives as a dict
+
+    def _q(self, sql):
+        return sql.replace("?", "%s")
+
+    def _notify(self, conn):
+        conn.execute("NOTIFY whisperd")
 
     # -- changes --------------------------------------------------------------------------
 
-    def insert(self, job, max_queued):
+    def add(self, job, max_queued):
         with self._write() as conn:
             if conn.execute(
                     "INSERT INTO jobs (id, status, origin, upload, doc) SELECT %s, 'QUEUED', "
@@ -1015,7 +1032,7 @@ class PostgresStore(_Pool):
                     "RETURNING seq", (job.id, self.node, job.upload, self._doc(job), max_queued)
                     ).fetchone() is None:
                 raise QueueFull()
-            conn.execute("NOTIFY whisperd")
+            self._notify(conn)
 
     def claim(self, start):
         with self._write() as conn:
@@ -1030,7 +1047,7 @@ class PostgresStore(_Pool):
                          "lease_until = now() + %s * interval '1 second', doc = %s "
                          "WHERE id = %s", (self.node, token, self.lease,
                                            self._doc(job, **changes), job.id))
-            conn.execute("NOTIFY whisperd")
+            self._notify(conn)
         job.update(**changes)
         self.tokens[job.id] = token
         return job
@@ -1053,8 +1070,8 @@ class PostgresStore(_Pool):
                         if self._end(conn, job, changes, self.tokens.get(job.id))]
             conn.execute("UPDATE counters SET value = value + %s WHERE name = 'processed'",
                          (len(recorded),))
-            conn.execute(PRUNE.format(all="ALL", keep=int(keep)))
-            conn.execute("NOTIFY whisperd")
+            self._prune(conn, keep)
+            self._notify(conn)
         for job, _ in ends:
             self.tokens.pop(job.id, None)
         return recorded
@@ -1069,29 +1086,18 @@ class PostgresStore(_Pool):
         with self._write() as conn:
             for job, changes in undone:
                 self._queue_again(conn, job, changes)
-            conn.execute("NOTIFY whisperd")
+            self._notify(conn)
         for job, _ in undone:
             self.tokens.pop(job.id, None)
 
-    def delete(self, job_id):
-        with self._write() as conn:
-            row = conn.execute("DELETE FROM jobs WHERE id = %s AND status = 'QUEUED' "
-                               "RETURNING doc", (job_id,)).fetchone()
-            status = row or conn.execute("SELECT status FROM jobs WHERE id = %s",
-                                         (job_id,)).fetchone()
-            conn.execute("NOTIFY whisperd")
-        if row:
-            return Job.from_json(row[0])
-        raise NotQueued(status[0]) if status else NotFound()
-
-    def set_callback(self, job, changes, keep):
+    def callback_attempted(self, job, changes, keep):
         with self._write() as conn:
             conn.execute("UPDATE jobs SET callback_status = %s, callback_lease_until = CASE "
                          "WHEN %s THEN now() + %s * interval '1 second' END, doc = %s "
                          "WHERE id = %s", (changes["callback_status"],
                                            changes["callback_status"] == Callback.PENDING,
                                            self.lease, self._doc(job, **changes), job.id))
-            conn.execute(PRUNE.format(all="ALL", keep=int(keep)))
+            self._prune(conn, keep)
 
     def keep_up(self, runs, lost):
         with self._write() as conn:
@@ -1121,7 +1127,7 @@ class PostgresStore(_Pool):
                         due.append(dataclasses.replace(job, **changes))
                 changed.append((job, changes))
             if changed:
-                conn.execute("NOTIFY whisperd")
+                self._notify(conn)
             due += self._adopt(conn, orphans_only=True)
         return changed, due
 
@@ -1142,18 +1148,6 @@ class PostgresStore(_Pool):
 
     # -- reading --------------------------------------------------------------------------
 
-    def get(self, job_id):
-        found = self._jobs("SELECT doc FROM jobs WHERE id = %s", job_id)
-        return found[0] if found else None
-
-    def active(self):
-        return self._jobs("SELECT doc FROM jobs WHERE status IN ('QUEUED', 'RUNNING') "
-                          "ORDER BY seq")
-
-    def finished(self, count):
-        return self._jobs("SELECT doc FROM jobs WHERE finished_at IS NOT NULL "
-                          "ORDER BY finished_at DESC, seq DESC LIMIT %s", count)
-
     def upcoming(self, count):
         return self._jobs(f"SELECT doc FROM jobs WHERE {self.CLAIMABLE} ORDER BY seq "
                           f"LIMIT %s", self.node, count)
@@ -1168,13 +1162,6 @@ class PostgresStore(_Pool):
                 (self.node, self.node)).fetchall()
         self.tokens.update((doc["id"], token) for doc, token in rows)
         return [Job.from_json(doc) for doc, _ in rows]
-
-    def counts(self):
-        with self._db() as conn:
-            return conn.execute(
-                "SELECT count(*) FILTER (WHERE status = 'QUEUED'), count(*) FILTER (WHERE "
-                "status = 'RUNNING'), (SELECT value FROM counters WHERE name = 'processed') "
-                "FROM jobs WHERE status IN ('QUEUED', 'RUNNING')").fetchone()
 
     def nodes(self):
         """The nodes seen within a lease: [{"name", "url", "last_seen"}]."""
@@ -1265,7 +1252,7 @@ class JobQueue:
 
     def add(self, job):
         """Stores a new QUEUED job; returns its JSON as created."""
-        self.storage.insert(job, self.settings.max_queue)
+        self.storage.add(job, self.settings.max_queue)
         log(f"job {job.id} queued: {job.path} -> {job.output_path} (model {job.model}, "
             f"format {job.format})")
         self.wake()
@@ -1327,11 +1314,12 @@ class JobQueue:
 
     def requeue(self, jobs, count_attempt=True):
         """Runs here back to the queue, in their places."""
-        self.storage.requeue([(job, _undone(job, count_attempt)) for job in jobs])
+        undone = [(job, _undone(job, count_attempt)) for job in jobs]
+        self.storage.requeue(undone)
         with self.lock:
-            for job in jobs:
+            for job, changes in undone:
                 self.runs.pop(job.id, None)
-                job.update(**_undone(job, count_attempt))
+                job.update(**changes)
         self.wake()
 
     def _lost(self, job):
@@ -1391,7 +1379,7 @@ class JobQueue:
     def callback_attempted(self, job, status, attempts, detail):
         changes = dict(callback_status=status, callback_attempts=attempts)
         try:
-            self.storage.set_callback(job, changes, self.settings.history)
+            self.storage.callback_attempted(job, changes, self.settings.history)
         except StoreUnavailable as e:
             log(f"job {job.id} callback {status}, not recorded ({e})")
         with self.lock:
@@ -1470,6 +1458,12 @@ class JobQueue:
     def running_here(self):
         with self.lock:
             return list(self.runs.values())
+
+    def tallies(self):
+        """What ended here, by kind: ("jobs", status, worker), ("busy" | "audio", worker)
+        seconds, ("callbacks", status)."""
+        with self.lock:
+            return dict(self.counters)
 
     def nodes(self):
         return self.storage.nodes()
@@ -2169,9 +2163,6 @@ class Batch:
         for track in tracks:
             self.planned[track] = max(len(self.pending[track]), 1)
 
-    def members(self):
-        return [track.job for track in self.pending]
-
     def progress(self):
         """{job: fraction of its windows decoded}."""
         return {track.job: 1 - len(windows) / self.planned[track]
@@ -2406,8 +2397,8 @@ class Runner(threading.Thread):
                 job = self.queue.claim(self.label, accept)
                 if job is not None or not wait:
                     return job
-            except StoreUnavailable as e:
-                self.queue.troubled(f"no job can start: {e}")
+            except Exception as e:  # StoreUnavailable, or a bug: no job starts now
+                self.queue.troubled(f"no job can start: {_reason(e)}")
                 if not wait:
                     return None
             self.queue.wait_for_change(seen, self.TICK)
@@ -2425,7 +2416,7 @@ class Runner(threading.Thread):
                 upcoming = self.queue.upcoming(count)
                 keep = {job.id for job in upcoming + self.queue.running_here()}
                 job = self.ahead.reserve(upcoming, keep)
-            except StoreUnavailable:
+            except Exception:  # StoreUnavailable, or worse: the runner decodes it itself
                 job = None
             if job is None:
                 self.queue.wait_for_change(seen, self.TICK)
@@ -2705,22 +2696,29 @@ class Finisher(threading.Thread):
                 items.append(self.outcomes.get())
             stop = None in items
             outcomes = [o for o in items if o is not None]
-            back = [o.job for o in outcomes if o.result is None]
-            if back:
-                try:
-                    self.queue.requeue(back, count_attempt=False)
-                    log(f"job(s) {', '.join(j.id for j in back)} interrupted by shutdown; "
-                        f"they run again on start")
-                except StoreUnavailable as e:
-                    log(f"job(s) interrupted by shutdown run again on start, counted as an "
-                        f"attempt ({e})")
-            ended = [self.written(o) for o in outcomes if o.result is not None]
-            for o in self.end(ended, give_up=stop) if ended else []:
-                self.settle(o.job.id, (o.result, o.job.to_json()) if o.job.status == COMPLETED
-                            else o.result if isinstance(o.result, JobFailed)
-                            else JobFailed(o.job.error))
-                if o.job.callback:
-                    self.callbacks.schedule(o.job)
+            try:
+                self.finish(outcomes, stop)
+            except Exception as e:  # a bug: said, and the finisher goes on
+                log(f"{len(outcomes)} job(s) could not be ended ({type(e).__name__}: "
+                    f"{_reason(e)}); they run again on start")
+
+    def finish(self, outcomes, stop):
+        back = [o.job for o in outcomes if o.result is None]
+        if back:
+            try:
+                self.queue.requeue(back, count_attempt=False)
+                said = "it runs again on start"
+            except StoreUnavailable as e:
+                said = f"it runs again on start, counted as an attempt ({e})"
+            for job in back:
+                log(f"job {job.id} interrupted by shutdown; {said}")
+        ended = [self.written(o) for o in outcomes if o.result is not None]
+        for o in self.end(ended, give_up=stop) if ended else []:
+            self.settle(o.job.id, (o.result, o.job.to_json()) if o.job.status == COMPLETED
+                        else o.result if isinstance(o.result, JobFailed)
+                        else JobFailed(o.job.error))
+            if o.job.callback:
+                self.callbacks.schedule(o.job)
 
     @staticmethod
     def written(outcome):
@@ -2729,10 +2727,11 @@ class Finisher(threading.Thread):
         if isinstance(result, dict) and not job.upload:
             try:
                 write_outputs(result, job)
-            except OSError as e:
+            except Exception as e:
                 return dataclasses.replace(outcome, result=JobFailed(
-                    f"no space left on {job.output_path}" if e.errno == errno.ENOSPC else
-                    f"could not write the files into {job.output_path}: {e.strerror or e}"))
+                    f"no space left on {job.output_path}" if getattr(e, "errno", None) ==
+                    errno.ENOSPC else f"could not write the files into {job.output_path}: "
+                    f"{getattr(e, 'strerror', None) or _reason(e)}"))
         return outcome
 
     def end(self, outcomes, give_up):
@@ -2803,8 +2802,7 @@ class Status:
 
     def metrics(self):
         """/metrics in Prometheus' text format."""
-        with self.queue.lock:
-            m = dict(self.queue.counters)
+        m = self.queue.tallies()
         stats, states = self.queue.stats(), self.states()  # 503 if unreachable
         labels, lines = [s.name for s in states], []
 
@@ -3119,8 +3117,7 @@ def route(method, path, summary, ok, errors=(), public=False, document=True, **o
     def mark(function):
         function.routes = [*getattr(function, "routes", []), types.SimpleNamespace(
             method=method, path=path, summary=summary, ok=ok, public=public, document=document,
-            errors=tuple(HTTPStatus(e) for e in errors) + ((HTTPStatus.UNAUTHORIZED,)
-                                                           if not public else ()),
+            errors=errors + ((HTTPStatus.UNAUTHORIZED,) if not public else ()),
             operation=operation, pattern=re.compile(re.sub(r"\{\w+\}", "([^/]+)", path) + "/?"))]
         return function
     return mark
@@ -3157,6 +3154,8 @@ ERRORS = {  # what each error status means, in /openapi.json
                                     "(Retry-After)",
     HTTPStatus.INSUFFICIENT_STORAGE: "No space left in --state-dir (Retry-After)"}
 STORE = (HTTPStatus.SERVICE_UNAVAILABLE,)  # what a route that reads the job store may add
+BODY = (HTTPStatus.BAD_REQUEST, HTTPStatus.LENGTH_REQUIRED, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+TAKE = (HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.INSUFFICIENT_STORAGE)  # a new job's
 _STRING = {"type": "string"}
 _COUNTS = {k: {"type": "integer"} for k in ("Queued", "Running", "Processed")}
 _JOB_ID = {"name": "id", "in": "path", "required": True, "schema": _STRING}
@@ -3528,6 +3527,7 @@ class Handler(BaseHTTPRequestHandler):
             self.query = urllib.parse.parse_qs(query) if query else {}
             answer, params, declared = self.find_route(path)
             status, payload, *headers = answer(self, *params)
+            self.declared(declared, status)
             self.respond(status, payload, **(headers[0] if headers else {}))
         except (ConnectionError, TimeoutError):
             self.close_connection = True
@@ -3539,9 +3539,7 @@ class Handler(BaseHTTPRequestHandler):
                              {"error": "internal error; the daemon's log says more"})
                 return
             status, message, field, headers = refused
-            if declared is not None and status not in declared.errors:
-                log(f"bug: answer {int(status)} to {declared.method} {declared.path} is not "
-                    f"declared in /openapi.json")
+            self.declared(declared, status)
             if path.startswith("/v1/"):  # OpenAI's error shape, which its SDKs read
                 body = {"error": {"message": message, "param": field, "code": None,
                                   "type": "invalid_request_error" if status < 500
@@ -3551,6 +3549,13 @@ class Handler(BaseHTTPRequestHandler):
             self.respond(status, body, **headers)
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_OPTIONS = do_HEAD = handle_one
+
+    @staticmethod
+    def declared(route, status):
+        """Says, as the bug it is, an answer that its route's declaration leaves out."""
+        if route is not None and status not in route.ok and status not in route.errors:
+            log(f"bug: answer {int(status)} to {route.method} {route.path} is not declared "
+                f"in /openapi.json")
 
     def find_route(self, path):
         """(the answering method, the path's parameters, its declaration)."""
@@ -3633,7 +3638,7 @@ class Handler(BaseHTTPRequestHandler):
     @route("POST", "/transcription/job", "Create a job", {
         HTTPStatus.CREATED: _answer("Created", _ref("Job"), headers={"Location": {
             "schema": _STRING, "description": "/transcription/job/{id}"}})},
-        errors=(400, 403, 411, 413, 503, 507), requestBody={"required": True, "content": {
+        errors=(*BODY, HTTPStatus.FORBIDDEN, *TAKE), requestBody={"required": True, "content": {
             "application/json": {"schema": {
                 "type": "object", "required": ["path"], "additionalProperties": False,
                 "properties": {f.name: _request_field(f) for f in OPTIONS}}}}})
@@ -3642,7 +3647,7 @@ class Handler(BaseHTTPRequestHandler):
         return HTTPStatus.CREATED, job, {"Location": f"/transcription/job/{job['id']}"}
 
     @route("GET", "/transcription/job/{id}", "A job", {
-        HTTPStatus.OK: _answer("The job", _ref("Job"))}, errors=(400, 404, *STORE),
+        HTTPStatus.OK: _answer("The job", _ref("Job"))}, errors=(HTTPStatus.BAD_REQUEST, HTTPStatus.NOT_FOUND, *STORE),
         parameters=[_JOB_ID, {"name": "wait", "in": "query", "required": False,
                               "description": "Hold up to this many seconds (at most 60) "
                                              "until it finished",
@@ -3663,7 +3668,7 @@ class Handler(BaseHTTPRequestHandler):
         HTTPStatus.OK: _answer("The job as it was, and deleted: true", {"allOf": [
             _ref("Job"), {"type": "object", "required": ["deleted"],
                           "properties": {"deleted": {"const": True}}}]})},
-        errors=(404, 409, *STORE), parameters=[_JOB_ID])
+        errors=(HTTPStatus.NOT_FOUND, HTTPStatus.CONFLICT, *TAKE), parameters=[_JOB_ID])
     def delete_job(self, job_id):
         return HTTPStatus.OK, {**self.service.delete(job_id), "deleted": True}
 
@@ -3701,9 +3706,9 @@ class Handler(BaseHTTPRequestHandler):
     # -- OpenAI's audio API -------------------------------------------------------------
 
     @route("POST", "/v1/audio/transcriptions", "OpenAI-compatible", _AUDIO_OK,
-           errors=(400, 411, 413, 500, 503, 507), **_AUDIO)
+           errors=(*BODY, HTTPStatus.INTERNAL_SERVER_ERROR, *TAKE), **_AUDIO)
     @route("POST", "/v1/audio/translations", "OpenAI-compatible", _AUDIO_OK,
-           errors=(400, 411, 413, 500, 503, 507), **_AUDIO)
+           errors=(*BODY, HTTPStatus.INTERNAL_SERVER_ERROR, *TAKE), **_AUDIO)
     def openai_audio(self):
         """OpenAI's `audio.transcriptions.create` and `audio.translations.create`, answered
         when done: the upload becomes an ordinary job in the same queue, and the answer

@@ -252,10 +252,12 @@ class Daemon:
         return self.proc.wait(timeout)
 
     def stop(self):
-        """Stops it if it runs; fails if it ever printed a traceback."""
+        """Stops it if it runs; fails if it ever printed a traceback, or answered a route
+        with a status its declaration (and so /openapi.json) leaves out."""
         if self.proc and self.proc.poll() is None:
             self.terminate()
         assert "Traceback" not in self.log, self.log
+        assert "is not declared in /openapi.json" not in self.log, self.log
 
 
 class Receiver:
