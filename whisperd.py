@@ -57,6 +57,7 @@ import hashlib
 import hmac
 import heapq
 import http.client
+import importlib
 import io
 import json
 import math
@@ -1198,8 +1199,7 @@ def _undone(job, count_attempt=True):
 @dataclasses.dataclass(eq=False)
 class Outcome:
     """What a runner hands back for a job: whisper's result, the JobFailed that ended it,
-    or None when it was interrupted (a shutdown); the seconds it took, and the runner's
-    busy seconds since it last handed one back."""
+    or None (interrupted by a shutdown); its seconds, and the runner's busy seconds."""
     job: Job
     result: object
     seconds: float = 0.0
@@ -1208,15 +1208,10 @@ class Outcome:
 
 class JobQueue:
     """The one owner of every change of a job's state: added, claimed, progressed, ended,
-    requeued, lost (its whisperd died under it), deleted, and its callback's status. Each
-    goes through one method here that stores it (one transaction of the storage), logs it
-    and tells the waiters. The rules that hold on either storage are here, once: what a
-    run's start and a lost run change, the history kept, a queued job's position and
-    every job's eta.
-
-    Its lock guards only its memory (the runs on this node, recent speeds, counters) and
-    is never held across a storage call. It publishes, for /health and /metrics: stats(),
-    speed(), counters and `trouble` (what keeps the storage from taking changes)."""
+    requeued, lost (its whisperd died under it), deleted, and its callback's status, each
+    through one method that stores it, logs it and tells the waiters; and of the rules,
+    once for both storages: a start, a lost run, the history, position and eta. Its lock
+    guards only its memory (this node's runs, speeds, tallies), never a storage call."""
 
     SPEED_WINDOW = 20  # recent jobs whose speed gives the eta
 
@@ -1237,7 +1232,7 @@ class JobQueue:
             self.changed.notify_all()
 
     def wait_for_change(self, seen, seconds):
-        """Holds until a change after `seen` (a version read before looking), at most
+        """Holds until a change after version `seen` (read before looking), at most
         `seconds`."""
         with self.changed:
             self.changed.wait_for(lambda: self.version != seen, seconds)
@@ -1468,6 +1463,10 @@ class JobQueue:
     def nodes(self):
         return self.storage.nodes()
 
+    def close(self):
+        """No change is stored any more: a run still going stays as it was last seen."""
+        self.storage.close()
+
 
 # ---------------------------------------------------------------------------------------
 # Engines
@@ -1599,6 +1598,7 @@ class Engine:
                 self.loading = False
             self.loads += 1
             self.loaded = tuple(self.models)
+            gc.freeze()  # see Runner.run
             log(f"model {name} loaded on {self.device} in {time.monotonic() - started:.1f} s "
                 f"({self.name})")
         self.last_used[name] = time.monotonic()
@@ -1608,7 +1608,9 @@ class Engine:
         self.models.pop(name, None)
         self.last_used.pop(name, None)
         self.loaded = tuple(self.models)
+        gc.unfreeze()  # the model may be in cycles: let the collector see it, once
         gc.collect()
+        gc.freeze()
         self.release_memory()
         log(f"model {name} unloaded from {self.device}")
 
@@ -2287,9 +2289,8 @@ def write_outputs(result, job):
 # ---------------------------------------------------------------------------------------
 
 class Ahead:
-    """Audio decoded ahead of the runners, by job id. Each runner's prefetcher fills it
-    with the next queued jobs' audio; whichever runner claims a job takes its audio from
-    here; no job is decoded twice. Bounded: `seconds` of audio at most."""
+    """Audio decoded ahead, by job id: the runners' prefetchers fill it, the runner that
+    claims a job takes its audio, no job is decoded twice; at most `seconds` of audio."""
 
     def __init__(self, seconds):
         self.seconds = seconds
@@ -2329,16 +2330,12 @@ RunnerState = collections.namedtuple("RunnerState", "name device ready error mod
 
 
 class Runner(threading.Thread):
-    """One device's thread (a "worker" in the API's words): its engine, and so its models,
-    live here, and its jobs run here.
-
-    Its whole life: prepare the engine, then claim the next job from the queue and run it
-    (or, with --batch-size, start a batch that the jobs queued behind it join), and hand
-    back an Outcome on `outcomes` for every job it claimed, whatever the job raised; until
-    its owner calls stop(). Its prefetcher decodes the audio of the next queued jobs into
-    `ahead` meanwhile. It tells the queue how far a run is, and publishes what it is doing
-    (state()); it calls nothing else.
-    """
+    """One device's thread (a "worker" in the API's words), where its engine, its models
+    and its jobs live. Its whole life: prepare the engine, then claim the next job and run
+    it (or, with --batch-size, a batch the jobs behind it join) and hand back an Outcome on
+    `outcomes` for every job it claimed, whatever it raised; until stop(). Meanwhile its
+    prefetcher decodes the next jobs' audio into `ahead`. It tells the queue its progress
+    and publishes state(); it calls nothing else."""
 
     TICK = 1.0  # seconds between idle housekeeping rounds (model TTL, watchdog)
     AHEAD_JOBS = 4  # queued jobs decoded ahead, per window of --batch-size
@@ -2376,9 +2373,15 @@ class Runner(threading.Thread):
     def run(self):
         try:
             self.engine.prepare()
+            importlib.import_module("whisper.utils")  # the writers (and torch), before the freeze
         except Exception as e:  # e.g. torch missing: every job will say so
             self.error = f"the {self.engine.name} engine cannot start: {_reason(e)}"
             log(self.error)
+        # The libraries and models are never garbage: out of the cyclic collector's reach
+        # (here and after each model load), a full collection walks only what came since.
+        # faster-whisper's decode_audio() runs one for every file: without this, 100 ms
+        # with the GIL held, for which every HTTP answer waited.
+        gc.freeze()
         self.ready = True
         self.prefetcher.start()
         while (job := self.next_job()) is not None:
@@ -2660,10 +2663,9 @@ def watchdog_interval():
 # ---------------------------------------------------------------------------------------
 
 class Finisher(threading.Thread):
-    """Takes the Outcomes the runners hand back (`outcomes`, their one channel): writes each
-    transcribed job's files, ends the jobs in the queue (those that come together in one
-    commit, retried while the store cannot take them), puts interrupted ones back, and
-    then lets go of the upload waiting for each and of its callback."""
+    """Takes the runners' Outcomes (`outcomes`, their one channel): writes the files, ends
+    the jobs in the queue (those that come together in one commit), puts interrupted ones
+    back, then lets go of each job's waiting upload and its callback."""
 
     def __init__(self, job_queue, callbacks, grace):
         super().__init__(name="finisher", daemon=True)
@@ -2759,9 +2761,8 @@ class Finisher(threading.Thread):
 # ---------------------------------------------------------------------------------------
 
 class Status:
-    """What whisperd says of itself, built from what the job queue and the runners
-    publish (stats, speed, counters, trouble; each runner's state()); it changes
-    nothing."""
+    """What whisperd says of itself, from what the job queue and the runners publish
+    (stats, speed, tallies, trouble; each runner's state()); it changes nothing."""
 
     def __init__(self, settings, node, job_queue, runners):
         self.settings, self.node, self.queue, self.runners = settings, node, job_queue, runners
@@ -2867,10 +2868,9 @@ def _suffixes(devices):
 
 
 class Service:
-    """Makes a daemon's parts and runs them: the job queue on its storage, a runner per
-    --device entry, the finisher, the callback sender, the status, and the upkeep (the
-    watchdog, the status line, the store's leases); stops them in order. At the door it
-    takes jobs: validated, their audio probed, queued; and uploads, answered when done."""
+    """Makes a daemon's parts, starts them and stops them in order: the job queue, a runner
+    per --device, the finisher, the callbacks, the status, the upkeep (watchdog, status
+    line, leases). At the door it takes jobs (validated, probed, queued) and uploads."""
 
     AHEAD_SECONDS = 600  # audio held decoded ahead, at most
 
@@ -2941,7 +2941,7 @@ class Service:
                                     if job.worker in stuck], count_attempt=False)
         self.finisher.stop()
         self.callbacks.stop()
-        self.queue.storage.close()
+        self.queue.close()
         return not stuck
 
     # -- at the door ----------------------------------------------------------------------
@@ -3107,13 +3107,10 @@ def read_form(content_type, raw):
 
 
 def route(method, path, summary, ok, errors=(), public=False, document=True, **operation):
-    """Declares a Handler method as the answer to METHOD on `path` (an OpenAPI template,
-    like /transcription/job/{id}): its summary, its successful answers {status: answer}
-    and the statuses of the errors it may raise. /openapi.json is made from these
-    declarations alone, and an error answered that its route does not declare is logged
-    as a bug, so the document cannot leave an answer out. Every route but a `public` one
-    may also answer 401. `operation`: the OpenAPI operation's other keys (requestBody,
-    parameters)."""
+    """Declares a Handler method as the answer to METHOD on `path` (an OpenAPI template:
+    /transcription/job/{id}), with its answers {status: answer}, the statuses of the errors
+    it may raise (and 401 unless `public`) and the OpenAPI operation's other keys.
+    /openapi.json is made from these alone; an answer left out is logged as a bug."""
     def mark(function):
         function.routes = [*getattr(function, "routes", []), types.SimpleNamespace(
             method=method, path=path, summary=summary, ok=ok, public=public, document=document,
