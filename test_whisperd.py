@@ -451,6 +451,8 @@ def test_unknown_route_is_404_with_a_json_error(shared):
 
 def test_a_model_that_cannot_be_had_fails_the_job_clearly_and_the_next_job_runs(
         shared, speech, tmp_path):
+    shared.completed(shared.submit(path=speech["call.wav"], output_path=tmp_path)["id"])
+    mark = len(shared.lines)
     job = shared.submit(path=speech["call.wav"], model="base.en", output_path=tmp_path)
     good = shared.submit(path=speech["call.wav"], output_path=tmp_path)
     failed = shared.finished(job["id"])
@@ -458,6 +460,24 @@ def test_a_model_that_cannot_be_had_fails_the_job_clearly_and_the_next_job_runs(
     assert "model base.en could not be loaded" in failed["error"]
     shared.completed(good["id"])
     assert file_names(tmp_path) == ["call.txt"]
+    # The model that works stayed in: nothing was unloaded for one that never came.
+    since = "".join(shared.lines[mark:])
+    assert "model tiny.en unloaded" not in since and "model tiny.en loaded" not in since
+    assert shared.request("GET", "/health")[2]["models_loaded"] == ["tiny.en"]
+
+
+@pytest.mark.parametrize("flags, needs", [
+    (("--batch-size", "8"), "--batch-size needs --engine faster-whisper"),
+    (("--batch-size", "8", "--pack"), "--batch-size needs --engine faster-whisper"),
+    (("--engine", "faster-whisper", "--pack"), "--pack needs a --batch-size")],
+    ids=["batch-size", "batch-size-pack", "pack"])
+def test_a_flag_that_cannot_act_is_refused_at_start_in_one_line(tmp_path, model_dir, flags,
+                                                                needs):
+    done = subprocess.run([PYTHON, str(WHISPERD), "--port", "0", "--state-dir", str(tmp_path),
+                           "--model-dir", str(model_dir), *flags], capture_output=True,
+                          text=True, timeout=CEILING)
+    assert done.returncode != 0 and done.stderr.startswith(f"whisperd: {needs}"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_callback_gets_the_whole_job_with_the_txt_transcript_signed(shared, speech, receiver,
@@ -848,9 +868,9 @@ def test_max_models_keeps_that_many_and_unloads_the_least_recently_used(start, s
     for model in ("tiny.en", "small.en", "tiny.en", "my-model", "small.en"):
         daemon.completed(daemon.submit(path=speech["call.wav"], model=model,
                                        output_path=tmp_path)["id"])
-    assert re.findall(r"model (\S+) (loaded|unloaded)", daemon.log) == [
-        ("tiny.en", "loaded"), ("small.en", "loaded"), ("small.en", "unloaded"),
-        ("my-model", "loaded"), ("tiny.en", "unloaded"), ("small.en", "loaded")]
+    assert re.findall(r"model (\S+) (loaded|unloaded)", daemon.log) == [  # in, then out
+        ("tiny.en", "loaded"), ("small.en", "loaded"), ("my-model", "loaded"),
+        ("small.en", "unloaded"), ("small.en", "loaded"), ("tiny.en", "unloaded")]
     health = daemon.request("GET", "/health")[2]
     assert sorted(health["models_loaded"]) == ["my-model", "small.en"]
 

@@ -264,8 +264,11 @@ def parse_settings(argv=None):
     for name in ("max_attempts", "max_models", "callback_attempts"):
         if getattr(settings, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if settings.pack and not (settings.engine == "faster-whisper" and settings.batch_size):
-        parser.error("--pack needs --engine faster-whisper and a --batch-size")
+    if settings.batch_size and settings.engine != "faster-whisper":  # one line, as --store
+        sys.exit("whisperd: --batch-size needs --engine faster-whisper (openai-whisper "
+                 "decodes one job at a time)")
+    if settings.pack and not settings.batch_size:
+        sys.exit("whisperd: --pack needs a --batch-size (with --engine faster-whisper)")
     if settings.store:
         problem = _store_problem(settings.store)
         if problem:  # one line, no usage: the rest of the command line was fine
@@ -1581,11 +1584,11 @@ class Engine:
     # -- the model cache ------------------------------------------------------------------
 
     def model(self, name):
+        """The model, loaded first if it is not; then the least recently used ones past
+        --max-models are unloaded (a model that cannot be had unloads none)."""
         if name in self.models:
             self.models.move_to_end(name)
         else:
-            while len(self.models) >= self.settings.max_models:
-                self.unload(next(iter(self.models)))
             started = time.monotonic()
             path = self.on_disk(self.settings.model_dir, name)
             self.loading = True
@@ -1601,6 +1604,8 @@ class Engine:
             gc.freeze()  # see Runner.run
             log(f"model {name} loaded on {self.device} in {time.monotonic() - started:.1f} s "
                 f"({self.name})")
+            while len(self.models) > self.settings.max_models:
+                self.unload(next(iter(self.models)))
         self.last_used[name] = time.monotonic()
         return self.models[name]
 
