@@ -55,6 +55,7 @@ bench: system test-system deps
 	$(BIN)/python bench/transcribe.py
 	$(BIN)/python bench/queue.py
 	$(BIN)/python bench/api.py
+	$(BIN)/python bench/claims.py --nodes 3 --store pg
 
 clean:
 	rm -rf $(VENV) var *.egg-info __pycache__ .pytest_cache
