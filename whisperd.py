@@ -801,6 +801,7 @@ class SQLiteStore(_SQL):
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, "whisperd.sqlite3")
         self.node, self.on_change = node, None
+        self.writes, self.counted = 0, (-1, None)  # commits; (commits then, counts)
         with self._db() as db:
             db.executescript("""
                 CREATE TABLE IF NOT EXISTS jobs (
@@ -847,6 +848,8 @@ class SQLiteStore(_SQL):
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
                 raise
+            finally:
+                self.writes += 1
 
     @staticmethod
     def _job(doc):
@@ -915,6 +918,15 @@ class SQLiteStore(_SQL):
 
     def left_behind(self):
         return self.active()  # every run was this host's, and every upload
+
+    def counts(self):
+        """Counted again only after a change: every change on one host is this process's
+        (GET /stats, asked by every monitor, costs no query between two changes)."""
+        writes, counts = self.counted
+        if writes != self.writes:
+            writes = self.writes
+            self.counted = writes, (counts := super().counts())
+        return counts
 
     def nodes(self):
         return []
@@ -3561,11 +3573,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def find_route(self, path):
         """(the answering method, the path's parameters, its declaration)."""
-        for pattern, methods in ROUTES:
-            match = pattern.fullmatch(path)
-            if match:
+        methods, params = ROUTES.get(path.rstrip("/") or "/"), ()  # most paths are plain
+        for pattern, candidates in () if methods else PATTERN_ROUTES:
+            if match := pattern.fullmatch(path):
+                methods, params = candidates, match.groups()
                 break
-        else:
+        if not methods:
             raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}; see GET "
                                                   f"/openapi.json")
         if self.command not in methods:
@@ -3575,7 +3588,7 @@ class Handler(BaseHTTPRequestHandler):
         answer, declared = methods[self.command]
         if not declared.public:
             self.check_token()
-        return answer, match.groups(), declared
+        return answer, params, declared
 
     def check_token(self):
         token = self.server.settings.token
@@ -3811,16 +3824,21 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def _routes():
-    """[(path pattern, {method: (answer, its declaration)})] from the @route methods."""
-    routes = {}
+    """{path: {method: (answer, its declaration)}} from the @route methods, and the same
+    for the paths with parameters: [(pattern, {method: ...})]."""
+    plain, patterns = {}, {}
     for answer in vars(Handler).values():
         for r in getattr(answer, "routes", ()):
-            routes.setdefault(r.pattern.pattern, (r.pattern, {}))[1][r.method] = (answer, r)
-    return list(routes.values())
+            if "{" in r.path:
+                patterns.setdefault(r.pattern, {})[r.method] = answer, r
+            else:
+                plain.setdefault(r.path, {})[r.method] = answer, r
+    return plain, list(patterns.items())
 
 
-ROUTES = _routes()
-OPENAPI = openapi_document(r for _, methods in ROUTES for _, r in methods.values())
+ROUTES, PATTERN_ROUTES = _routes()
+OPENAPI = openapi_document(r for table in (ROUTES.values(), dict(PATTERN_ROUTES).values())
+                           for methods in table for _, r in methods.values())
 
 
 class Server(ThreadingHTTPServer):
