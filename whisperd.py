@@ -2309,8 +2309,8 @@ class Ahead:
     """Audio decoded ahead, by job id: the runners' prefetchers fill it, the runner that
     claims a job takes its audio, no job is decoded twice; at most `seconds` of audio."""
 
-    def __init__(self, seconds):
-        self.seconds = seconds
+    def __init__(self, jobs, seconds):
+        self.jobs, self.seconds = jobs, seconds  # queued jobs looked at; audio held at most
         self.lock = threading.Condition()
         self.audio = {}     # job id -> audio (or the AudioError decoding it raised)
         self.busy = set()   # job ids being decoded
@@ -2355,7 +2355,6 @@ class Runner(threading.Thread):
     and publishes state(); it calls nothing else."""
 
     TICK = 1.0  # seconds between idle housekeeping rounds (model TTL, watchdog)
-    AHEAD_JOBS = 4  # queued jobs decoded ahead, per window of --batch-size
 
     def __init__(self, engine, job_queue, outcomes, ahead, suffix=""):
         super().__init__(name=f"runner {engine.device}{suffix}", daemon=True)
@@ -2429,11 +2428,10 @@ class Runner(threading.Thread):
     def prefetch(self):
         """Decodes the audio of the next queued jobs while this runner is busy, so that it
         goes from one job (or batch) to the next without waiting for ffmpeg."""
-        count = self.AHEAD_JOBS * max(1, self.engine.settings.batch_size)
         while not self.stopping.is_set() and not self.error:
             seen = self.queue.version
             try:
-                upcoming = self.queue.upcoming(count)
+                upcoming = self.queue.upcoming(self.ahead.jobs)
                 keep = {job.id for job in upcoming + self.queue.running_here()}
                 job = self.ahead.reserve(upcoming, keep)
             except Exception:  # StoreUnavailable, or worse: the runner decodes it itself
@@ -2889,6 +2887,7 @@ class Service:
     per --device, the finisher, the callbacks, the status, the upkeep (watchdog, status
     line, leases). At the door it takes jobs (validated, probed, queued) and uploads."""
 
+    AHEAD_JOBS = 4       # queued jobs decoded ahead, per runner and window of --batch-size
     AHEAD_SECONDS = 600  # audio held decoded ahead, at most
 
     def __init__(self, settings, node, address):
@@ -2905,7 +2904,8 @@ class Service:
         self.finisher = Finisher(self.queue, self.callbacks, settings.shutdown_grace)
         cpu_runners = settings.devices.count("cpu")
         threads = max(1, (os.cpu_count() or 1) // cpu_runners) if cpu_runners > 1 else 0
-        ahead = Ahead(self.AHEAD_SECONDS)
+        ahead = Ahead(self.AHEAD_JOBS * len(settings.devices) * max(1, settings.batch_size),
+                      self.AHEAD_SECONDS)
         self.runners = [Runner(engine(settings, device, threads if device == "cpu" else 0),
                                self.queue, self.finisher.outcomes, ahead, suffix)
                         for device, suffix in zip(settings.devices, _suffixes(settings.devices))]
