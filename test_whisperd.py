@@ -1339,10 +1339,13 @@ def test_the_page_asks_for_the_token_once_shows_progress_cancels_and_shows_trans
     wait_until(lambda: shown("form#auth"), message="the page never asked for the token")
     browser.find_element("css selector", "input#token").send_keys("sk-local")
     click("button#token-ok")
+    first = guarded.submit(path=shutil.copy(speech["order.wav"], guarded.inside / "first.wav"),
+                           output_path=guarded.inside)
+    guarded.completed(first["id"])  # a speed is known: the page shows ETAs
     audio = Path(shutil.copy(speech["long.wav"], guarded.inside / "page.wav"))
     job = guarded.submit(path=audio, output_path=guarded.inside)
     queued = guarded.submit(path=speak(CALL, guarded.inside / "next.wav"),
-                            output_path=guarded.inside)
+                            output_path=guarded.inside, format="srt", word_timestamps=True)
 
     def progress():
         done = text(f'article.run[data-job-id="{job["id"]}"] .pct')
@@ -1476,6 +1479,19 @@ def test_in_a_batch_short_jobs_end_first_jobs_start_in_order_and_the_queue_stays
     assert not (tmp_path / "report.txt").exists()  # the deleted job never ran
     order = [batcher.job(j["id"])["started_at"] for j in [long, *short, alone]]
     assert order == sorted(order)
+
+
+def test_a_job_cancelled_inside_a_batch_ends_and_the_others_in_it_complete(batcher, speech,
+                                                                          tmp_path):
+    kept, cancelled = (batcher.submit(path=shutil.copy(speech["long.wav"], tmp_path / name),
+                                      output_path=tmp_path) for name in ("a.wav", "b.wav"))
+    batcher.running(kept["id"])
+    batcher.running(cancelled["id"])  # both in one batch (--batch-size 2)
+    assert batcher.request("POST", f"/transcription/job/{cancelled['id']}/cancel")[0] == 202
+    assert "cancelled" in batcher.finished(cancelled["id"])["error"]
+    done = batcher.completed(kept["id"])
+    assert word_error_rate((" ".join([BUSY] * 3), done["result"])) < 0.3, done["result"]
+    assert not (tmp_path / "b.txt").exists()
 
 
 def test_a_batch_cut_by_sigterm_or_kill_9_loses_no_job(start, speech, tmp_path):
