@@ -4209,13 +4209,13 @@ def serve(settings):
     server.shutdown()
     server.server_close()
     lock.close()
-    log("stopped")
-    if not clean:
-        # Interpreter exit would tear torch's threads down under the stuck worker and
-        # abort; everything is on disk, so leave at once, cleanly.
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
+    log("stopped" if clean else "stopped, leaving a worker stuck in native code")
+    # Everything is on disk. The interpreter's own exit would tear torch's and ffmpeg's
+    # threads down under the daemon threads still parked (or a stuck worker), which was
+    # seen to abort once in the tests (SIGABRT after a clean stop): leave at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv=None):
