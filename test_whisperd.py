@@ -28,6 +28,7 @@ import socket
 import subprocess
 import threading
 import time
+import types
 import uuid
 from pathlib import Path
 
@@ -1824,6 +1825,10 @@ def test_nodes_share_one_queue_and_no_job_runs_twice(nodes, tmp_path):
     assert {d["node"] for d in done} == {node_name(a), node_name(b)}  # spread over both
     assert all(runs((a, b), job["id"]) == 1 for job in jobs)
     assert a.stats() == b.stats() == {"Queued": 0, "Running": 0, "Processed": len(jobs)}
+    page = b.request("GET", "/")[2]  # the page says which node ran each job, and the nodes
+    assert all(f"node {d['node']}" in page for d in done), page
+    assert sorted(re.findall(r'<li class="node">(\S+) ', page)) == sorted(
+        [node_name(a), node_name(b)]), page
     listed = [[j["id"] for j in n.request("GET", "/transcription/jobs")[2]] for n in (a, b)]
     assert listed[0] == listed[1] == [j["id"] for j in jobs]
     health = a.request("GET", "/health")[2]
@@ -1940,6 +1945,29 @@ def test_a_database_that_refuses_whisperd_stops_it_in_one_line_and_the_readmes_s
     daemon = start("--store", url("readme", "readme"))
     assert daemon.request("GET", "/health")[2]["status"] == "ok"
     assert daemon.submit(path=prompt("en", DISTINCT[0])[0], output_path=tmp_path)
+
+
+def test_the_readmes_two_nodes_on_one_machine_run_as_pasted(database, tmp_path, model_dir):
+    database.psql("CREATE DATABASE pasted", database="postgres")
+    readme = (ROOT / "README.md").read_text().split("Two nodes on one machine")[1]
+    script = re.search(r"```sh\n(.*?)```", readme, re.S)[1]
+    ports = {"9001": str(free_port()), "9002": str(free_port())}  # not the README's: taken?
+    script = re.sub(r"STORE=\S+", f"STORE={database.url.rsplit('/', 1)[0]}/pasted", script)
+    script = re.sub(r"900[12]", lambda m: ports[m[0]], script)
+    script = script.replace("/tmp/", f"{tmp_path}/").replace("~/.cache/whisper", str(model_dir))
+    pasted = subprocess.Popen(["bash", "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        done = types.SimpleNamespace(**dict(zip(("stdout", "stderr"), pasted.communicate(
+            timeout=CEILING))))
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the nodes too, whatever happened
+            os.killpg(pasted.pid, signal.SIGKILL)
+    assert pasted.returncode == 0, done.stderr
+    assert word_error_rate((f"{ORDER} {CALL}", done.stdout.split('"node"')[0])) < 0.3, \
+        done.stdout
+    assert re.search(r'"node": "(one|two)"', done.stdout), done.stdout  # either ran it
+    assert "'name': 'one'" in done.stdout and "'name': 'two'" in done.stdout, done.stdout
 
 
 def test_a_malformed_store_is_refused_at_start_in_one_line(tmp_path, model_dir):
