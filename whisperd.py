@@ -790,6 +790,7 @@ class _SQL:
             recorded = [(job, changes) for job, changes in ends
                         if self._end(db, job, changes, self._token(job.id))]
             self._ended(db, len(recorded), keep)
+        self._forget(job for job, _ in ends)  # kept until then: a failed commit is retried
         return recorded
 
     def _ended(self, db, count, keep):
@@ -797,6 +798,13 @@ class _SQL:
                    (count,))
         self._prune(db, keep)
         self._notify(db)
+
+    def requeue(self, undone):
+        with self._write() as db:
+            for job, changes in undone:
+                self._queue_again(db, job, changes)
+            self._notify(db)
+        self._forget(job for job, _ in undone)
 
     def cancel(self, job_id, ending, keep):
         with self._write() as db:
@@ -816,7 +824,10 @@ class _SQL:
         return job, changes
 
     def _token(self, job_id):
-        return None
+        """The token of this node's run of the job (PostgreSQL), or None."""
+
+    def _forget(self, jobs):
+        """The runs of these jobs here are over (PostgreSQL: their tokens go)."""
 
     def _stop(self, db, job_id):
         """Tells the node running the job to stop it (one host: this process knows)."""
@@ -940,10 +951,8 @@ class SQLiteStore(_SQL):
         self._update(db, job, changes)
         return True
 
-    def requeue(self, undone):
-        with self._write() as db:
-            for job, changes in undone:
-                self._update(db, job, changes)
+    def _queue_again(self, db, job, changes):
+        self._update(db, job, changes)
 
     def callback_attempted(self, job, changes, keep):
         with self._write(durable=False) as db:
@@ -1146,7 +1155,11 @@ class PostgresStore(_SQL):
         return job
 
     def _token(self, job_id):
-        return self.tokens.pop(job_id, None)
+        return self.tokens.get(job_id)
+
+    def _forget(self, jobs):
+        for job in jobs:
+            self.tokens.pop(job.id, None)
 
     def _stop(self, conn, job_id):
         conn.execute("UPDATE jobs SET stop = true WHERE id = %s", (job_id,))
@@ -1169,14 +1182,6 @@ class PostgresStore(_SQL):
         conn.execute("UPDATE jobs SET status = 'QUEUED', node = NULL, token = NULL, "
                      "lease_until = NULL, doc = %s WHERE id = %s",
                      (self._doc(job, **changes), job.id))
-
-    def requeue(self, undone):
-        with self._write() as conn:
-            for job, changes in undone:
-                self._queue_again(conn, job, changes)
-            self._notify(conn)
-        for job, _ in undone:
-            self.tokens.pop(job.id, None)
 
     def callback_attempted(self, job, changes, keep):
         with self._write() as conn:
@@ -1682,9 +1687,8 @@ class Engine:
     """One worker's models and decoding: loads models once and keeps them (LRU, optional
     idle TTL) and turns a job into whisper's result dict {"text", "segments", "language"}.
 
-    The steps both engines share are here; a subclass names its library's calls: prepare()
-    (import, resolve the device), known() (model names), load(), load_audio() and
-    transcribe(). An engine belongs to one runner: its thread loads and decodes, and its
+    The steps both engines share are here; a subclass names its library's calls (listed
+    below). An engine belongs to one runner: its thread loads and decodes, and its
     prefetcher only calls load_audio(), which keeps no state.
     """
 
@@ -1801,31 +1805,21 @@ class Engine:
         result = self.transcribe(model, audio, options, report)
         return restore_times(result, window) if window else result
 
+    def load_audio(self, path):
+        """The file's audio, RATE mono float32; AudioError when it cannot be decoded."""
+        try:
+            return self.decode_audio(path)
+        except Exception as e:
+            raise AudioError(f"could not decode the audio in {path}: {_reason(e)}") from e
+
     # -- what each library does its own way ----------------------------------------------
-
-    def prepare(self):
-        """Imports the library and resolves the device (in the worker thread)."""
-        raise NotImplementedError
-
-    @classmethod
-    def known(cls):
-        raise NotImplementedError
-
-    @staticmethod
-    def is_model(path):
-        raise NotImplementedError
-
-    def load(self, name, path):
-        raise NotImplementedError
+    # A subclass defines prepare() (imports its library, resolves the device: in the
+    # runner's thread), known() (its model names), is_model(path), load(name, path),
+    # decode_audio(path), transcribe(model, audio, options, report), and release_memory()
+    # where unloading a model leaves memory held.
 
     def release_memory(self):
         pass
-
-    def load_audio(self, path):
-        raise NotImplementedError
-
-    def transcribe(self, model, audio, options, report):
-        raise NotImplementedError
 
 
 _progress = threading.local()  # .report: the running job's progress callback, per worker
@@ -1893,11 +1887,8 @@ class OpenAIWhisper(Engine):
         if self.device.startswith("cuda"):
             self.torch.cuda.empty_cache()
 
-    def load_audio(self, path):
-        try:
-            return self.whisper.load_audio(path)
-        except Exception as e:
-            raise AudioError(f"could not decode the audio in {path}: {_reason(e)}") from e
+    def decode_audio(self, path):
+        return self.whisper.load_audio(path)
 
     def transcribe(self, model, audio, options, report):
         _progress.report = report
@@ -1947,11 +1938,8 @@ class FasterWhisper(Engine):
         return Batch(BatchDecoder(self.model(name)), self.settings.batch_size,
                      self.settings.pack)
 
-    def load_audio(self, path):
-        try:
-            return self.faster_whisper.decode_audio(path)
-        except Exception as e:
-            raise AudioError(f"could not decode the audio in {path}: {_reason(e)}") from e
+    def decode_audio(self, path):
+        return self.faster_whisper.decode_audio(path)
 
     def transcribe(self, model, audio, options, report):
         options["log_prob_threshold"] = options.pop("logprob_threshold")
@@ -2578,9 +2566,8 @@ class Runner(threading.Thread):
                 continue
             try:
                 audio = self.engine.load_audio(job.path)
-            except Exception as e:  # the claiming runner raises it as the job's failure
-                audio = e if isinstance(e, AudioError) else AudioError(
-                    f"could not decode the audio in {job.path}: {_reason(e)}")
+            except AudioError as e:  # the claiming runner raises it as the job's failure
+                audio = e
             self.ahead.put(job.id, audio)
 
     def audio(self, job):
@@ -3613,22 +3600,12 @@ class Handler(BaseHTTPRequestHandler):
         for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
             self.connection.setsockopt(socket.SOL_SOCKET, option, limit)
         self.rfile = io.BufferedReader(_TimedReads(self.rfile.detach(), timeout))
+        self.service = service = self.server.service
+        self.queue, self.status = service.queue, service.status
 
     def handle(self):
         with contextlib.suppress(ConnectionResetError):  # the client left between requests
             super().handle()
-
-    @property
-    def service(self):
-        return self.server.service
-
-    @property
-    def queue(self):
-        return self.server.service.queue
-
-    @property
-    def status(self):
-        return self.server.service.status
 
     # -- dispatch -----------------------------------------------------------------------
 
