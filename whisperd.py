@@ -1320,7 +1320,7 @@ class JobQueue:
         self.speeds = collections.deque(maxlen=self.SPEED_WINDOW)  # (audio s, busy s)
         self.counters = collections.Counter()
         self.trouble = None
-        self.stops = set()               # ids of runs asked to stop (cancelled)
+        self.stops = {}                  # id -> when its run was asked to stop (cancelled)
         storage.on_change, storage.on_stop = self.wake, self._stop
 
     def wake(self):
@@ -1394,7 +1394,7 @@ class JobQueue:
             for (job, changes), o in zip(ends, outcomes):
                 self.runs.pop(job.id, None)
                 self.stepped.pop(job.id, None)
-                self.stops.discard(job.id)
+                self.stops.pop(job.id, None)
                 if job.id not in recorded:
                     continue
                 job.update(**changes)
@@ -1419,7 +1419,7 @@ class JobQueue:
             for job, changes in undone:
                 self.runs.pop(job.id, None)
                 self.stepped.pop(job.id, None)
-                self.stops.discard(job.id)
+                self.stops.pop(job.id, None)
                 job.update(**changes)
         self.wake()
 
@@ -1461,6 +1461,8 @@ class JobQueue:
         jobs of nodes that stopped renewing theirs; returns the callbacks now this node's."""
         with self.lock:
             runs = [(job.id, job.progress) for job in self.runs.values()]
+            now = time.monotonic()  # the stops of runs elsewhere (or already over) go
+            self.stops = {i: t for i, t in self.stops.items() if i in self.runs or now - t < 60}
         lost, due = self.storage.keep_up(runs, self._lost)
         self._said(lost, "the node running it stopped renewing its lease")
         return due
@@ -1501,9 +1503,10 @@ class JobQueue:
         return job, changes is not None
 
     def _stop(self, job_id):
-        with self.lock:  # kept for the runs here only (the others' are another node's)
-            if job_id in self.runs:
-                self.stops.add(job_id)
+        """Marks a run to stop: its runner asks cancelled() at each step. Marked even
+        before this node's claim of it is known here; keep_up() drops the others."""
+        with self.lock:
+            self.stops[job_id] = time.monotonic()
 
     def cancelled(self, job_id):
         return job_id in self.stops
@@ -3518,8 +3521,10 @@ def page(health, jobs, auth, cluster):
                f"v{health['version']}", health["engine"], health["device"],
                f"up {_span(health['uptime'])}", f"node {health['node']}",
                health["status"] != "ok" and health["status"]) if x)
-           + f'</span><span>queued {health["Queued"]} · running {health["Running"]} · '
-             f'processed {health["Processed"]}</span><span>speed: <b id="speed">'
+           + "</span><span>" + " · ".join(  # None: the job store cannot answer now
+               f"{k.lower()} {'-' if health[k] is None else health[k]}"
+               for k in ("Queued", "Running", "Processed"))
+           + '</span><span>speed: <b id="speed">'
            + (f"{health['speed']:.1f}× realtime" if health["speed"] else "-")
            + "</b></span></header>"]
     if health["store_error"]:
