@@ -168,7 +168,8 @@ class Daemon:
                                      f"s):\n" + self.log)
         finally:
             ceiling.cancel()
-        threading.Thread(target=self._drain, daemon=True).start()
+        self.drain = threading.Thread(target=self._drain, daemon=True)
+        self.drain.start()
         return self
 
     def _drain(self):
@@ -246,16 +247,21 @@ class Daemon:
     def kill(self):
         self.proc.kill()
         self.proc.wait(CEILING)
+        self.drain.join(CEILING)  # every line it wrote is in .log
 
     def terminate(self, timeout=CEILING):
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        status = self.proc.wait(timeout)
+        self.drain.join(CEILING)
+        return status
 
     def stop(self):
         """Stops it if it runs; fails if it ever printed a traceback, or answered a route
         with a status its declaration (and so /openapi.json) leaves out."""
         if self.proc and self.proc.poll() is None:
             self.terminate()
+        if getattr(self, "drain", None):
+            self.drain.join(CEILING)
         assert "Traceback" not in self.log, self.log
         assert "is not declared in /openapi.json" not in self.log, self.log
 
