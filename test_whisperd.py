@@ -813,6 +813,44 @@ def raw_exchange(daemon, data, reset=False):
         return b"".join(chunks)
 
 
+def test_the_door_reads_audio_in_process_as_ffprobe_would_and_hostile_files_harm_nothing(
+        shared, start, speech, fake_bin, tmp_path):
+    import struct
+    spy = fake_bin / "ffprobe"  # first on the shared daemon's PATH: says if it ever runs
+    spy.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/ffprobe-ran\n"
+                   f"exec {shutil.which('ffprobe')} \"$@\"\n")
+    spy.chmod(0o755)
+    hidden = tmp_path / "hide-pyav" / "av"  # a daemon without PyAV: the ffprobe fallback
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('PyAV hidden by the test')\n")
+    plain = start(env={"PYTHONPATH": str(hidden.parent)})
+    wav, mp3 = speech["order.wav"].read_bytes(), speech["order.mp3"].read_bytes()
+    size = 0x0FFFFFFF  # an ID3 tag that says 256 MiB follow, before the real MP3
+    id3 = b"ID3\x04\0\0" + bytes((size >> s) & 0x7F for s in (21, 14, 7, 0))
+    bomb = (b"RIFF" + struct.pack("<I", 0xFFFFFFF0) + b"WAVEfmt " +  # 74 hours, says it
+            struct.pack("<IHHIIHH", 16, 1, 1, 8000, 16000, 2, 16) + b"data" +
+            struct.pack("<I", 0xFFFFFFE0) + bytes(1000))
+    files = {"truncated.wav": wav[:100], "id3.mp3": id3 + mp3,
+             "claims-74-hours.wav": bomb, "image.mp3": (ROOT / "docs/page.png").read_bytes(),
+             "notes.mp3": speech["notes.mp3"].read_bytes(), "order.mp3": mp3}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        answers = [daemon.request("POST", "/transcription/job", {
+            "path": str(tmp_path / name), "output_path": str(tmp_path)}) for daemon in (shared,
+                                                                                       plain)]
+        (status, _, fast), (same, _, slow) = answers
+        assert status == same and (status == 201 or fast["error"] == slow["error"]), answers
+        if status == 201:
+            assert abs(fast["audio_duration"] - slow["audio_duration"]) < 0.1, answers
+            assert fast["audio_duration"] < 10  # what is there, not what a header claims
+            for daemon, job in zip((shared, plain), (fast, slow)):
+                daemon.finished(job["id"])  # decoded, or failed with a reason: never stuck
+    assert shared.request("GET", "/health")[0] == plain.request("GET", "/health")[0] == 200
+    assert "PyAV hidden" not in plain.log
+    spy.unlink()
+    assert not (tmp_path / "ffprobe-ran").exists()  # no process per job, with PyAV
+
+
 def test_hostile_input_is_answered_and_loses_no_job(shared, speech, tmp_path):
     accepted = shared.submit(path=speech["busy.wav"], output_path=tmp_path)
     answers = {

@@ -650,8 +650,42 @@ def validate(body, context):
 # ---------------------------------------------------------------------------------------
 
 def probe(path):
-    """Seconds of audio in `path`, read by ffprobe (from the ffmpeg that decodes it later),
-    or Invalid with one clear sentence: a file that is not audio is refused before its 201."""
+    """Seconds of audio in `path`, or Invalid with one clear sentence: a file that is not
+    audio is refused before its 201. Read by FFmpeg's libavformat, the library of the
+    ffmpeg that decodes it later: in this process through PyAV where it is installed (it
+    comes with faster-whisper: a millisecond or two a file), else by ffprobe (a process,
+    80 ms); the answers are the same, word for word."""
+    try:
+        import av
+    except ImportError:
+        return _ffprobe(path)
+    name = os.path.basename(path)
+    try:  # `timeout` bounds the reads, as ffprobe's PROBE_TIMEOUT does
+        with av.open(path, metadata_errors="ignore", timeout=PROBE_TIMEOUT) as container:
+            if not container.streams.audio:
+                raise _no_audio(name, container.format.name)
+            stream = container.streams.audio[0]
+            seconds = container.duration / av.time_base if container.duration else \
+                stream.duration and float(stream.duration * stream.time_base)
+    except av.ExitError:
+        raise Invalid(f"ffprobe could not read {name} within {PROBE_TIMEOUT:g} s") from None
+    except av.FFmpegError as e:
+        raise _not_audio(name, e.strerror or str(e)) from None
+    return None if seconds is None else round(seconds, 3)
+
+
+def _not_audio(name, reason):
+    plain = reason in ("Invalid argument", "Invalid data found when processing input")
+    return Invalid(f"{name} is not audio ffmpeg can decode" + ("" if plain else f" ({reason})"))
+
+
+def _no_audio(name, kind):
+    return Invalid(f"{name} has no audio stream (ffprobe read it as {kind})")
+
+
+def _ffprobe(path):
+    """probe() by the ffprobe command, where PyAV is not installed."""
+    name = os.path.basename(path)
     command = ["ffprobe", "-v", "error", "-select_streams", "a", "-show_entries",
                "stream=codec_type,duration:format=duration,format_name", "-of", "json", path]
     try:
@@ -660,18 +694,12 @@ def probe(path):
     except FileNotFoundError:
         raise JobFailed("ffprobe is not installed: install ffmpeg") from None
     except subprocess.TimeoutExpired:
-        raise Invalid(f"ffprobe could not read {os.path.basename(path)} within "
-                      f"{PROBE_TIMEOUT:g} s") from None
+        raise Invalid(f"ffprobe could not read {name} within {PROBE_TIMEOUT:g} s") from None
     if done.returncode != 0:
-        reason = _reason(done.stderr).removeprefix(path + ": ")
-        plain = reason in ("Invalid argument", "Invalid data found when processing input")
-        raise Invalid(f"{os.path.basename(path)} is not audio ffmpeg can decode"
-                      + ("" if plain else f" ({reason})"))
+        raise _not_audio(name, _reason(done.stderr).removeprefix(path + ": "))
     info = json.loads(done.stdout or "{}")
     if not info.get("streams"):
-        kind = info.get("format", {}).get("format_name", "this file")
-        raise Invalid(f"{os.path.basename(path)} has no audio stream (ffprobe read it as "
-                      f"{kind})")
+        raise _no_audio(name, info.get("format", {}).get("format_name", "this file"))
     durations = [info.get("format", {}).get("duration")] + \
         [s.get("duration") for s in info["streams"]]
     seconds = next((float(d) for d in durations if d not in (None, "N/A")), None)
