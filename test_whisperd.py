@@ -1384,7 +1384,8 @@ def test_the_page_asks_for_the_token_once_shows_progress_cancels_and_shows_trans
     first = guarded.submit(path=shutil.copy(speech["order.wav"], guarded.inside / "first.wav"),
                            output_path=guarded.inside)
     guarded.completed(first["id"])  # a speed is known: the page shows ETAs
-    audio = Path(shutil.copy(speech["long.wav"], guarded.inside / "page.wav"))
+    audio = convert(speech["long.wav"], guarded.inside / "page.wav", speech["long.wav"],
+                    "-filter_complex", "[0][1]concat=n=2:v=0:a=1")  # 70 s: three windows
     job = guarded.submit(path=audio, output_path=guarded.inside)
     queued = guarded.submit(path=speak(CALL, guarded.inside / "next.wav"),
                             output_path=guarded.inside, format="srt", word_timestamps=True)
