@@ -669,8 +669,10 @@ def probe(path):
                 stream.duration and float(stream.duration * stream.time_base)
     except av.ExitError:
         raise Invalid(f"ffprobe could not read {name} within {PROBE_TIMEOUT:g} s") from None
-    except av.FFmpegError as e:
-        raise _not_audio(name, e.strerror or str(e)) from None
+    except Invalid:
+        raise
+    except Exception as e:  # FFmpegError, or anything a strange file makes PyAV raise
+        raise _not_audio(name, getattr(e, "strerror", None) or _reason(e)) from None
     return None if seconds is None else round(seconds, 3)
 
 
