@@ -1228,12 +1228,12 @@ class PostgresStore(_SQL):
                          "UPDATE SET url = excluded.url, last_seen = now()",
                          (self.node, self.address))
             for job_id, progress in runs:
-                if conn.execute(
-                        "UPDATE jobs SET lease_until = now() + %s * interval '1 second', doc = "
-                        "jsonb_set(doc, '{progress}', to_jsonb(%s::int)) WHERE id = %s AND "
-                        "token = %s RETURNING stop", (self.lease, progress, job_id,
-                                                      self.tokens.get(job_id))).fetchone() \
-                        in ((True,),):  # a stop whose notice was missed
+                renewed = conn.execute(
+                    "UPDATE jobs SET lease_until = now() + %s * interval '1 second', doc = "
+                    "jsonb_set(doc, '{progress}', to_jsonb(%s::int)) WHERE id = %s AND "
+                    "token = %s RETURNING stop", (self.lease, progress, job_id,
+                                                  self.tokens.get(job_id))).fetchone()
+                if renewed and renewed[0]:  # a stop whose notice was missed
                     self.on_stop(job_id)
             conn.execute("UPDATE jobs SET callback_lease_until = now() + %s * interval "
                          "'1 second' WHERE callback_status = 'pending' AND callback_node = %s",
@@ -2950,9 +2950,10 @@ class Status:
         return [runner.state() for runner in self.runners]
 
     def health(self):
+        states = self.states()  # one snapshot: the workers and the default model agree
         workers = [{"name": s.name, "device": s.device, "ready": s.ready,
                     "models_loaded": list(s.models), "running": list(s.running),
-                    **({"error": s.error} if s.error else {})} for s in self.states()]
+                    **({"error": s.error} if s.error else {})} for s in states]
         try:
             stats, nodes = self.queue.stats(), self.queue.nodes()
         except StoreUnavailable:
@@ -2967,7 +2968,7 @@ class Status:
                 "worker_ready": all(w["ready"] for w in workers), "workers": workers,
                 "store_error": self.queue.trouble, **stats, "speed": self.queue.speed(),
                 "default_model": {k: v for k, v in self.model(
-                    self.settings.default_model, self.states()).items() if k in ("name", "state")},
+                    self.settings.default_model, states).items() if k in ("name", "state")},
                 "uptime": round(time.monotonic() - self.started, 1)}
 
     def model(self, name, states):
