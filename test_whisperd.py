@@ -482,10 +482,24 @@ def test_body_that_is_not_json_is_400(shared):
     assert status == 400 and "not valid JSON" in answer["error"]
 
 
-def test_body_over_one_mib_is_413(shared):
-    status, _, answer = shared.request("POST", "/transcription/job",
-                                       raw=b" " * (1024 * 1024 + 1))
-    assert status == 413 and "at most 1048576" in answer["error"]
+def test_body_over_one_mib_is_413_and_the_client_reads_it(shared):
+    # 16 MiB: more than the sockets' buffers hold, so the client is still sending when the
+    # answer comes (a daemon that closed at once would leave it a broken pipe, no answer).
+    for size in (1024 * 1024 + 1, 16 << 20):
+        status, _, answer = shared.request("POST", "/transcription/job", raw=b" " * size)
+        assert status == 413 and "at most 1048576" in answer["error"]
+
+
+def test_a_refused_requests_body_is_never_read_as_the_next_request(shared):
+    smuggled = b"DELETE /transcription/job/x HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection((shared.host, shared.port), timeout=CEILING) as client:
+        client.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                       % len(smuggled) + smuggled)
+        answer = b""
+        while chunk := client.recv(65536):  # the daemon closes the connection after one
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 404") and answer.count(b"HTTP/1.1 ") == 1
+    assert b"Connection: close" in answer
 
 
 def test_wrong_method_is_405_with_allow(shared):

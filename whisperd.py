@@ -111,6 +111,7 @@ SEED_MODELS = ("tiny.en", "tiny", "base.en", "base", "small.en", "small", "mediu
 TASKS = ("transcribe", "translate")
 
 MAX_BODY = 1 << 20          # bytes of a request body
+LINGER = 5.0                # seconds a refused body is still read, for its answer to be read
 MAX_WAIT = 60.0             # seconds a GET ?wait= may hold a request
 SMI_TIMEOUT = 10.0          # seconds nvidia-smi may take
 PROBE_TIMEOUT = 20.0        # seconds ffprobe may take to read a file's header
@@ -3614,6 +3615,18 @@ def page(health, jobs, auth, cluster):
         "$form_hidden", " hidden").replace("$main", "\n".join(out) + "</main>")
 
 
+def linger(connection, seconds=LINGER):
+    """A lingering close, as Apache's and nginx's: a client still sending the body that an
+    answer refused (413, 401, 404...) reads that answer. Closed with unread data, a socket
+    resets the connection, and the client, still writing, gets a broken pipe instead."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_WR)
+        connection.settimeout(1.0)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and connection.recv(1 << 16):
+            pass
+
+
 class Handler(BaseHTTPRequestHandler):
     """Routes requests to the `@route` methods below; every answer is JSON but the page's,
     /smi's and /metrics' text. Errors are raised (HTTPError, or the job queue's own) and
@@ -3623,6 +3636,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"        # keep-alive
     disable_nagle_algorithm = True
     wbufsize = -1                        # headers and body leave in one write (flushed per answer)
+    unread = False                       # a request body not read: the connection then closes
     default_request_version = "HTTP/1.0"  # garbage gets a status line, not HTTP/0.9's bare body
 
     def setup(self):
@@ -3643,10 +3657,17 @@ class Handler(BaseHTTPRequestHandler):
         with contextlib.suppress(ConnectionResetError):  # the client left between requests
             super().handle()
 
+    def finish(self):
+        super().finish()  # the answer is flushed
+        if self.unread:
+            linger(self.connection)
+
     # -- dispatch -----------------------------------------------------------------------
 
     def handle_one(self):
         path, _, query = self.path.partition("?")
+        self.unread = self.headers.get("Content-Length", "0").strip() not in ("", "0") or \
+            "chunked" in self.headers.get("Transfer-Encoding", "").lower()
         declared = None
         try:
             self.query = urllib.parse.parse_qs(query) if query else {}
@@ -3728,6 +3749,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for name, value in headers.items():
             self.send_header(name.replace("_", "-"), value)
+        if self.unread:  # a body left unread must not be parsed as the next request
+            self.close_connection = True
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -3736,7 +3759,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_body(self, limit):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length; "
                                                         "chunked transfer encoding is not "
                                                         "supported")
@@ -3749,10 +3771,10 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is "
                                                         "required") from None
         if length > limit:
-            self.close_connection = True  # the unread body must not be parsed as a request
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is {length} bytes; "
                                                                  f"at most {limit} are accepted")
         raw = self.rfile.read(length)
+        self.unread = False
         if len(raw) < length:
             raise ConnectionError("client closed the connection mid-body")
         return raw
