@@ -1351,6 +1351,54 @@ def test_with_vad_no_subtitle_spans_the_silence_before_its_speech(polyglot, spee
 
 
 # ---------------------------------------------------------------------------------------
+# Words nobody said
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["openai-whisper", "faster-whisper"])
+def engine(request, start):
+    """A daemon of each engine, with tiny.en ("make run"'s model)."""
+    if request.param == "openai-whisper":
+        return request.getfixturevalue("shared")
+    return start("--engine", "faster-whisper")
+
+
+def test_words_whisper_writes_over_silence_are_flagged_and_drop_suspect_leaves_them_out(
+        engine, speech, tmp_path):
+    silence = convert("anullsrc=r=16000:cl=mono:d=40", tmp_path / "silence.wav",
+                      before=("-f", "lavfi"))  # the issue's own case: "You\nYou"
+    kept, dropped = tmp_path / "kept", tmp_path / "dropped"
+    kept.mkdir(), dropped.mkdir()
+    first = engine.submit(path=silence, format="json", output_path=kept)
+    second = engine.submit(path=silence, format="all", drop_suspect=True, output_path=dropped)
+    assert engine.completed(first["id"])["result"].strip()  # whisper did invent words
+    segments = json.loads((kept / "silence.json").read_text())["segments"]
+    for segment in segments:  # the decoder's signals, and the voice detector's
+        assert segment["suspect"] is True and segment["speech_ratio"] == 0, segment
+        assert {"avg_logprob", "no_speech_prob", "compression_ratio"} <= set(segment)
+    done = engine.completed(second["id"])
+    assert done["result"] == "" and (dropped / "silence.txt").read_text() == ""
+    assert json.loads((dropped / "silence.json").read_text())["segments"] == []
+    assert "-->" not in (dropped / "silence.srt").read_text()
+
+
+def test_recorded_speech_is_never_flagged_and_keeps_every_word(engine, tmp_path):
+    clips = [prompt("en", name) for name in DISTINCT] + [
+        reading("sense_and_sensibility_01_austen_64kb-0880")]
+    jobs = []
+    for i, (path, _) in enumerate(clips):
+        for drop in (False, True):
+            (tmp_path / f"{i}{drop}").mkdir()
+            jobs.append(engine.submit(path=path, format="json", drop_suspect=drop,
+                                      output_path=tmp_path / f"{i}{drop}"))
+    for i, (path, script) in enumerate(clips):
+        plain, dropped = (engine.completed(job["id"]) for job in jobs[2 * i:2 * i + 2])
+        segments = json.loads((tmp_path / f"{i}False" / f"{path.stem}.json").read_text())
+        assert not [s for s in segments["segments"] if s["suspect"]], segments
+        assert dropped["result"] == plain["result"]
+        assert word_error_rate((script, plain["result"])) < 0.3, (script, plain["result"])
+
+
+# ---------------------------------------------------------------------------------------
 # The page, in a real headless Chromium
 # ---------------------------------------------------------------------------------------
 
@@ -1504,7 +1552,22 @@ def test_packed_jobs_each_get_exactly_their_own_words(batcher, tmp_path):
         assert not strays, (script, done["result"])
         segments = json.loads((tmp_path / str(i) / f"{path.stem}.json").read_text())["segments"]
         assert segments and segments[0]["start"] < 1.0  # timed against its own file
+        assert not [s for s in segments if s["suspect"]], segments  # real speech, unflagged
         assert segments[-1]["end"] <= audio_seconds(path) + 1.0, segments
+
+
+def test_packed_jobs_write_nothing_over_silence_or_noise(batcher, tmp_path):
+    # Packed windows hold only what the voice activity detector hears as speech, so the
+    # words whisper invents over silence (flagged when jobs are decoded alone) never come.
+    sounds = {"silence": "anullsrc=r=16000:cl=mono:d=40",
+              "noise": "anoisesrc=color=pink:amplitude=0.03:duration=40:sample_rate=16000"}
+    jobs = {name: batcher.submit(path=convert(source, tmp_path / f"{name}.wav",
+                                              before=("-f", "lavfi")),
+                                 format="json", output_path=tmp_path)
+            for name, source in sounds.items()}
+    for name, job in jobs.items():
+        assert batcher.completed(job["id"])["result"] == ""
+        assert json.loads((tmp_path / f"{name}.json").read_text())["segments"] == []
 
 
 def test_in_a_batch_short_jobs_end_first_jobs_start_in_order_and_the_queue_stays_deletable(

@@ -46,6 +46,7 @@ Sections, in reading order:
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import email.parser
@@ -550,6 +551,9 @@ class Job:
     pack: bool = option(True, {"type": "boolean"}, "with --batch-size: may be decoded in "
                         "a batch with other jobs (and with --pack, share windows); false: "
                         "decoded alone, exactly as the whisper command line decodes it")
+    drop_suspect: bool = option(False, {"type": "boolean"}, "leave the segments flagged "
+                                "suspect (words likely invented over silence, noise or music) "
+                                "out of every file and the result")
 
     def to_json(self):
         return {name: getattr(self, name) for name in WIRE}
@@ -1714,6 +1718,65 @@ def restore_times(result, window):
     return result
 
 
+# -- words nobody said ----------------------------------------------------------------------
+#
+# Whisper writes text over silence, noise and music ("you", "Thank you.", subtitle credits,
+# a phrase repeated). Each segment gets `speech_ratio`, the share of its time in which the
+# voice activity detector hears speech, and `suspect`, from that and the decoder's own
+# signals by the rules below; bench/suspect.py measures them on real speech and on sounds
+# with no speech at all (its rates are in the README).
+
+SILENT = (0.2, 0.5)   # speech_ratio below, and seconds of speech heard below: over no speech
+UNSURE = (0.6, -0.5)  # no_speech_prob above, avg_logprob below: the decoder itself doubts
+REPEATS = 2.4         # compression_ratio above: a phrase repeated (whisper's own threshold)
+# What Whisper says where nobody speaks: film subtitles' credits and sound tags (suspect
+# alone), and the short words it ends silence with (suspect with a doubt besides).
+TAGS = re.compile(r"^[\W\s]*$|^\s*[\[(♪*].*[\])♪*]\W*$|amara\.org|subtit|untertitel|"
+                  r"sous-titr|castingwords|for watching|subscribe|продолжение следует",
+                  re.IGNORECASE)
+SHORT = {"you", "thank you", "thanks", "thank you very much", "thank you so much", "bye",
+         "okay", "ok", "oh", "so", "hmm", "um", "uh", "the end", "i'm sorry", "yeah",
+         "gracias", "merci", "danke", "grazie", "спасибо"}
+
+
+def heard(audio):
+    """[(start, end)] seconds of speech in RATE audio, as the voice activity detector
+    (Silero, with faster-whisper's defaults) hears it; None without faster-whisper."""
+    try:
+        vad = _vad()
+    except JobFailed:
+        return None
+    return [(c["start"] / RATE, c["end"] / RATE)
+            for c in vad.get_speech_timestamps(audio, vad.VadOptions())]
+
+
+def is_suspect(segment):
+    """Whether the segment's words were likely never said (see SILENT and below)."""
+    text, ratio = segment["text"].strip(), segment.get("speech_ratio")
+    heard = None if ratio is None else ratio * (segment["end"] - segment["start"])
+    silent = ratio is not None and ratio < SILENT[0] and heard < SILENT[1]
+    doubt = segment["no_speech_prob"] > UNSURE[0] and segment["avg_logprob"] < UNSURE[1]
+    short = re.sub(r"[^\w\s']", "", text.lower()).strip() in SHORT
+    return bool(silent or doubt or TAGS.search(text) or segment["compression_ratio"] > REPEATS
+                or (short and (segment["no_speech_prob"] > 0.5
+                               or (heard is not None and heard < 1.0))))
+
+
+def judge(result, speech, drop):
+    """Marks each segment of whisper's result with speech_ratio (not where `speech`, the
+    heard() stretches, is None) and suspect; with `drop`, the suspect ones leave it."""
+    for segment in result["segments"]:
+        start, end = segment["start"], max(segment["end"], segment["start"] + 0.02)
+        if speech is not None:
+            said = sum(max(0.0, min(end, b) - max(start, a)) for a, b in speech)
+            segment["speech_ratio"] = round(min(said / (end - start), 1.0), 3)
+        segment["suspect"] = is_suspect(segment)
+    if drop:
+        kept = [segment for segment in result["segments"] if not segment["suspect"]]
+        result.update(segments=kept, text="".join(segment["text"] for segment in kept))
+    return result
+
+
 ENGINES = {}  # name -> Engine subclass, filled as they are defined
 
 
@@ -1836,8 +1899,19 @@ class Engine:
             audio, window = speech_only(audio)
             if window is None:  # nothing but silence: nothing to decode
                 return {"text": "", "segments": [], "language": options["language"]}
-        result = self.transcribe(model, audio, options, report)
-        return restore_times(result, window) if window else result
+        if window:
+            result = restore_times(self.transcribe(model, audio, options, report), window)
+            speech = [(p.start / RATE, p.end / RATE) for p in window.pieces]
+            return judge(result, speech, job.drop_suspect)
+        # The voice activity detector (one CPU thread) listens while the model decodes:
+        # beside a GPU it costs no time.
+        beside = concurrent.futures.ThreadPoolExecutor(1, "whisperd-vad")
+        try:
+            speech = beside.submit(heard, audio)
+            result = self.transcribe(model, audio, options, report)
+            return judge(result, speech.result(), job.drop_suspect)
+        finally:
+            beside.shutdown(wait=False)
 
     def load_audio(self, path):
         """The file's audio, RATE mono float32; AudioError when it cannot be decoded."""
@@ -2022,6 +2096,7 @@ class Track:
     job: Job
     audio: object        # numpy float32, 16 kHz mono
     language: str | None  # None: detected per window
+    speech: list = ()     # [(start, end)] seconds the voice activity detector heard
 
 
 @dataclasses.dataclass(eq=False)
@@ -2086,6 +2161,7 @@ def _chunks(track):
     vad = _vad()
     spans = vad.get_speech_timestamps(track.audio, vad.VadOptions(
         max_speech_duration_s=WINDOW / RATE, min_silence_duration_ms=160))
+    track.speech = [(span["start"] / RATE, span["end"] / RATE) for span in spans]
     chunks, current, used = [], [], 0
     for span in spans:
         start, end = span["start"], min(span["end"], span["start"] + WINDOW)
@@ -2389,8 +2465,9 @@ class Batch:
             for i, segment in enumerate(segments):
                 segment.update(id=i, seek=0)
             language = result["language"] or ("en" if not self.decoder.multilingual else None)
-            done[track.job] = {"text": "".join(s["text"] for s in segments),
-                               "segments": segments, "language": language}
+            done[track.job] = judge({"text": "".join(s["text"] for s in segments),
+                                     "segments": segments, "language": language},
+                                    track.speech, track.job.drop_suspect)
         return done
 
 
