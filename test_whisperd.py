@@ -897,6 +897,47 @@ def test_hostile_input_is_answered_and_loses_no_job(shared, speech, tmp_path):
     shared.completed(accepted["id"])
 
 
+def lying_flac(folder, seconds, says):
+    """`seconds` of silence as FLAC whose header says it lasts `says` seconds: the shape
+    of a zip bomb (a small file that decodes to far more than it claims)."""
+    flac = convert(f"anullsrc=r=16000:cl=mono:d={seconds}", folder / "lying.flac",
+                   before=("-f", "lavfi"))
+    data = bytearray(flac.read_bytes())
+    info = int.from_bytes(data[18:26], "big")  # STREAMINFO: ..., 36 bits of total samples
+    data[18:26] = ((info >> 36 << 36) | int(says * 16000)).to_bytes(8, "big")
+    flac.write_bytes(data)
+    return flac
+
+
+@pytest.mark.parametrize("engine", ["openai-whisper", "faster-whisper"])
+def test_hostile_audio_fails_only_its_own_job_and_is_never_held_whole(start, speech, tmp_path,
+                                                                     engine):
+    daemon = start("--engine", engine, "--max-audio-hours", "0.01")  # 36 s
+    bomb = lying_flac(tmp_path, 180, says=1)
+    whole = speech["order.wav"].read_bytes()
+    truncated = tmp_path / "truncated.wav"
+    truncated.write_bytes(whole[:len(whole) // 2])
+    huge_header = tmp_path / "huge-header.mp3"  # a 20 MiB ID3v2 tag, then the audio
+    size = 20 << 20
+    huge_header.write_bytes(b"ID3\x03\x00\x00" + bytes((size >> s) & 0x7F for s in (21, 14, 7, 0))
+                            + bytes(size) + speech["order.mp3"].read_bytes())
+    jobs = {path.name: daemon.submit(path=path, output_path=tmp_path)
+            for path in (bomb, truncated, huge_header, speech["call.wav"])}
+    failed = daemon.finished(jobs["lying.flac"]["id"])
+    assert failed["status"] == "FAILED" and "decodes to more than 0.01 hours of audio " \
+        "(--max-audio-hours)" in failed["error"], failed
+    half = daemon.completed(jobs["truncated.wav"]["id"])["result"]
+    assert 0 < len(words(half)) < len(words(ORDER)) and words(half)[0] == "thank", half
+    tagged = daemon.completed(jobs["huge-header.mp3"]["id"])["result"]
+    assert word_error_rate((ORDER, tagged)) < 0.3, tagged
+    assert word_error_rate((CALL, daemon.completed(jobs["call.wav"]["id"])["result"])) < 0.3
+    honest = convert("anullsrc=r=16000:cl=mono:d=60", tmp_path / "minute.flac",
+                     before=("-f", "lavfi"))  # says its length: refused at the door
+    status, _, answer = daemon.request("POST", "/transcription/job", {"path": str(honest)})
+    assert status == 400 and answer["field"] == "path" and answer["error"] == (
+        "minute.flac holds 1m 00s of audio; at most 0.01 hours are accepted (--max-audio-hours)")
+
+
 def test_submissions_past_max_queue_get_503_and_every_accepted_job_runs(start, speech, tmp_path):
     daemon = start("--max-queue", "5")
     blocker = daemon.submit(path=speech["busy.wav"], output_path=tmp_path)
@@ -1095,7 +1136,7 @@ def test_word_timestamps_and_the_subtitle_options_shape_the_files(shared, speech
     assert "<u>" in (tmp_path / "call.vtt").read_text()
 
 
-def test_the_openai_sdk_transcribes_through_whisperd(guarded, speech):
+def test_the_openai_sdk_transcribes_through_whisperd(guarded, speech, tmp_path):
     from openai import BadRequestError, OpenAI
     client = OpenAI(base_url=f"{guarded.url}/v1", api_key="sk-local", max_retries=0,
                     timeout=CEILING)
@@ -1119,6 +1160,12 @@ def test_the_openai_sdk_transcribes_through_whisperd(guarded, speech):
         client.audio.transcriptions.create(model="whisper-1", file=("x.mp3", b"not audio"))
     assert str(guarded.state_dir) not in str(e.value)  # the upload's own name, no path
     assert list((guarded.state_dir / "uploads").iterdir()) == []  # uploads do not stay
+    silence = convert("anullsrc=r=16000:cl=mono:d=40", tmp_path / "silence.wav",
+                      before=("-f", "lavfi"))  # whisper's "You" over it is dropped
+    quiet = client.audio.transcriptions.create(
+        model="whisper-1", file=("silence.wav", silence.read_bytes()),
+        extra_body={"drop_suspect": "true"})
+    assert quiet.text == ""
 
 
 def run_client(daemon, *args, **kwargs):

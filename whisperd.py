@@ -116,6 +116,7 @@ LINGER = 5.0                # seconds a refused body is still read, for its answ
 MAX_WAIT = 60.0             # seconds a GET ?wait= may hold a request
 SMI_TIMEOUT = 10.0          # seconds nvidia-smi may take
 PROBE_TIMEOUT = 20.0        # seconds ffprobe may take to read a file's header
+DECODE_TIMEOUT = 600.0      # seconds the decoding of one file may take (12 h: about 100 s)
 MIN_FREE = 1 << 20          # bytes free in --state-dir below which no new job is taken
 MODEL_STATES = ["loaded", "on disk", "download"]  # where a model is: /models, /health
 
@@ -237,6 +238,8 @@ def build_parser():
     flag("idle-timeout", 30, float, "seconds a client may sit idle on its connection (or "
          "stall mid-request) before whisperd closes it")
     flag("max-upload", 25, float, "MiB an upload to /v1/audio/* may have")
+    flag("max-audio-hours", 12, float, "hours of audio a job may hold: a longer file is "
+         "refused at the door, and decoding stops there for one whose header says less")
     flag("token", None, help="require 'Authorization: Bearer TOKEN' on every request")
     flag("allow-dir", [], action="append", metavar="DIR",
          help="(repeatable) path and output_path must lie inside one of these folders")
@@ -1914,16 +1917,26 @@ class Engine:
             beside.shutdown(wait=False)
 
     def load_audio(self, path):
-        """The file's audio, RATE mono float32; AudioError when it cannot be decoded."""
+        """The file's audio, RATE mono float32; AudioError when it cannot be decoded, or
+        decodes to more than --max-audio-hours (a file whose header understates its
+        length, to fill the memory), or takes more than DECODE_TIMEOUT."""
+        hours = self.settings.max_audio_hours
         try:
-            return self.decode_audio(path)
+            audio = self.decode_audio(path, int(hours * 3600 * RATE) + 1)
+        except AudioError:
+            raise
         except Exception as e:
             raise AudioError(f"could not decode the audio in {path}: {_reason(e)}") from e
+        if len(audio) > hours * 3600 * RATE:
+            raise AudioError(f"{path} decodes to more than {hours:g} hours of audio "
+                             f"(--max-audio-hours), more than its header said")
+        return audio
 
     # -- what each library does its own way ----------------------------------------------
     # A subclass defines prepare() (imports its library, resolves the device: in the
     # runner's thread), known() (its model names), is_model(path), load(name, path),
-    # decode_audio(path), transcribe(model, audio, options, report), and release_memory()
+    # decode_audio(path, most samples), transcribe(model, audio, options, report), and
+    # release_memory()
     # where unloading a model leaves memory held.
 
     def release_memory(self):
@@ -1995,8 +2008,18 @@ class OpenAIWhisper(Engine):
         if self.device.startswith("cuda"):
             self.torch.cuda.empty_cache()
 
-    def decode_audio(self, path):
-        return self.whisper.load_audio(path)
+    def decode_audio(self, path, most):
+        """whisper.load_audio()'s own ffmpeg command (so the same samples), bounded."""
+        import numpy
+        command = ["ffmpeg", "-nostdin", "-threads", "0", "-i", path, "-f", "s16le", "-ac",
+                   "1", "-acodec", "pcm_s16le", "-ar", str(RATE), "-t", f"{most / RATE}", "-"]
+        try:
+            done = subprocess.run(command, capture_output=True, timeout=DECODE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise AudioError(f"decoding {path} took more than {DECODE_TIMEOUT:g} s") from None
+        if done.returncode:
+            raise RuntimeError(done.stderr.decode(errors="replace").strip().splitlines()[-1])
+        return numpy.frombuffer(done.stdout, numpy.int16).astype(numpy.float32) / 32768.0
 
     def transcribe(self, model, audio, options, report):
         _progress.report = report
@@ -2046,8 +2069,37 @@ class FasterWhisper(Engine):
         return Batch(BatchDecoder(self.model(name)), self.settings.batch_size,
                      self.settings.pack)
 
-    def decode_audio(self, path):
-        return self.faster_whisper.decode_audio(path)
+    def decode_audio(self, path, most):
+        """faster_whisper.decode_audio()'s PyAV decoding (so the same samples), bounded:
+        its reads by PROBE_TIMEOUT, its samples by `most`, its time by DECODE_TIMEOUT."""
+        import av
+        import numpy
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+        fifo = av.AudioFifo()  # frames are resampled 500,000 samples at a time, as there
+        pieces, count, deadline = [], 0, time.monotonic() + DECODE_TIMEOUT
+        with av.open(path, metadata_errors="ignore", timeout=PROBE_TIMEOUT) as container:
+            frames = container.decode(audio=0)
+            while count < most:
+                if time.monotonic() > deadline:
+                    raise AudioError(f"decoding {path} took more than {DECODE_TIMEOUT:g} s")
+                try:
+                    frame = next(frames, None)
+                except av.InvalidDataError:  # a damaged frame is skipped, as there
+                    continue
+                if frame is not None:
+                    frame.pts = None
+                    fifo.write(frame)
+                    if fifo.samples < 500_000:
+                        continue
+                groups = [fifo.read()] if fifo.samples else []
+                for group in groups + ([None] if frame is None else []):  # None: the rest
+                    for piece in resampler.resample(group):
+                        pieces.append(piece.to_ndarray().reshape(-1))
+                        count += pieces[-1].size
+                if frame is None:
+                    break
+        audio = numpy.concatenate(pieces) if pieces else numpy.zeros(0, numpy.int16)
+        return audio[:most].astype(numpy.float32) / 32768.0
 
     def transcribe(self, model, audio, options, report):
         options["log_prob_threshold"] = options.pop("logprob_threshold")
@@ -2631,7 +2683,7 @@ class Runner(threading.Thread):
             log(self.error)
         # The libraries and models are never garbage: out of the cyclic collector's reach
         # (here and after each model load), a full collection walks only what came since.
-        # faster-whisper's decode_audio() runs one for every file: without this, 100 ms
+        # faster-whisper's decode_audio() ran one for every file: without this, 100 ms
         # with the GIL held, for which every HTTP answer waited.
         gc.freeze()
         self.ready = True
@@ -3223,6 +3275,11 @@ class Service:
         job = validate(body, context or self.context)
         try:
             job.audio_duration = probe(job.path)
+            if (job.audio_duration or 0) > self.settings.max_audio_hours * 3600:
+                raise Invalid(f"{os.path.basename(job.path)} holds "
+                              f"{_span(job.audio_duration)} of audio; at most "
+                              f"{self.settings.max_audio_hours:g} hours are accepted "
+                              f"(--max-audio-hours)")
         except Invalid as e:
             raise HTTPError(e.status, str(e), "path") from None
         job.upload = upload is not None
@@ -3984,7 +4041,8 @@ class Handler(BaseHTTPRequestHandler):
             "language": form.get("language") or None, "initial_prompt": form.get("prompt"),
             "task": "translate" if self.path.startswith("/v1/audio/translations")
             else "transcribe",
-            "word_timestamps": "word" in granularities, "temperature": temperature})
+            "word_timestamps": "word" in granularities, "temperature": temperature,
+            "drop_suspect": form.get("drop_suspect") in ("true", "1")})  # whisperd's own
         body, content_type = openai_answer(result, job, response_format)
         return HTTPStatus.OK, body, {"content_type": content_type} if content_type else {}
 
