@@ -1395,6 +1395,9 @@ def test_with_vad_no_subtitle_spans_the_silence_before_its_speech(polyglot, spee
     spans = [(s["start"], s["end"], max(min(s["end"], q1) - max(s["start"], q0)
                                         for q0, q1 in silences)) for s in segments]
     assert segments and all(over <= 1.0 for _, _, over in spans), spans  # a second at most
+    for copy in (60, 120 + length):  # each copy's cues hold its own words (ORDER, CALL)
+        said = "".join(s["text"] for s in segments if copy - 1 < s["start"] < copy + length)
+        assert word_error_rate((f"{ORDER} {CALL}", said)) < 0.2, (copy, segments)
 
 
 # ---------------------------------------------------------------------------------------

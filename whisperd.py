@@ -1700,24 +1700,65 @@ def restore_times(result, window):
     """Times in whisper's result, from the speech-only audio back to the original's. A
     segment is timed by the stretches of speech it holds a second or more of (the rest
     is padding, or a timestamp a little off), so that none spans the silence cut out
-    before or after it; a word, by the rule of packed windows (_to_track)."""
+    before or after it; a word, by the rule of packed windows (_to_track). A segment
+    whose speech lies on both sides of a second or more of cut silence is split there:
+    its words go by their own times, or else are shared out by the speech on each side
+    (at the end of a sentence within three words of that share)."""
     track = window.pieces[0].track
-    spans = [(p.offset / RATE, (p.offset + p.length) / RATE) for p in window.pieces]
+    spans, island = [], 0  # (island, start, end) of each piece in the speech-only audio
+    for i, p in enumerate(window.pieces):
+        island += bool(i) and p.start - window.pieces[i - 1].end >= RATE
+        spans.append((island, p.offset / RATE, (p.offset + p.length) / RATE))
 
     def back(start, end):
         start = round(_to_track(window, track, start, False), 3)
         return start, round(max(start, _to_track(window, track, end, True)), 3)
 
-    for segment in result["segments"]:
+    def held(start, end):
+        return [(k, a, b) for k, a, b in spans if min(end, b) - max(start, a) >= 1.0]
+
+    def split(segment):
+        """The segment as one part per island it holds speech in."""
+        found = held(segment["start"], segment["end"])
+        islands = sorted({k for k, _, _ in found})
+        if len(islands) < 2:
+            return [segment]
+        extent = {k: (min(a for j, a, _ in found if j == k), max(b for j, _, b in found
+                                                               if j == k)) for k in islands}
+        if segment.get("words"):
+            def nearest(word):
+                middle = (word["start"] + word["end"]) / 2
+                return min(islands, key=lambda k: max(extent[k][0] - middle,
+                                                      middle - extent[k][1], 0))
+            groups = [[w for w in segment["words"] if nearest(w) == k] for k in islands]
+            texts = ["".join(w["word"] for w in group) for group in groups]
+        else:
+            pieces = re.findall(r"\s*\S+", segment["text"]) or [segment["text"]]
+            said = [sum(min(segment["end"], b) - max(segment["start"], a)
+                        for j, a, b in found if j == k) for k in islands]
+            cuts = [round(len(pieces) * sum(said[:i + 1]) / sum(said)) for i in range(len(said))]
+            cuts = [min((c for c in range(max(1, cut - 3), min(len(pieces), cut + 3) + 1)
+                         if pieces[c - 1][-1] in ".?!"), key=lambda c: abs(c - cut),
+                        default=cut) for cut in cuts[:-1]] + cuts[-1:]  # at a sentence's end
+            texts = ["".join(pieces[c0:c1]) for c0, c1 in zip([0] + cuts, cuts)]
+            groups = [None] * len(islands)
+        return [dict(segment, start=max(segment["start"], extent[k][0]),
+                     end=min(segment["end"], extent[k][1]), text=text, tokens=[],
+                     **({"words": group} if group is not None else {}))
+                for k, text, group in zip(islands, texts, groups) if text.strip()]
+
+    segments = [part for segment in result["segments"] for part in split(segment)]
+    for i, segment in enumerate(segments):
         words = segment.get("words") or ()
         for word in words:
             word["start"], word["end"] = back(word["start"], word["end"])
         start, end = segment["start"], segment["end"]
-        held = [(a, b) for a, b in spans if min(end, b) - max(start, a) >= 1.0]
-        if held:
-            start, end = max(start, held[0][0]), min(end, held[-1][1])
+        if found := held(start, end):
+            start, end = max(start, found[0][1]), min(end, found[-1][2])
         segment["start"], segment["end"] = (words[0]["start"], words[-1]["end"]) if words \
             else back(start, end)
+        segment["id"] = i
+    result["segments"] = segments
     return result
 
 
