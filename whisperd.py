@@ -1935,7 +1935,8 @@ class Engine:
 
     def run(self, job, audio, report):
         """Transcribes one job's decoded audio; report(fraction done) as it goes. With
-        vad, only the speech is decoded (both engines alike), and its times map back."""
+        vad, only the speech is decoded (both engines alike), and its times map back.
+        Each segment is then judged (speech_ratio, suspect: see judge())."""
         model = self.model(job.model)
         report(0.0)
         options, window = self.decode_options(job), None
@@ -1947,6 +1948,8 @@ class Engine:
             result = restore_times(self.transcribe(model, audio, options, report), window)
             speech = [(p.start / RATE, p.end / RATE) for p in window.pieces]
             return judge(result, speech, job.drop_suspect)
+        if not (job.drop_suspect or job.format in ("json", "all")):  # nobody sees the flags
+            return self.transcribe(model, audio, options, report)
         # The voice activity detector (one CPU thread) listens while the model decodes:
         # beside a GPU it costs no time.
         beside = concurrent.futures.ThreadPoolExecutor(1, "whisperd-vad")
