@@ -59,11 +59,15 @@ $(VENV)/.tested: $(VENV)/.installed
 model: deps
 	$(BIN)/python tools/models.py $(MODEL_DIR)
 
-# queue.py speaks the recorded prompts test-system installs; api.py drives wrk.
+# queue.py speaks the recorded prompts test-system installs; api.py drives wrk;
+# suspect.py adds Asterisk's hold music to what it flags.
 bench: system test-system test-deps
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(APT) wrk; }
+	@dpkg -s asterisk-moh-opsound-wav >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(APT) asterisk-moh-opsound-wav; }
 	$(BIN)/python bench/transcribe.py
 	$(BIN)/python bench/queue.py
+	$(BIN)/python bench/suspect.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/claims.py --nodes 3 --store pg
 

@@ -1775,7 +1775,8 @@ UNSURE = (0.6, -0.5)  # no_speech_prob above, avg_logprob below: the decoder its
 REPEATS = 2.4         # compression_ratio above: a phrase repeated (whisper's own threshold)
 # What Whisper says where nobody speaks: film subtitles' credits and sound tags (suspect
 # alone), and the short words it ends silence with (suspect with a doubt besides).
-TAGS = re.compile(r"^[\W\s]*$|^\s*[\[(♪*].*[\])♪*]\W*$|amara\.org|subtit|untertitel|"
+TAGS = re.compile(r"^\s*[\[(♪*].*[\])♪*]\W*$|^\W*(music|applause|laughter|silence|"
+                  r"blank_audio|no speech)\W*$|amara\.org|subtit|untertitel|"
                   r"sous-titr|castingwords|for watching|subscribe|продолжение следует",
                   re.IGNORECASE)
 SHORT = {"you", "thank you", "thanks", "thank you very much", "thank you so much", "bye",
@@ -1794,12 +1795,15 @@ def heard(audio):
             for c in vad.get_speech_timestamps(audio, vad.VadOptions())]
 
 
-def is_suspect(segment):
-    """Whether the segment's words were likely never said (see SILENT and below)."""
+def is_suspect(segment, echo=False):
+    """Whether the segment's words were likely never said (see SILENT and below); `echo`:
+    a segment beside it says the same. Where the detector hears speech through most of
+    it, the decoder's doubt, an echo or text of punctuation alone is not enough."""
     text, ratio = segment["text"].strip(), segment.get("speech_ratio")
     heard = None if ratio is None else ratio * (segment["end"] - segment["start"])
     silent = ratio is not None and ratio < SILENT[0] and heard < SILENT[1]
-    doubt = segment["no_speech_prob"] > UNSURE[0] and segment["avg_logprob"] < UNSURE[1]
+    doubt = (ratio is None or ratio < 0.5) and (echo or not re.search(r"\w", text) or (
+        segment["no_speech_prob"] > UNSURE[0] and segment["avg_logprob"] < UNSURE[1]))
     short = re.sub(r"[^\w\s']", "", text.lower()).strip() in SHORT
     return bool(silent or doubt or TAGS.search(text) or segment["compression_ratio"] > REPEATS
                 or (short and (segment["no_speech_prob"] > 0.5
@@ -1809,12 +1813,15 @@ def is_suspect(segment):
 def judge(result, speech, drop):
     """Marks each segment of whisper's result with speech_ratio (not where `speech`, the
     heard() stretches, is None) and suspect; with `drop`, the suspect ones leave it."""
-    for segment in result["segments"]:
+    segments = result["segments"]
+    texts = [segment["text"].strip().lower() for segment in segments]
+    for i, segment in enumerate(segments):
         start, end = segment["start"], max(segment["end"], segment["start"] + 0.02)
         if speech is not None:
             said = sum(max(0.0, min(end, b) - max(start, a)) for a, b in speech)
             segment["speech_ratio"] = round(min(said / (end - start), 1.0), 3)
-        segment["suspect"] = is_suspect(segment)
+        echo = len(texts[i].split()) <= 3 and texts[i] in texts[i - 1:i] + texts[i + 1:i + 2]
+        segment["suspect"] = is_suspect(segment, echo)
     if drop:
         kept = [segment for segment in result["segments"] if not segment["suspect"]]
         result.update(segments=kept, text="".join(segment["text"] for segment in kept))
