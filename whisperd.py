@@ -1795,32 +1795,37 @@ def heard(audio):
             for c in vad.get_speech_timestamps(audio, vad.VadOptions())]
 
 
+def echoes(segments):
+    """For each segment, whether one beside it says the same short thing (three words at
+    most): Whisper repeating itself over noise, window after window."""
+    texts = [segment["text"].strip().lower() for segment in segments]
+    return [len(text.split()) <= 3 and text in texts[i - 1:i] + texts[i + 1:i + 2]
+            for i, text in enumerate(texts)]
+
+
 def is_suspect(segment, echo=False):
     """Whether the segment's words were likely never said (see SILENT and below); `echo`:
     a segment beside it says the same. Where the detector hears speech through most of
     it, the decoder's doubt, an echo or text of punctuation alone is not enough."""
     text, ratio = segment["text"].strip(), segment.get("speech_ratio")
-    heard = None if ratio is None else ratio * (segment["end"] - segment["start"])
-    silent = ratio is not None and ratio < SILENT[0] and heard < SILENT[1]
+    spoken = None if ratio is None else ratio * (segment["end"] - segment["start"])
+    silent = ratio is not None and ratio < SILENT[0] and spoken < SILENT[1]
     doubt = (ratio is None or ratio < 0.5) and (echo or not re.search(r"\w", text) or (
         segment["no_speech_prob"] > UNSURE[0] and segment["avg_logprob"] < UNSURE[1]))
     short = re.sub(r"[^\w\s']", "", text.lower()).strip() in SHORT
     return bool(silent or doubt or TAGS.search(text) or segment["compression_ratio"] > REPEATS
                 or (short and (segment["no_speech_prob"] > 0.5
-                               or (heard is not None and heard < 1.0))))
+                               or (spoken is not None and spoken < 1.0))))
 
 
 def judge(result, speech, drop):
     """Marks each segment of whisper's result with speech_ratio (not where `speech`, the
     heard() stretches, is None) and suspect; with `drop`, the suspect ones leave it."""
-    segments = result["segments"]
-    texts = [segment["text"].strip().lower() for segment in segments]
-    for i, segment in enumerate(segments):
+    for segment, echo in zip(result["segments"], echoes(result["segments"])):
         start, end = segment["start"], max(segment["end"], segment["start"] + 0.02)
         if speech is not None:
             said = sum(max(0.0, min(end, b) - max(start, a)) for a, b in speech)
             segment["speech_ratio"] = round(min(said / (end - start), 1.0), 3)
-        echo = len(texts[i].split()) <= 3 and texts[i] in texts[i - 1:i] + texts[i + 1:i + 2]
         segment["suspect"] = is_suspect(segment, echo)
     if drop:
         kept = [segment for segment in result["segments"] if not segment["suspect"]]
@@ -2069,7 +2074,8 @@ class OpenAIWhisper(Engine):
         except subprocess.TimeoutExpired:
             raise AudioError(f"decoding {path} took more than {DECODE_TIMEOUT:g} s") from None
         if done.returncode:
-            raise RuntimeError(done.stderr.decode(errors="replace").strip().splitlines()[-1])
+            said = done.stderr.decode(errors="replace").strip().splitlines()
+            raise RuntimeError(said[-1] if said else f"ffmpeg exited {done.returncode}")
         return numpy.frombuffer(done.stdout, numpy.int16).astype(numpy.float32) / 32768.0
 
     def transcribe(self, model, audio, options, report):

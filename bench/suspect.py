@@ -195,11 +195,9 @@ def score(config, files, vad=True):
     for name, placed in files.items():
         path = HERE / config / f"{name}.json"
         segments = json.loads(path.read_text())["segments"]
-        texts = [segment["text"].strip().lower() for segment in segments]
-        for i, segment in enumerate(segments):
+        for segment, echo in zip(segments, whisperd.echoes(segments)):
             if not vad:
                 segment.pop("speech_ratio", None)
-            echo = len(texts[i].split()) <= 3 and texts[i] in texts[i - 1:i] + texts[i + 1:i + 2]
             kind, flagged = label(segment, placed), whisperd.is_suspect(segment, echo)
             counts[kind][0] += flagged
             counts[kind][1] += 1
