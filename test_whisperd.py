@@ -1022,6 +1022,8 @@ def test_faster_whisper_engine_transcribes_into_the_same_files(start, speech, tm
     assert set(done) == set(job)  # the same job JSON as the openai-whisper engine's
     status, _, health = daemon.request("GET", "/health")
     assert health["engine"] == "faster-whisper" and health["models_loaded"] == ["tiny.en"]
+    # It writes whisper's files without PyTorch in its process (faster to start, smaller).
+    assert "libtorch" not in Path(f"/proc/{daemon.proc.pid}/maps").read_text()
 
 
 def test_max_models_keeps_that_many_and_unloads_the_least_recently_used(start, speech,

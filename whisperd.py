@@ -53,6 +53,7 @@ import email.parser
 import email.policy
 import errno
 import fcntl
+import functools
 import gc
 import hashlib
 import hmac
@@ -60,6 +61,7 @@ import html
 import heapq
 import http.client
 import importlib
+import importlib.util
 import io
 import json
 import math
@@ -2594,11 +2596,26 @@ def _umask():
 UMASK = _umask()
 
 
+@functools.cache
+def whisper_part(name):
+    """openai-whisper's module `name` (utils: its writers; tokenizer: its language names),
+    which import nothing of whisper's own. Once openai-whisper is imported (its engine),
+    that one; else the file alone, since the package imports PyTorch, which the
+    faster-whisper engine does not need (1.5 s at each start, measured, and its memory)."""
+    if "whisper" in sys.modules:
+        return importlib.import_module(f"whisper.{name}")
+    folder = importlib.util.find_spec("whisper").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location(f"whisperd.whisper_{name}",
+                                                  os.path.join(folder, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def transcript(result):
     """The TXT transcript of whisper's result, as openai-whisper's txt writer writes it."""
-    from whisper.utils import get_writer
     text = io.StringIO()
-    get_writer("txt", ".").write_result(result, file=text)
+    whisper_part("utils").get_writer("txt", ".").write_result(result, file=text)
     return text.getvalue()
 
 
@@ -2610,7 +2627,7 @@ def write_outputs(result, job):
     never sees half a file, and a job that cannot write them all (a full disk, a folder
     gone) leaves nothing behind.
     """
-    from whisper.utils import get_writer
+    get_writer = whisper_part("utils").get_writer
 
     base = os.path.splitext(os.path.basename(job.path))[0]
     folder = job.output_path
@@ -2734,7 +2751,7 @@ class Runner(threading.Thread):
     def run(self):
         try:
             self.engine.prepare()
-            importlib.import_module("whisper.utils")  # the writers (and torch), before the freeze
+            whisper_part("utils")  # the writers, before the freeze
         except Exception as e:  # e.g. torch missing: every job will say so
             self.error = f"the {self.engine.name} engine cannot start: {_reason(e)}"
             log(self.error)
@@ -3454,19 +3471,18 @@ def openai_answer(result, job, response_format):
     """(body, content type) in OpenAI's shape for one response_format, from whisper's
     result and the job's JSON."""
     if response_format in ("srt", "vtt"):
-        from whisper.utils import get_writer
         text = io.StringIO()
-        get_writer(response_format, ".").write_result(result, file=text)
+        whisper_part("utils").get_writer(response_format, ".").write_result(result, file=text)
         return text.getvalue(), "text/plain; charset=utf-8"
     if response_format == "text":
         return job["result"], "text/plain; charset=utf-8"
     text = result["text"].strip()
     if response_format == "json":
         return {"text": text}, None
-    from whisper.tokenizer import LANGUAGES as NAMES
+    names = whisper_part("tokenizer").LANGUAGES
     keys = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
             "compression_ratio", "no_speech_prob")
-    body = {"task": job["task"], "language": NAMES.get(job["language"], job["language"]),
+    body = {"task": job["task"], "language": names.get(job["language"], job["language"]),
             "duration": job["audio_duration"], "text": text,
             "segments": [{k: segment[k] for k in keys} for segment in result["segments"]]}
     if job["word_timestamps"]:
