@@ -14,9 +14,10 @@ package's scripts. Each mode below transcribes the whole queue in its own proces
   whisperd-fw-batch8  ... --batch-size 8                         submit to the last job done)
   whisperd-fw-pack    ... --batch-size 8 --pack
   whisperd-fw-2cpu    ... --device cpu,cpu (two workers splitting the cores; cuda,cuda on a GPU)
-  bare-pack           whisperd's own Batch (batch 8, packed) called in one process with the
-                      whole queue at once: no HTTP, no ffprobe, no store, no arrival in
-                      turn; what packing gives when every job is there from the start
+  bare-batch          whisperd's own Batch (batch 8, not packed) called in one process with
+                      the whole queue at once: no HTTP, no store, no arrival in turn; what
+                      batching gives when every job is there from the start
+  bare-pack           the same, packed
 The modes run in turn, --rounds times (3), and each mode's median wall time is its figure:
 one pass of a mode varies by 10 to 20% between rounds on these shared machines.
 Every process first transcribes one warm-up prompt (agent-pass, not in the queue); loading
@@ -64,7 +65,7 @@ MODES = {  # name: whisperd flags (None: a bare loop)
     "bare-ow": None, "bare-fw": None, "whisperd-ow": ["--engine", "openai-whisper"],
     "whisperd-fw": FW, "whisperd-fw-batch8": FW + ["--batch-size", "8"],
     "whisperd-fw-pack": FW + ["--batch-size", "8", "--pack"], "whisperd-fw-2cpu": FW,
-    "bare-pack": None}
+    "bare-batch": None, "bare-pack": None}
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
            "ten"]
 
@@ -99,7 +100,7 @@ def wer(scripts, texts):
 
 def _runner(kind, spec):
     """run(paths) -> their texts, for a bare mode: `ow` and `fw` a loop over the library,
-    `pack` whisperd's own Batch (batch 8, packed) on every file at once (its audio decoded,
+    `batch` and `pack` whisperd's own Batch (batch 8; packed or not) on every file at once (its audio decoded,
     as faster-whisper decodes it, inside the timed part)."""
     device = spec["device"]
     if kind == "ow":
@@ -126,7 +127,7 @@ def _runner(kind, spec):
     def run(paths):
         jobs = [whisperd.Job(id=str(i), model="tiny.en", language="en")
                 for i in range(len(paths))]
-        batch = whisperd.Batch(whisperd.BatchDecoder(model), 8, pack=True)
+        batch = whisperd.Batch(whisperd.BatchDecoder(model), 8, pack=kind == "pack")
         batch.add([(job, decode_audio(str(path))) for job, path in zip(jobs, paths)])
         done = {}
         while batch:
@@ -207,7 +208,7 @@ def main():
     parser.add_argument("--no-wait", action="store_true",
                         help="do not wait for a quiet machine (--quick never waits)")
     parser.add_argument("--json", default=str(OUT / "queue.json"))
-    parser.add_argument("--worker", choices=("ow", "fw", "pack"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("ow", "fw", "batch", "pack"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
