@@ -1,7 +1,7 @@
 # whisperd, from a fresh clone:
 #   make run    installs what is needed, puts the offline models in MODEL_DIR, starts the daemon
 #   make test   installs what is needed (and what the tests speak, record and browse with),
-#               and runs the tests
+#               puts the models in MODEL_DIR, and runs the tests
 # On a GPU host, pick the CUDA build of PyTorch: make run TORCH=torch
 # The port: make run PORT=9511 (or WHISPERD_PORT=9511 make run); any other flag of
 # whisperd's: make run ARGS="--device cpu,cpu --engine faster-whisper".
@@ -26,8 +26,10 @@ TEST_DEBS := espeak-ng jq postgresql chromium chromium-driver pocketsphinx-testd
 run: system deps model
 	$(BIN)/whisperd --port $(PORT) --model-dir $(MODEL_DIR) --default-model tiny.en $(ARGS)
 
-test: system test-system test-deps
-	$(BIN)/python -m pytest -q test_whisperd.py
+# Two pytest-xdist workers (conftest.py keeps the tests of one costly fixture together);
+# the tests use the models `make model` puts in MODEL_DIR, made once for both workers.
+test: system test-system test-deps model
+	WHISPERD_TEST_MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m pytest -q -n 2 --dist loadgroup test_whisperd.py
 
 # ffmpeg decodes audio for whisper (and ffprobe checks it at the door).
 system:

@@ -4331,26 +4331,41 @@ def client_main(argv):
                if f.name != "path" and getattr(args, f.name) is not None}
     if options.get("output_path"):
         options["output_path"] = os.path.abspath(options["output_path"])
-    for file in args.files:
-        status, job = client.call("POST", "/transcription/job",
-                                  {"path": os.path.abspath(file), **options})
-        if status != HTTPStatus.CREATED:
-            print(f"whisperd: {file}: {job['error']}", file=sys.stderr)
-            exit_status = 2
-            continue
-        jobs.append(job)
-        if not args.wait:
-            print(job["id"])
-    if args.wait and jobs:
-        try:
+    try:
+        for file in args.files:
+            with _interrupt_after():  # a job whisperd made is a job the client names
+                status, job = client.call("POST", "/transcription/job",
+                                          {"path": os.path.abspath(file), **options})
+                if status == HTTPStatus.CREATED:
+                    jobs.append(job)
+            if status != HTTPStatus.CREATED:
+                print(f"whisperd: {file}: {job['error']}", file=sys.stderr)
+                exit_status = 2
+            elif not args.wait:
+                print(job["id"])
+        if args.wait and jobs:
             exit_status = max(exit_status, watch(client, jobs))
-        except KeyboardInterrupt:  # Ctrl-C stops the waiting, not the jobs
-            print("\nwhisperd: stopped waiting; the jobs go on in whisperd. Follow one with "
-                  "`whisperd status ID`, stop it with `whisperd cancel ID`:\n" + "".join(
-                      f"  {job['id']}  {job['path']}\n" for job in jobs), end="",
-                  file=sys.stderr)
-            return 130
+    except KeyboardInterrupt:  # Ctrl-C stops the client, not the jobs
+        print("\nwhisperd: stopped; the jobs go on in whisperd. Follow one with "
+              "`whisperd status ID`, stop it with `whisperd cancel ID`:\n" + "".join(
+                  f"  {job['id']}  {job['path']}\n" for job in jobs), end="",
+              file=sys.stderr)
+        return 130
     return exit_status
+
+
+@contextlib.contextmanager
+def _interrupt_after():
+    """Holds Ctrl-C (SIGINT) back until the block is done, then raises it: a submission
+    whisperd answered is recorded before the client stops (the request has its timeout)."""
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def watch(client, jobs):

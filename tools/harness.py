@@ -30,6 +30,15 @@ PYTHON = sys.executable
 CEILING = float(os.environ.get("WHISPERD_TEST_CEILING", 300))
 
 
+# Under pytest-xdist (`make test` runs 2 workers), each worker's daemons decode on their
+# share of the cores: both engines' thread pools (PyTorch's and CTranslate2's OpenMP) spin
+# while they wait, and two daemons of 2 threads each on 2 cores spent most of their time
+# waiting on each other (measured: a test of 24 s alone took 90 s beside another).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+SHARE_CORES = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // _WORKERS))} \
+    if _WORKERS > 1 else {}
+
+
 def wait_until(predicate, timeout=CEILING, message="the condition never held", poll=0.05):
     """Returns predicate()'s first true value; fails after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -153,7 +162,8 @@ class Daemon:
                    "--state-dir", str(self.state_dir), "--model-dir", str(self.model_dir),
                    "--default-model", self.model, *self.flags]
         self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
-                                     stdin=subprocess.DEVNULL, env={**os.environ, **self.env})
+                                     stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **SHARE_CORES, **self.env})
         ceiling = threading.Timer(CEILING, self.proc.kill)  # one that never listens ends
         ceiling.start()
         try:

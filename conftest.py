@@ -1,0 +1,18 @@
+"""`make test` runs the suite on two pytest-xdist workers (2 cores: one test's daemon decodes
+while another test waits on its own). The tests that share a costly module fixture (a
+daemon with the multilingual model, a batching daemon, a PostgreSQL server) stay together
+on one worker, so each is made once."""
+
+import pytest
+
+GROUPS = {"polyglot": "polyglot", "batcher": "batcher", "database": "postgres",
+          "guarded": "guarded"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        group = next((GROUPS[f] for f in GROUPS if f in item.fixturenames), None)
+        if group == "polyglot":  # a daemon per engine: the two may go to two workers
+            group += "-" + item.callspec.params["polyglot"]
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
