@@ -4346,10 +4346,11 @@ def client_main(argv):
         if args.wait and jobs:
             exit_status = max(exit_status, watch(client, jobs))
     except KeyboardInterrupt:  # Ctrl-C stops the client, not the jobs
-        print("\nwhisperd: stopped; the jobs go on in whisperd. Follow one with "
-              "`whisperd status ID`, stop it with `whisperd cancel ID`:\n" + "".join(
-                  f"  {job['id']}  {job['path']}\n" for job in jobs), end="",
-              file=sys.stderr)
+        if jobs:
+            print("\nwhisperd: stopped; the jobs go on in whisperd. Follow one with "
+                  "`whisperd status ID`, stop it with `whisperd cancel ID`:\n" + "".join(
+                      f"  {job['id']}  {job['path']}\n" for job in jobs), end="",
+                  file=sys.stderr)
         return 130
     return exit_status
 
