@@ -102,14 +102,18 @@ def fake_bin(tmp_path_factory):
     return tmp_path_factory.mktemp("bin")
 
 
+def no_downloads():
+    """A daemon's environment whose downloads go to a closed port: a model that is not on
+    disk fails at once."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    return {"https_proxy": dead, "HTTPS_PROXY": dead}
+
+
 @pytest.fixture(scope="session")
 def shared_daemon(tmp_path_factory, model_dir, fake_bin):
-    # Downloads go to a closed port, so a model that is not on disk fails at once.
-    dead = f"http://127.0.0.1:{free_port()}"
     daemon = Daemon(tmp_path_factory.mktemp("shared-state"), model_dir,
                     "--callback-secret", "s3cret", "--callback-backoff", "0.2",
-                    env={"https_proxy": dead, "HTTPS_PROXY": dead,
-                         "PATH": f"{fake_bin}:{os.environ['PATH']}"}).start()
+                    env={**no_downloads(), "PATH": f"{fake_bin}:{os.environ['PATH']}"}).start()
     yield daemon
     daemon.stop()
 
@@ -843,10 +847,8 @@ def test_the_door_reads_audio_in_process_as_ffprobe_would_and_hostile_files_harm
     hidden = tmp_path / "hide-pyav" / "av"  # a daemon without PyAV: the ffprobe fallback
     hidden.mkdir(parents=True)
     (hidden / "__init__.py").write_text("raise ImportError('PyAV hidden by the test')\n")
-    dead = f"http://127.0.0.1:{free_port()}"  # its jobs fail at once at their model:
-    plain = start("--default-model", "small",  # it is here for its door
-                  env={"PYTHONPATH": str(hidden.parent), "https_proxy": dead,
-                       "HTTPS_PROXY": dead})
+    plain = start("--default-model", "small",  # its jobs fail at their model: it is here
+                  env={"PYTHONPATH": str(hidden.parent), **no_downloads()})  # for its door
     wav, mp3 = speech["order.wav"].read_bytes(), speech["order.mp3"].read_bytes()
     size = 0x0FFFFFFF  # an ID3 tag that says 256 MiB follow, before the real MP3
     id3 = b"ID3\x04\0\0" + bytes((size >> s) & 0x7F for s in (21, 14, 7, 0))
@@ -1333,10 +1335,8 @@ def test_every_response_conforms_to_the_openapi_document(shared):
 @pytest.fixture(scope="module", params=["openai-whisper", "faster-whisper"])
 def polyglot(request, tmp_path_factory, model_dir):
     """A daemon of each engine with Whisper base, the multilingual model."""
-    dead = f"http://127.0.0.1:{free_port()}"
     daemon = Daemon(tmp_path_factory.mktemp("polyglot"), model_dir, "--engine", request.param,
-                    "--default-model", "base",
-                    env={"https_proxy": dead, "HTTPS_PROXY": dead}).start()
+                    "--default-model", "base", env=no_downloads()).start()
     yield daemon
     daemon.stop()
 
