@@ -37,7 +37,8 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-from bench._common import MODEL_DIR, OUT, ensure_models, print_machine  # noqa: E402
+from bench._common import (CLI_DECODING, JOB_TIMEOUT,  # noqa: E402
+                           LOGPROB_THRESHOLD, MODEL_DIR, OUT, ensure_models, print_machine)
 from bench.queue import queue_files  # noqa: E402  (the same recorded prompts)
 import whisperd  # noqa: E402
 
@@ -83,13 +84,14 @@ def through_whisperd(args, files, scratch):
         "failed": [j["error"] for j in jobs if j["status"] != "COMPLETED"]}
 
 
-def wait_ended(service, ids, ceiling=3600):
-    deadline = time.monotonic() + ceiling
-    while time.monotonic() < deadline:
-        if all(service.queue.show(i)["status"] in ("COMPLETED", "FAILED") for i in ids):
-            return
-        time.sleep(0.01)
-    raise TimeoutError(f"the jobs did not end within {ceiling} s")
+def wait_ended(service, ids):
+    """Until every job has ended, woken by the queue's own changes (JobQueue.wait): no
+    polling beside the runner it measures."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    for i in ids:
+        service.queue.wait(i, max(0.0, deadline - time.monotonic()))
+    if any(service.queue.show(i)["status"] not in whisperd.FINISHED for i in ids):
+        raise TimeoutError(f"the jobs did not end within {JOB_TIMEOUT} s")
 
 
 def bare(args, files):
@@ -100,18 +102,15 @@ def bare(args, files):
         model = whisper.load_model(os.path.join(args.model_dir, args.model + ".pt"),
                                    device=args.device)
         run = timed(calls, lambda audio: whisper.transcribe(
-            model, audio, verbose=None, fp16=args.device != "cpu",
-            **whisperd.DECODING)["text"])
+            model, audio, logprob_threshold=LOGPROB_THRESHOLD, verbose=None,
+            fp16=args.device != "cpu", **CLI_DECODING)["text"])
         load = whisper.load_audio
     else:
         from faster_whisper import WhisperModel, decode_audio
         model = WhisperModel(os.path.join(args.model_dir, args.model), device=args.device,
                              compute_type="int8" if args.device == "cpu" else "float16")
-        options = dict(whisperd.DECODING, log_prob_threshold=whisperd.DECODING[
-            "logprob_threshold"])
-        del options["logprob_threshold"]
-        run = timed(calls, lambda audio: "".join(
-            s.text for s in model.transcribe(audio, **options)[0]))
+        run = timed(calls, lambda audio: "".join(s.text for s in model.transcribe(
+            audio, log_prob_threshold=LOGPROB_THRESHOLD, **CLI_DECODING)[0]))
         load = decode_audio
     run(load(str(files[0])))  # warm
     calls.clear()
