@@ -35,9 +35,9 @@ from pathlib import Path
 import pytest
 
 import whisperd
-from tools.harness import (CEILING, PYTHON, ROOT, WHISPERD, Daemon, Receiver, audio_seconds,
-                           convert, free_port, prompt, reading, speak, wait_until,
-                           word_error_rate, words)
+from tools.harness import (CEILING, PYTHON, ROOT, SOUNDS, VOICES, WHISPERD, Daemon, Receiver,
+                           audio_seconds, convert, edit_distance, free_port, prompt, reading,
+                           speak, wait_until, word_error_rate, words)
 
 # Sentences tiny.en hears word for word from espeak-ng at 140 words a minute.
 ORDER = "Thank you for calling. Your order has been sent and will arrive on Friday."
@@ -89,6 +89,12 @@ def speech(tmp_path_factory):
     files["silences.wav"] = convert(silence, folder / "silences.wav", sample, silence,
                                     sample, silence, "-filter_complex",
                                     "[0][1][2][3][4]concat=n=5:v=0:a=1", "-ar", "16000")
+    # A hundred seconds of recorded prompts, one after the other: four of Whisper's
+    # windows of real speech, for what a long job does as it goes.
+    prompts = sorted((SOUNDS / VOICES["en"]).glob("*.g722"))[4::5][:30]
+    files["meeting.wav"] = convert(prompts[0], folder / "meeting.wav", *prompts[1:],
+                                   "-filter_complex", "".join(f"[{i}]" for i in range(30)) +
+                                   "concat=n=30:v=0:a=1", "-ar", "16000", "-ac", "1")
     text = folder / "notes.mp3"  # a text file named like audio
     text.write_text("these are meeting notes, not audio\n" * 20)
     files["notes.mp3"] = text
@@ -1181,6 +1187,25 @@ def test_the_openai_sdk_transcribes_through_whisperd(guarded, speech, tmp_path):
     assert quiet.text == ""
 
 
+def test_the_openai_sdk_streams_the_text_as_it_is_decoded(guarded, speech):
+    from openai import BadRequestError, OpenAI
+    from openai.types.audio import TranscriptionTextDeltaEvent, TranscriptionTextDoneEvent
+    client = OpenAI(base_url=f"{guarded.url}/v1", api_key="sk-local", max_retries=0,
+                    timeout=CEILING)
+    audio = ("busy.wav", speech["busy.wav"].read_bytes())
+    events = list(client.audio.transcriptions.create(model="whisper-1", file=audio,
+                                                     stream=True))
+    *deltas, done = events
+    assert all(isinstance(e, TranscriptionTextDeltaEvent) for e in deltas) and len(deltas) >= 2
+    assert isinstance(done, TranscriptionTextDoneEvent)
+    assert "".join(e.delta for e in deltas) == done.text
+    assert word_error_rate((BUSY, done.text)) < 0.3, done.text
+    with pytest.raises(BadRequestError, match="response_format must be json or text"):
+        client.audio.transcriptions.create(model="whisper-1", file=audio, stream=True,
+                                           response_format="srt")
+    assert list((guarded.state_dir / "uploads").iterdir()) == []
+
+
 def run_client(daemon, *args, **kwargs):
     env = dict(os.environ, WHISPERD_URL=daemon.url)
     return subprocess.run([PYTHON, str(WHISPERD), *args], env=env, capture_output=True,
@@ -1251,18 +1276,17 @@ def test_client_status_into_a_closed_pipe_prints_no_traceback(shared, speech):
     assert done.stderr == "", done.stderr  # no traceback, no "Exception ignored"
 
 
-def test_client_shows_a_progress_bar_on_a_terminal_from_the_start(shared, speech, tmp_path):
+def on_a_terminal(daemon, *args):
+    """`whisperd ARGS` run on a pseudo-terminal of 80x24: all it wrote there."""
     import fcntl
     import pty
     import struct
     import termios
     main, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80x24
-    env = dict(os.environ, WHISPERD_URL=shared.url, COLUMNS="80")
-    proc = subprocess.Popen([PYTHON, str(WHISPERD), "submit", str(speech["busy.wav"]),
-                             str(speech["call.wav"]), "--output-path", str(tmp_path),
-                             "--wait"], env=env, stdin=terminal, stdout=terminal,
-                            stderr=terminal)
+    env = dict(os.environ, WHISPERD_URL=daemon.url, COLUMNS="80")
+    proc = subprocess.Popen([PYTHON, str(WHISPERD), *args], env=env, stdin=terminal,
+                            stdout=terminal, stderr=terminal)
     os.close(terminal)
     ceiling = threading.Timer(CEILING, proc.kill)  # a client that hangs ends the reads too
     ceiling.start()
@@ -1278,7 +1302,12 @@ def test_client_shows_a_progress_bar_on_a_terminal_from_the_start(shared, speech
     ceiling.cancel()
     os.close(main)
     assert proc.wait(CEILING) == 0, f"the client was still running after {CEILING:g} s"
-    text = screen.decode(errors="replace")
+    return screen.decode(errors="replace")
+
+
+def test_client_shows_a_progress_bar_on_a_terminal_from_the_start(shared, speech, tmp_path):
+    text = on_a_terminal(shared, "submit", str(speech["busy.wav"]), str(speech["call.wav"]),
+                         "--output-path", str(tmp_path), "--wait")
     assert re.search(r"call\.wav: queued #1 +0%\|", text), text[-2000:]
     busy = re.findall(r"busy\.wav: (\w+) +(\d+)%\|", text)
     assert ("running", "0") in busy and busy[-1] == ("completed", "100"), busy
@@ -1286,6 +1315,28 @@ def test_client_shows_a_progress_bar_on_a_terminal_from_the_start(shared, speech
     parts = re.split(r"^==> .*/(\S+) <==\r?$", printed, flags=re.M)
     assert parts[1::2] == ["busy.wav", "call.wav"], printed
     assert word_error_rate((BUSY, parts[2])) < 0.3 and word_error_rate((CALL, parts[4])) < 0.3
+
+
+SEGMENT_LINE = re.compile(r"\[(\d\d:\d\d\.\d{3}) --> (\d\d:\d\d\.\d{3})\] (.*)")
+
+
+def test_client_follows_a_job_as_it_is_decoded_into_a_pipe_and_on_a_terminal(shared, speech,
+                                                                           tmp_path):
+    followed = run_client(shared, "submit", str(speech["busy.wav"]), "--output-path",
+                          str(tmp_path), "--follow")  # into a pipe: plain lines
+    assert followed.returncode == 0, followed.stderr
+    said = [SEGMENT_LINE.fullmatch(line) for line in followed.stdout.splitlines()]
+    assert len(said) >= 2 and all(said), followed.stdout
+    assert "".join(m.group(3).strip() + "\n" for m in said) == \
+        (tmp_path / "busy.txt").read_text()
+    assert word_error_rate((BUSY, " ".join(m.group(3) for m in said))) < 0.3
+    job = shared.submit(path=speech["call.wav"], output_path=tmp_path)
+    screen = on_a_terminal(shared, "follow", job["id"])  # a bar, the segments above it
+    assert re.search(r"completed +100%\|", screen), screen
+    lines = [m.group(3) for m in map(SEGMENT_LINE.search, screen.splitlines()) if m]
+    assert word_error_rate((CALL, " ".join(lines))) < 0.3, screen
+    missing = run_client(shared, "follow", "nope")
+    assert missing.returncode == 1 and "no job nope" in missing.stderr
 
 
 def test_every_response_conforms_to_the_openapi_document(shared):
@@ -1305,7 +1356,7 @@ def test_every_response_conforms_to_the_openapi_document(shared):
         "POST /transcription/job", "GET /transcription/job/{id}", "DELETE /transcription/job/{id}",
         "GET /transcription/jobs", "GET /stats", "GET /smi", "GET /health", "GET /metrics",
         "GET /models", "POST /v1/audio/transcriptions", "POST /v1/audio/translations",
-        "POST /transcription/job/{id}/cancel"}
+        "POST /transcription/job/{id}/cancel", "GET /transcription/job/{id}/events"}
     tested = set()
     for mode in ("positive", "negative"):
         for operation in operations:
@@ -1515,6 +1566,8 @@ def test_the_page_asks_for_the_token_once_shows_progress_cancels_and_shows_trans
         return done and 0 < int(done.rstrip("%")) < 100 and done
 
     wait_until(progress, message="the page never showed the job part done")
+    heard = wait_until(lambda: text(f'article.run[data-job-id="{job["id"]}"] pre.live'),
+                       message="the page never showed the running job's text")  # running
     assert text(f'tr[data-job-id="{queued["id"]}"] .position') == "1"
     browser.save_screenshot(str(tmp_path / "page.png"))
     if os.environ.get("WHISPERD_SCREENSHOT"):  # for the README: docs/page.png
@@ -1533,6 +1586,7 @@ def test_the_page_asks_for_the_token_once_shows_progress_cancels_and_shows_trans
         browser.execute_script("document.querySelector('main').dataset.old = 1")
         wait_until(lambda: text("main[data-old]") is None, message="the page never refreshed")
         assert shown(done + " pre.result")
+    assert guarded.completed(job["id"])["result"].startswith(heard)  # its text as it came
 
     browser.refresh()  # the token is kept for the session
     wait_until(lambda: text(done) and not shown("form#auth"),
@@ -1954,6 +2008,96 @@ def test_an_output_folder_gone_or_read_only_fails_its_jobs_with_the_reason_and_t
 
 
 # ---------------------------------------------------------------------------------------
+# Results as they are decoded: a job's events, and a run cut short resumed
+# ---------------------------------------------------------------------------------------
+
+def events_until_end(daemon, job_id, headers=None):
+    """Every event of the job's stream, up to its end."""
+    with daemon.stream(f"/transcription/job/{job_id}/events", headers) as (status, events):
+        assert status == 200
+        seen = []
+        for event in events:
+            seen.append(event)
+            if event["event"] == "end":
+                return seen
+    raise AssertionError(f"the stream ended without an end event: {seen}")
+
+
+def streams_open(daemon):
+    return float(re.search(r"^whisperd_event_streams (\S+)$",
+                           daemon.request("GET", "/metrics")[2], re.M).group(1))
+
+
+def test_a_jobs_events_stream_its_segments_as_they_are_decoded(start, speech, tmp_path):
+    daemon = start(*FW)
+    assert daemon.request("GET", "/transcription/job/nope/events")[0] == 404
+    job = daemon.submit(path=speech["meeting.wav"], output_path=tmp_path)
+    path = f"/transcription/job/{job['id']}/events"
+    with daemon.stream(path) as (status, events):  # a client that goes away mid-stream
+        next(events)
+        assert streams_open(daemon) == 1
+    with daemon.stream(path) as (status, events):
+        assert status == 200
+        seen, when_first = [], None
+        for event in events:
+            seen.append(event)
+            if event["event"] == "segment" and when_first is None:
+                when_first = daemon.job(job["id"])  # four windows: three are still to come
+            if event["event"] == "end":
+                break
+    assert when_first["status"] == "RUNNING", when_first
+    assert seen[0]["event"] == "status" and seen[-1]["data"]["status"] == "COMPLETED"
+    segments = [e["data"] for e in seen if e["event"] == "segment"]
+    assert [s["id"] for s in segments] == list(range(len(segments))) and len(segments) > 10
+    assert "".join(s["text"].strip() + "\n" for s in segments) == seen[-1]["data"]["result"]
+    assert (tmp_path / "meeting.txt").read_text() == seen[-1]["data"]["result"]
+    rising = [e["data"]["progress"] for e in seen if e["event"] == "progress"]
+    assert rising == sorted(rising) and len(set(rising)) >= 4, rising
+    assert all(e["id"] for e in seen) and len({e["id"] for e in seen}) == len(seen)
+
+    # Reconnected with Last-Event-ID, a client gets what came after it, and only that.
+    cut = next(i for i, e in enumerate(seen) if e["event"] == "segment" and e["data"]["id"] == 5)
+    after = events_until_end(daemon, job["id"], {"Last-Event-ID": seen[cut]["id"]})
+    assert [e["data"] for e in after if e["event"] == "segment"] == segments[6:]
+    # A finished job replays its segments, then its end.
+    replay = events_until_end(daemon, job["id"])
+    assert [e["data"] for e in replay if e["event"] == "segment"] == segments
+    assert replay[-1]["data"] == daemon.job(job["id"])
+    with daemon.stream(path, {"Last-Event-ID": replay[-1]["id"]}) as (status, events):
+        assert status == 204  # an EventSource stops reconnecting
+
+    # The client that went away left nothing behind.
+    wait_until(lambda: streams_open(daemon) == 0, message="a stream outlived its client")
+
+
+@pytest.mark.parametrize("engine", ["openai-whisper", "faster-whisper"])
+def test_a_job_killed_past_half_resumes_where_it_stopped(start, speech, tmp_path, engine):
+    """kill -9 past half of a long job: its next run begins at the last window it kept
+    (decoded again, prompted as the whole run prompted it), not at zero, and its
+    transcript is the uninterrupted run's."""
+    state = tmp_path / "state"
+    daemon = start("--engine", engine, state=state)
+    whole = daemon.completed(daemon.submit(path=speech["meeting.wav"],
+                                           output_path=tmp_path)["id"])
+    job = daemon.submit(path=speech["meeting.wav"], output_path=tmp_path, format="json")
+    with daemon.stream(f"/transcription/job/{job['id']}/events") as (_, events):
+        next(e for e in events if e["event"] == "progress" and e["data"]["progress"] >= 50)
+    daemon.kill()
+    again = start("--engine", engine, state=state)
+    done = again.completed(job["id"])
+    assert done["attempts"] == 2
+    resumed = re.search(rf"job {job['id']} running on \S+ \(attempt 2; ([\d.]+) s of its "
+                        rf"audio were decoded before\)", again.log)
+    assert resumed and float(resumed.group(1)) >= 40, again.log
+    assert edit_distance(words(whole["result"]), words(done["result"])) <= 1, \
+        (whole["result"], done["result"])
+    written = json.loads((tmp_path / "meeting.json").read_text())  # one whole, as if unbroken
+    assert [s["id"] for s in written["segments"]] == list(range(len(written["segments"])))
+    assert all(a["end"] <= b["start"] + 0.01 for a, b in zip(written["segments"],
+                                                          written["segments"][1:]))
+
+
+# ---------------------------------------------------------------------------------------
 # Past one host: nodes sharing one queue on PostgreSQL
 # ---------------------------------------------------------------------------------------
 
@@ -2049,6 +2193,33 @@ def test_sigterm_hands_a_running_job_to_another_node_at_once(nodes, speech, tmp_
     assert leaving.terminate() == 0
     done = staying.completed(job["id"], timeout=CEILING)
     assert done["node"] == node_name(staying) and done["attempts"] == 1  # not counted
+
+
+def test_a_job_streams_on_any_node_and_resumes_on_another_after_kill_9(nodes, speech,
+                                                                      tmp_path):
+    a, b = nodes(2)
+    whole = a.completed(a.submit(path=speech["meeting.wav"], output_path=tmp_path)["id"])
+    job = a.submit(path=speech["meeting.wav"], output_path=tmp_path)
+    runner, other = (a, b) if a.running(job["id"])["node"] == node_name(a) else (b, a)
+    with other.stream(f"/transcription/job/{job['id']}/events") as (status, events):
+        assert status == 200  # on the node that does not run it: through the store
+        heard = []
+        for event in events:
+            heard.append(event)
+            if event["event"] == "progress" and event["data"]["progress"] >= 50:
+                break
+    assert sum(e["event"] == "segment" for e in heard) >= 4, heard
+    runner.kill()  # its lease lapses; the other node resumes the job
+    done = other.completed(job["id"])
+    assert done["attempts"] == 2 and done["node"] == node_name(other)
+    assert re.search(rf"job {job['id']} running on \S+ \(attempt 2; [\d.]+ s of its audio "
+                     rf"were decoded before\)", other.log), other.log
+    assert edit_distance(words(whole["result"]), words(done["result"])) <= 1, \
+        (whole["result"], done["result"])
+    streamed = [e["data"] for e in heard if e["event"] == "segment"]  # those of the windows
+    settled = [s["text"].strip() for s in streamed  # before the last one it began
+               if s["end"] <= streamed[-1]["end"] - 30]
+    assert settled and done["result"].splitlines()[:len(settled)] == settled
 
 
 def test_a_callback_pending_on_a_killed_node_is_sent_by_another(nodes, speech, receiver,

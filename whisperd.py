@@ -48,6 +48,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import email.parser
 import email.policy
@@ -729,10 +730,15 @@ def _ffprobe(path):
 #   add(job, max_queued)        a new QUEUED job, unless max_queued are waiting (QueueFull)
 #   claim(start)                the next QUEUED job this node may run, changed by
 #                               start(job) and now RUNNING here; None if start says no
-#   end(ends, keep)             [(job, changes)] ended and counted; the finished jobs past
+#   end(ends, keep, segments)   [(job, changes)] ended and counted, each job's segments
+#                               now {id: its final segments}; the finished jobs past
 #                               the newest `keep` forgotten, but those whose callback is
 #                               due; returns the ends recorded (not a run another node
 #                               took over)
+#   decoded(job, changes, first, segments)   a run's progress (its changes) and its
+#                               segments numbered from `first` on (those already there
+#                               from `first` on replaced); False if the run is no longer
+#                               this node's
 #   requeue(undone)             [(job, changes)] of runs here: QUEUED again, in their place
 #   delete(job_id)              a QUEUED job removed and returned (NotFound, NotQueued)
 #   cancel(job_id, ending, keep)  a QUEUED job ended with ending(job)'s changes, or a
@@ -746,6 +752,7 @@ def _ffprobe(path):
 #                               callbacks are now this node's to send)
 #   adopt()                     at start: pending callbacks to send
 #   get(id), active(), finished(count), upcoming(count), left_behind(), counts(), nodes()
+#   segments(id, first, count)  a job's kept segments from number `first` on, at most count
 #
 # Their errors are their own (StoreUnavailable: nothing changed; QueueFull, NotFound,
 # NotQueued); the HTTP section turns them into statuses. A storage locks nothing but its
@@ -806,9 +813,24 @@ class _SQL:
     def _prune(self, db, keep):
         """The history rule: forget the finished jobs past the newest `keep`, but those
         whose callback is still due."""
-        db.execute(f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at IS "
-                   f"NOT NULL ORDER BY finished_at DESC, seq DESC LIMIT {self.ALL} OFFSET "
-                   f"{int(keep)}) AND callback_status != 'pending'")
+        gone = db.execute(f"DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE "
+                          f"finished_at IS NOT NULL ORDER BY finished_at DESC, seq DESC LIMIT "
+                          f"{self.ALL} OFFSET {int(keep)}) AND callback_status != 'pending' "
+                          f"RETURNING id").fetchall()
+        self._drop_segments(db, [job_id for job_id, in gone])
+
+    def _drop_segments(self, db, job_ids, first=0):
+        for job_id in job_ids:
+            db.execute(self._q("DELETE FROM segments WHERE job_id = ? AND n >= ?"),
+                       (job_id, first))
+
+    def _put_segments(self, db, job_id, first, segments):
+        """Segments numbered from `first` on, in place of those there from `first` on."""
+        self._drop_segments(db, [job_id], first)
+        if segments:
+            db.cursor().executemany(self._q("INSERT INTO segments (job_id, n, doc) VALUES (?, ?, ?)"),
+                           [(job_id, first + i, self._segment(segment))
+                            for i, segment in enumerate(segments)])
 
     def _jobs(self, sql, *args):
         with self._db() as db:
@@ -818,6 +840,8 @@ class _SQL:
         with self._write() as db:
             row = db.execute(self._q("DELETE FROM jobs WHERE id = ? AND status = 'QUEUED' "
                                      "RETURNING doc"), (job_id,)).fetchone()
+            if row:  # a job requeued after a run cut short keeps what that run decoded
+                self._drop_segments(db, [job_id])
             status = row or db.execute(self._q("SELECT status FROM jobs WHERE id = ?"),
                                        (job_id,)).fetchone()
             self._notify(db)
@@ -825,10 +849,13 @@ class _SQL:
             return self._job(row[0])
         raise NotQueued(status[0]) if status else NotFound()
 
-    def end(self, ends, keep):
+    def end(self, ends, keep, segments=None):
         with self._write() as db:
             recorded = [(job, changes) for job, changes in ends
                         if self._end(db, job, changes, self._token(job.id))]
+            for job, _ in recorded:
+                if segments and job.id in segments:
+                    self._put_segments(db, job.id, 0, segments[job.id])
             self._ended(db, len(recorded), keep)
         self._forget(job for job, _ in ends)  # kept until then: a failed commit is retried
         return recorded
@@ -876,6 +903,12 @@ class _SQL:
         found = self._jobs("SELECT doc FROM jobs WHERE id = ?", job_id)
         return found[0] if found else None
 
+    def segments(self, job_id, first=0, count=None):
+        with self._db() as db:
+            return [self._segment_of(doc) for doc, in db.execute(self._q(
+                f"SELECT doc FROM segments WHERE job_id = ? AND n >= ? ORDER BY n LIMIT "
+                f"{self.ALL if count is None else int(count)}"), (job_id, first)).fetchall()]
+
     def active(self):
         return self._jobs("SELECT doc FROM jobs WHERE status IN ('QUEUED', 'RUNNING') "
                           "ORDER BY seq")
@@ -919,6 +952,11 @@ class SQLiteStore(_SQL):
                 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY,
                                                      value INTEGER NOT NULL);
                 INSERT OR IGNORE INTO counters VALUES ('processed', 0);
+                CREATE TABLE IF NOT EXISTS segments (  -- a job's segments, as decoded
+                    job_id TEXT NOT NULL,
+                    n INTEGER NOT NULL,                -- 0, 1, ... in the job's time order
+                    doc TEXT NOT NULL,
+                    PRIMARY KEY (job_id, n)) WITHOUT ROWID;
             """)
 
     def _connect(self):
@@ -959,6 +997,12 @@ class SQLiteStore(_SQL):
         return Job.from_json(json.loads(doc))
 
     @staticmethod
+    def _segment(segment):
+        return json.dumps(segment, ensure_ascii=False)
+
+    _segment_of = staticmethod(json.loads)
+
+    @staticmethod
     def _update(db, job, changes):
         new = dataclasses.replace(job, **changes)
         db.execute("UPDATE jobs SET status=?, callback_status=?, finished_at=?, doc=? "
@@ -989,6 +1033,12 @@ class SQLiteStore(_SQL):
 
     def _end(self, db, job, changes, token):
         self._update(db, job, changes)
+        return True
+
+    def decoded(self, job, changes, first, segments):
+        with self._write(durable=False) as db:
+            self._update(db, job, changes)
+            self._put_segments(db, job.id, first, segments)
         return True
 
     def _queue_again(self, db, job, changes):
@@ -1063,6 +1113,8 @@ class PostgresStore(_SQL):
         INSERT INTO counters VALUES ('processed', 0) ON CONFLICT DO NOTHING;
         CREATE TABLE IF NOT EXISTS nodes (name text PRIMARY KEY, url text,
                                           last_seen timestamptz NOT NULL);
+        CREATE TABLE IF NOT EXISTS segments (job_id text NOT NULL, n integer NOT NULL,
+                                             doc jsonb NOT NULL, PRIMARY KEY (job_id, n));
     """
     CLAIMABLE = "status = 'QUEUED' AND (NOT upload OR origin = %s)"  # uploads stay home
     ALL, LOCK = "ALL", " FOR UPDATE"
@@ -1074,7 +1126,7 @@ class PostgresStore(_SQL):
         self.url, self.node, self.address, self.lease = url, node, address, lease
         self.tokens = {}           # job id -> the token of its run here
         self.ready = False         # schema made
-        self.on_change = self.on_stop = None
+        self.on_change = self.on_stop = self.on_decoded = None
         threading.Thread(target=self._listen, name="listen", daemon=True).start()
 
     def _connect(self):
@@ -1135,14 +1187,19 @@ class PostgresStore(_SQL):
                 with self.psycopg.connect(self.url, autocommit=True, connect_timeout=3) as conn:
                     conn.execute("LISTEN whisperd")
                     delay = 0.1
-                    heard = [True]  # after a reconnection: what was said meanwhile is lost
+                    changed = True  # after a reconnection: what was said meanwhile is lost
                     while not self.closed:
-                        if heard and self.on_change:
+                        if changed and self.on_change:
                             self.on_change()
-                        heard = list(conn.notifies(timeout=1.0, stop_after=1))
-                        for said in heard:
-                            if said.payload.startswith("stop ") and self.on_stop:
-                                self.on_stop(said.payload[5:])
+                        changed = False
+                        for said in conn.notifies(timeout=1.0, stop_after=1):
+                            kind, _, job_id = said.payload.partition(" ")
+                            if kind == "stop" and self.on_stop:
+                                self.on_stop(job_id)
+                            elif kind == "decoded" and self.on_decoded:
+                                self.on_decoded(job_id)
+                            else:
+                                changed = True
             except self.psycopg.OperationalError:
                 with self.pool_lock:  # the idle connections went down with this one
                     for conn in self.idle:
@@ -1157,6 +1214,15 @@ class PostgresStore(_SQL):
         return Jsonb(dataclasses.replace(job, **changes).stored())
 
     _job = staticmethod(Job.from_json)  # jsonb arrives as a dict
+
+    @staticmethod
+    def _segment(segment):
+        from psycopg.types.json import Jsonb
+        return Jsonb(segment)
+
+    @staticmethod
+    def _segment_of(doc):
+        return doc
 
     def _q(self, sql):
         return sql.replace("?", "%s")
@@ -1216,6 +1282,16 @@ class PostgresStore(_SQL):
             "DISTINCT FROM %s", (changes["status"], changes["callback_status"], pending,
                                  self.node, pending, self.lease, self._doc(job, **changes),
                                  job.id, token)).rowcount == 1
+
+    def decoded(self, job, changes, first, segments):
+        with self._write() as conn:
+            if conn.execute("UPDATE jobs SET doc = %s WHERE id = %s AND token = %s",
+                            (self._doc(job, **changes), job.id, self.tokens.get(job.id))
+                            ).rowcount != 1:
+                return False  # its lease lapsed: another node runs it now
+            self._put_segments(conn, job.id, first, segments)
+            conn.execute("SELECT pg_notify('whisperd', %s)", (f"decoded {job.id}",))
+        return True
 
     def _queue_again(self, conn, job, changes):
         """A RUNNING job QUEUED again, in its place in the queue (its seq stays)."""
@@ -1331,6 +1407,23 @@ def _undone(job, count_attempt=True):
                 attempts=job.attempts - (not count_attempt))
 
 
+def _position(since):
+    """(segments sent, status, progress) from a stream's last event id, as events() makes
+    them; (0, None, -1) for none, or one it did not make."""
+    try:
+        sent, status, progress = since.split(":")
+        return int(sent), status, int(progress)
+    except (AttributeError, ValueError):
+        return 0, None, -1
+
+
+def _event_segment(segment, number):
+    """A stored segment as a stream shows it: its number in the job, its times and text
+    (and words, and its flags once judged), without the decoder's tokens."""
+    return {"id": number, **{k: v for k, v in segment.items()
+                             if k not in ("id", "seek", "tokens")}}
+
+
 @dataclasses.dataclass(eq=False)
 class Outcome:
     """What a runner hands back for a job: whisper's result, the JobFailed that ended it,
@@ -1361,7 +1454,12 @@ class JobQueue:
         self.counters = collections.Counter()
         self.trouble = None
         self.stops = {}                  # id -> when its run was asked to stop (cancelled)
+        self.kept = {}                   # id -> segments an earlier run kept, for its runner
+        self.written = {}                # id -> its segments stored (a run here)
+        self.news = collections.Counter()  # id -> its progress and segments seen changing
+        self.followed = collections.Counter()  # id -> event streams open on it here
         storage.on_change, storage.on_stop = self.wake, self._stop
+        storage.on_decoded = self._heard
 
     def wake(self):
         with self.changed:
@@ -1398,23 +1496,63 @@ class JobQueue:
         `accept` does not take it (jobs start in the order they came)."""
         job = self.storage.claim(lambda job: accept(job) and _started(
             job, worker, self.storage.node))
-        if job is not None:
-            with self.lock:
-                self.runs[job.id], self.stepped[job.id] = job, time.monotonic()
-            log(f"job {job.id} running on {worker} (attempt {job.attempts})")
-            self.wake()
+        if job is None:
+            return None
+        try:  # what a run cut short kept: this run resumes after it
+            kept = self.storage.segments(job.id)
+        except StoreUnavailable:
+            kept = []  # decoded again from the start, and written over
+        with self.lock:
+            self.runs[job.id], self.stepped[job.id] = job, time.monotonic()
+            self.kept[job.id], self.written[job.id] = kept, len(kept)
+        log(f"job {job.id} running on {worker} (attempt {job.attempts}" + (
+            f"; {kept[-1]['end']:.1f} s of its audio were decoded before)" if kept else ")"))
+        self.wake()
         return job
 
-    def progress(self, job, fraction=None, **seen):
-        """How far a run here is (kept in memory: a restarted run starts over), and what
-        was learnt of its audio."""
+    def resume(self, job):
+        """The segments an earlier run of this claimed job kept (its runner asks once)."""
+        with self.lock:
+            return self.kept.pop(job.id, [])
+
+    def progress(self, job, fraction=None, segments=None, **seen):
+        """How far a run here is, what was learnt of its audio, and `segments`: the
+        job's segments so far (those a run before kept, then this run's), in the file's
+        times. What changed in them is stored with the progress it came with, in one
+        commit (a run cut short resumes from them); progress alone is kept in memory
+        (and renewed to the other nodes with the lease)."""
         changes = dict(seen)
         if fraction is not None:
             changes["progress"] = min(99, int(fraction * 100))  # 100 is for COMPLETED
         with self.lock:
-            if changes.get("progress", job.progress) != job.progress:
+            moved = changes.get("progress", job.progress) != job.progress
+            if moved:
                 self.stepped[job.id] = time.monotonic()
             job.update(**changes)
+            stored = self.written.get(job.id, 0)
+        first = stored if segments is None else min(stored, len(segments))
+        stores = segments is not None and (first < stored or len(segments) > stored)
+        if stores:  # new ones, or fewer than stored: some are decoded again
+            try:
+                stores = self.storage.decoded(job, changes, first, segments[first:])
+            except StoreUnavailable as e:  # stored at the next step
+                self.troubled(f"the segments of job {job.id} wait to be stored: {e}")
+                stores = False
+            else:
+                self.troubled(None)
+        if moved or stores:
+            with self.changed:
+                if stores and job.id in self.written:
+                    self.written[job.id] = len(segments)
+                self.news[job.id] += 1
+                self.changed.notify_all()
+
+    def _heard(self, job_id):
+        """Another node stored segments of a job it runs."""
+        with self.changed:
+            if self.followed[job_id]:
+                self.news[job_id] += 1
+                self.changed.notify_all()
 
     def _ending(self, job, outcome, seconds=0.0):
         """What a job's end changes: whisper's result, or the JobFailed that ended it."""
@@ -1429,12 +1567,13 @@ class JobQueue:
         """Ends jobs in one commit: [Outcome]; returns those recorded (a run another node
         took over is not). Raises StoreUnavailable, changing nothing."""
         ends = [(o.job, self._ending(o.job, o.result, o.seconds)) for o in outcomes]
-        recorded = {job.id for job, _ in self.storage.end(ends, self.settings.history)}
+        segments = {o.job.id: o.result["segments"] for o in outcomes
+                    if isinstance(o.result, dict)}
+        recorded = {job.id for job, _ in self.storage.end(ends, self.settings.history,
+                                                          segments)}
         with self.lock:
             for (job, changes), o in zip(ends, outcomes):
-                self.runs.pop(job.id, None)
-                self.stepped.pop(job.id, None)
-                self.stops.pop(job.id, None)
+                self._gone(job.id)
                 if job.id not in recorded:
                     continue
                 job.update(**changes)
@@ -1457,11 +1596,14 @@ class JobQueue:
         self.storage.requeue(undone)
         with self.lock:
             for job, changes in undone:
-                self.runs.pop(job.id, None)
-                self.stepped.pop(job.id, None)
-                self.stops.pop(job.id, None)
+                self._gone(job.id)
                 job.update(**changes)
         self.wake()
+
+    def _gone(self, job_id):
+        """Forgets a run here (under the lock)."""
+        for runs in (self.runs, self.stepped, self.stops, self.kept, self.written, self.news):
+            runs.pop(job_id, None)
 
     def _lost(self, job):
         """What a job becomes when the whisperd running it died (a crash, `kill -9`, power
@@ -1613,6 +1755,63 @@ class JobQueue:
             self.storage.finished(self.settings.history))
         return sorted(docs, key=lambda doc: doc["created_at"])
 
+    KEEPALIVE = 15.0  # seconds of nothing new after which a stream hears that it lives
+
+    def events(self, job_id, since=""):
+        """A job's events, as they happen, for a stream: (kind, its JSON, its id) where
+        kind is "status" (each change of status), "segment" (each as soon as it is
+        stored: a run's as it decodes, a finished job's from the first), "progress" (as
+        it rises) and last "end" (the job as GET shows it); None after KEEPALIVE seconds
+        of nothing. Each id is where the stream stands ("segments sent:status:progress",
+        and "end"): given back as `since`, what came up to it is not sent again. NotFound
+        if there is no such job. Holds one page of segments at a time, and no lock between
+        events."""
+        sent, status, progress = _position(since)
+        with self.lock:
+            self.followed[job_id] += 1
+        try:
+            while True:
+                with self.lock:
+                    seen = self.version, self.news[job_id]
+                job = self.storage.get(job_id)
+                if job is None:
+                    if status is None:
+                        raise self._missing(job_id)
+                    return  # deleted meanwhile
+                with self.lock:
+                    job = self.runs.get(job_id, job)
+                    now = job.status, job.progress
+                if now[0] != status:
+                    status = now[0]
+                    yield "status", {"id": job_id, "status": status,
+                                     "attempts": job.attempts}, f"{sent}:{status}:{progress}"
+                while page := self.storage.segments(job_id, sent, self.PAGE):
+                    for segment in page:
+                        sent += 1
+                        yield "segment", _event_segment(segment, sent - 1), \
+                            f"{sent}:{status}:{progress}"
+                    if len(page) < self.PAGE:
+                        break
+                if now[1] != progress:
+                    progress = now[1]
+                    yield "progress", {"progress": progress}, f"{sent}:{status}:{progress}"
+                if status in FINISHED:
+                    yield "end", self.show(job_id), "end"
+                    return
+                with self.changed:
+                    if not self.changed.wait_for(lambda: (self.version, self.news[job_id])
+                                                 != seen, self.KEEPALIVE):
+                        yield None
+        finally:
+            with self.lock:
+                self.followed[job_id] -= 1
+                if not self.followed[job_id]:
+                    del self.followed[job_id]
+                    if job_id not in self.runs:
+                        self.news.pop(job_id, None)
+
+    PAGE = 100  # segments read at a time
+
     def wait(self, job_id, seconds):
         """Holds until the job has finished, at most `seconds`."""
         deadline = time.monotonic() + seconds
@@ -1632,6 +1831,11 @@ class JobQueue:
 
     def upcoming(self, count):
         return self.storage.upcoming(count)
+
+    def streams(self):
+        """Event streams open here."""
+        with self.lock:
+            return sum(self.followed.values())
 
     def running_here(self):
         with self.lock:
@@ -1685,17 +1889,21 @@ def _vad():
     return vad
 
 
-def speech_only(audio):
-    """The speech in RATE (16 kHz) audio, found by the Silero VAD model that ships with
-    faster-whisper (with the defaults of its vad_filter), cut out and joined: (the speech,
-    a Window whose pieces say where each stretch of it came from), or (nothing, None)."""
+def speech_only(audio, since=0.0):
+    """The speech in RATE (16 kHz) audio from `since` seconds on, found by the Silero VAD
+    model that ships with faster-whisper (with the defaults of its vad_filter), cut out
+    and joined: (the speech, a Window whose pieces say where each stretch of it came
+    from, or None if there is none; [(start, end)] seconds of all the speech heard)."""
     vad = _vad()
-    track, pieces, used = Track(None, audio, None), [], 0
+    track, pieces, used, speech = Track(None, audio, None), [], 0, []
     for chunk in vad.get_speech_timestamps(audio, vad.VadOptions()):
-        pieces.append(Piece(track, chunk["start"], chunk["end"], used))
-        used += chunk["end"] - chunk["start"]
+        speech.append((chunk["start"] / RATE, chunk["end"] / RATE))
+        start = max(chunk["start"], round(since * RATE))
+        if chunk["end"] > start:
+            pieces.append(Piece(track, start, chunk["end"], used))
+            used += chunk["end"] - start
     window = Window(pieces)
-    return (window.audio(), window) if pieces else (audio[:0], None)
+    return (window.audio(), window, speech) if pieces else (audio[:0], None, speech)
 
 
 def restore_times(result, window):
@@ -1818,6 +2026,72 @@ def is_suspect(segment, echo=False):
     return bool(silent or doubt or TAGS.search(text) or segment["compression_ratio"] > REPEATS
                 or (short and (segment["no_speech_prob"] > 0.5
                                or (spoken is not None and spoken < 1.0))))
+
+
+class _Decoded:
+    """A run's segments as they come, in the file's times: take(the engine's segments
+    so far) maps those it had not seen with `mapping` (on copies) and returns them all."""
+
+    def __init__(self, mapping):
+        self.mapping, self.seen, self.segments = mapping, 0, []
+
+    def take(self, segments):
+        new = copy.deepcopy(segments[self.seen:])
+        self.seen = len(segments)
+        if new:
+            self.segments += self.mapping(new)
+        return self.segments
+
+
+def _resumption(before, vad):
+    """Where a run resumes, in seconds, and the segments it keeps of a run cut short
+    (`before`). Whisper decodes 30 s windows one after the other, each from where the one
+    before ended, prompted with the text decoded before it: the run begins again at the
+    start of the last window kept (its segments are decoded again), so that it decodes
+    each window from where, and with what, the whole run would have (the audio given
+    whole, from there: clip_timestamps). With vad (whose windows hold speech alone) it
+    begins at the end of the last segment kept."""
+    if not before:
+        return 0.0, []
+    if vad:
+        return before[-1]["end"], before
+    last = before[-1].get("seek", 0)  # mel frames, 100 a second
+    return last / 100, [segment for segment in before if segment.get("seek", 0) < last]
+
+
+def _shifted(segment, seconds):
+    """A segment decoded from `seconds` into the audio, timed against the whole of it."""
+    if seconds:
+        for timed in [segment, *(segment.get("words") or ())]:
+            timed["start"] = round(timed["start"] + seconds, 3)
+            timed["end"] = round(timed["end"] + seconds, 3)
+    return segment
+
+
+def _prompt(before, initial_prompt):
+    """A resumed run's prompt, as whisper would have prompted its next window: the job's
+    initial_prompt, then every token decoded (timestamps included), from the last window
+    decoded at a temperature over 0.5 on (whisper resets its prompt there; it keeps the
+    last 223 tokens itself). (text, tokens): each engine encodes the text its own way. A
+    prompt of the text alone, measured, made tiny.en decode the windows after it without
+    a timestamp: one segment for 30 s, a sentence lost."""
+    tokens = []
+    for segment in before:
+        tokens += segment.get("tokens") or []
+        if segment.get("temperature", 0) > 0.5:
+            tokens, initial_prompt = [], None
+    return initial_prompt or None, tokens[-224:]
+
+
+def _resumed(result, before, speech, drop, judged=True):
+    """whisper's result of a run, with the segments kept before it (a run cut short),
+    numbered as one, judged (see judge()) when `judged`."""
+    if before:
+        result = dict(result, segments=before + result["segments"],
+                      text="".join(segment["text"] for segment in before) + result["text"])
+    for i, segment in enumerate(result["segments"]):
+        segment["id"] = i
+    return judge(result, speech, drop) if judged else result
 
 
 def judge(result, speech, drop):
@@ -1947,32 +2221,50 @@ class Engine:
         not for options that only sequential decoding honours."""
         return False
 
-    def run(self, job, audio, report):
-        """Transcribes one job's decoded audio; report(fraction done) as it goes. With
-        vad, only the speech is decoded (both engines alike), and its times map back.
+    def run(self, job, audio, report, before=()):
+        """Transcribes one job's decoded audio; report(fraction done, the segments decoded
+        so far, in the file's times, and the language once known) as it goes. `before`:
+        the segments a run cut short kept, from which this one resumes (see _resumption).
+        With vad, only the speech is decoded (both engines alike), and its times map back.
         Each segment is then judged (speech_ratio, suspect: see judge())."""
         model = self.model(job.model)
-        report(0.0)
-        options, window = self.decode_options(job), None
-        if options.pop("vad"):
-            audio, window = speech_only(audio)
+        options = self.decode_options(job)
+        vad = options.pop("vad")
+        since, before = _resumption(before, vad)
+        if before and options["condition_on_previous_text"]:
+            options["initial_prompt"] = _prompt(before, job.initial_prompt)
+        share = 0.0  # of the audio, not given to the engine (vad: decoded before)
+        if vad:
+            rest, window, speech = speech_only(audio, since)
             if window is None:  # nothing but silence: nothing to decode
-                return {"text": "", "segments": [], "language": options["language"]}
-        if window:
-            result = restore_times(self.transcribe(model, audio, options, report), window)
-            speech = [(p.start / RATE, p.end / RATE) for p in window.pieces]
-            return judge(result, speech, job.drop_suspect)
-        if not (job.drop_suspect or job.format in ("json", "all")):  # nobody sees the flags
-            return self.transcribe(model, audio, options, report)
-        # The voice activity detector (one CPU thread) listens while the model decodes:
-        # beside a GPU it costs no time.
-        beside = concurrent.futures.ThreadPoolExecutor(1, "whisperd-vad")
-        try:
-            speech = beside.submit(heard, audio)
-            result = self.transcribe(model, audio, options, report)
-            return judge(result, speech.result(), job.drop_suspect)
-        finally:
-            beside.shutdown(wait=False)
+                return _resumed({"text": "", "segments": [], "language": options["language"]},
+                                before, speech, job.drop_suspect)
+            share = since * RATE / max(len(audio), 1)
+            decoded = _Decoded(lambda new: restore_times({"segments": new}, window)["segments"])
+        else:
+            rest, speech, decoded = audio, None, _Decoded(lambda new: new)
+            if since:
+                options["clip_timestamps"] = [since]
+        report(share, before)
+
+        def progress(fraction, segments, language=None):
+            report(share + (1 - share) * fraction, before + decoded.take(segments), language)
+
+        judged = speech is not None or job.drop_suspect or job.format in ("json", "all")
+        if speech is not None or not judged:  # nobody sees the flags: none are set
+            result = self.transcribe(model, rest, options, progress)
+        else:
+            # The voice activity detector (one CPU thread) listens while the model
+            # decodes: beside a GPU it costs no time.
+            beside = concurrent.futures.ThreadPoolExecutor(1, "whisperd-vad")
+            try:
+                heard_there = beside.submit(heard, audio)
+                result = self.transcribe(model, rest, options, progress)
+                speech = heard_there.result()
+            finally:
+                beside.shutdown(wait=False)
+        result["segments"] = decoded.take(result["segments"])
+        return _resumed(result, before, speech, job.drop_suspect, judged)
 
     def load_audio(self, path):
         """The file's audio, RATE mono float32; AudioError when it cannot be decoded, or
@@ -2002,6 +2294,22 @@ class Engine:
 
 
 _progress = threading.local()  # .report: the running job's progress callback, per worker
+PROMPTED = "(whisperd: the prompt's tokens)"
+
+
+def _prompted_tokenizer(get_tokenizer, *args, **kwargs):
+    """whisper.transcribe()'s tokenizer, but for a resumed run: its initial_prompt (a
+    str there: PROMPTED) is encoded to _progress.prompt's text and tokens, timestamps and
+    all, which faster-whisper takes as they are (see _prompt())."""
+    tokenizer = get_tokenizer(*args, **kwargs)
+    prompt = getattr(_progress, "prompt", None)
+    if not prompt:
+        return tokenizer
+    tokenizer = copy.copy(tokenizer)  # whisper keeps one per language (lru_cache)
+    encode, (text, tokens) = tokenizer.encode, prompt
+    tokenizer.encode = lambda said, **more: (encode(" " + text.strip()) if text else []) + \
+        tokens if said.strip() == PROMPTED else encode(said, **more)
+    return tokenizer
 
 
 class OpenAIWhisper(Engine):
@@ -2030,23 +2338,30 @@ class OpenAIWhisper(Engine):
 
         class ProgressBar(tqdm.tqdm):
             """Stands in for the bar inside whisper.transcribe(): prints nothing and
-            reports the audio frames decoded so far to the running job."""
+            reports to the running job how far it is and the segments: transcribe()
+            updates its bar after each window, once that window's segments are in its
+            list `all_segments` and `seek` is where the next window starts; both are
+            read there, with `language` (a test holds whisper to them: the segments of a
+            long job are stored as they come)."""
 
             def __init__(self, *args, **kwargs):
                 kwargs["disable"] = True
                 super().__init__(*args, **kwargs)
-                self.frames = 0
 
             def update(self, n=1):
-                self.frames += n
                 report = getattr(_progress, "report", None)
                 if report and self.total:
-                    report(self.frames / self.total)
+                    seen = sys._getframe(1).f_locals
+                    report(min(seen.get("seek", 0), self.total) / self.total,
+                           seen.get("all_segments") or [], seen.get("language"))
 
         # whisper.transcribe() does `import tqdm` and calls `tqdm.tqdm(...)`: give its
         # module a tqdm namespace whose bar is ours.
-        sys.modules["whisper.transcribe"].tqdm = type(sys)("tqdm")
-        sys.modules["whisper.transcribe"].tqdm.tqdm = ProgressBar
+        module = sys.modules["whisper.transcribe"]
+        module.tqdm = type(sys)("tqdm")
+        module.tqdm.tqdm = ProgressBar
+        if not isinstance(module.get_tokenizer, functools.partial):  # once per process
+            module.get_tokenizer = functools.partial(_prompted_tokenizer, module.get_tokenizer)
 
     def load(self, name, path):
         if path is None:
@@ -2082,11 +2397,13 @@ class OpenAIWhisper(Engine):
 
     def transcribe(self, model, audio, options, report):
         _progress.report = report
+        if isinstance(options["initial_prompt"], tuple):  # see _prompt, _prompted_tokenizer
+            _progress.prompt, options["initial_prompt"] = options["initial_prompt"], PROMPTED
         try:
             return self.whisper.transcribe(model, audio, verbose=None,
                                            fp16=self.device.startswith("cuda"), **options)
         finally:
-            _progress.report = None
+            _progress.report = _progress.prompt = None
 
 
 class FasterWhisper(Engine):
@@ -2163,6 +2480,10 @@ class FasterWhisper(Engine):
     def transcribe(self, model, audio, options, report):
         options["log_prob_threshold"] = options.pop("logprob_threshold")
         options["temperature"] = list(options["temperature"])
+        if isinstance(options["initial_prompt"], tuple):  # see _prompt
+            text, tokens = options["initial_prompt"]
+            options["initial_prompt"] = (model.hf_tokenizer.encode(
+                " " + text.strip(), add_special_tokens=False).ids if text else []) + tokens
         pieces, info = model.transcribe(audio, **options)
         segments = []
         for piece in pieces:  # a generator: decoding happens as we iterate
@@ -2175,8 +2496,8 @@ class FasterWhisper(Engine):
                 segment["words"] = [{"word": w.word, "start": w.start, "end": w.end,
                                      "probability": w.probability} for w in piece.words]
             segments.append(segment)
-            if info.duration:
-                report(min(piece.end / info.duration, 1.0))
+            report(min(piece.end / info.duration, 1.0) if info.duration else 0.0, segments,
+                   info.language)
         text = "".join(segment["text"] for segment in segments)
         return {"text": text, "segments": segments, "language": info.language}
 
@@ -2208,6 +2529,8 @@ class Track:
     audio: object        # numpy float32, 16 kHz mono
     language: str | None  # None: detected per window
     speech: list = ()     # [(start, end)] seconds the voice activity detector heard
+    since: float = 0.0    # seconds of the job's audio before `audio` (a resumed run)
+    before: list = ()     # the segments a run cut short kept of them
 
 
 @dataclasses.dataclass(eq=False)
@@ -2507,10 +2830,15 @@ class Batch:
         return not self.pending or (job.task == self.task and job.model == model)
 
     def add(self, entries):
-        """Plans the windows of newly claimed jobs: [(job, audio)] (packing happens
-        among them). All join, or (it raised) none."""
-        tracks = [Track(job, audio, None if job.language == AUTO_LANGUAGE else job.language)
-                  for job, audio in entries]
+        """Plans the windows of newly claimed jobs: [(job, audio, the segments a run cut
+        short kept)] (packing happens among them; a resumed job's audio starts at the end
+        of its last kept segment). All join, or (it raised) none."""
+        tracks = []
+        for job, audio, *before in entries:
+            before = list(before[0]) if before else []
+            since = before[-1]["end"] if before else 0.0
+            tracks.append(Track(job, audio[round(since * RATE):], None if job.language ==
+                                AUTO_LANGUAGE else job.language, since=since, before=before))
         _fault("batch.add")
         windows = plan(tracks, self.pack)
         for track in tracks:
@@ -2529,9 +2857,17 @@ class Batch:
             del self.pending[track], self.planned[track], self.results[track]
 
     def progress(self):
-        """{job: fraction of its windows decoded}."""
-        return {track.job: 1 - len(windows) / self.planned[track]
-                for track, windows in self.pending.items()}
+        """{job: (fraction of its windows decoded, its segments so far)}: the segments
+        before the first of its windows still to decode (they will not change), in the
+        file's times and order, after those kept before."""
+        out = {}
+        for track, windows in self.pending.items():
+            left = [p.start for w in windows for p in w.pieces if p.track is track]
+            until = min(left) / RATE if left else math.inf
+            decoded = sorted((s for s in self.results[track]["segments"]
+                              if s["start"] - track.since < until), key=lambda s: s["start"])
+            out[track.job] = (1 - len(windows) / self.planned[track], track.before + decoded)
+        return out
 
     def _take(self):
         batch, taken = [], set()
@@ -2556,7 +2892,8 @@ class Batch:
                 self.pending[track].remove(window)
             for track, segments in out["segments"].items():
                 if track in mine:
-                    self.results[track]["segments"] += segments
+                    self.results[track]["segments"] += [_shifted(s, track.since)
+                                                        for s in segments]
                     self.results[track]["language"] = (self.results[track]["language"]
                                                        or out["language"])
             for track in out["redo"] & set(mine):  # start over, alone
@@ -2573,12 +2910,14 @@ class Batch:
             del self.pending[track], self.planned[track]
             result = self.results.pop(track)
             segments = sorted(result["segments"], key=lambda s: s["start"])
-            for i, segment in enumerate(segments):
-                segment.update(id=i, seek=0)
+            for segment in segments:
+                segment["seek"] = 0
             language = result["language"] or ("en" if not self.decoder.multilingual else None)
-            done[track.job] = judge({"text": "".join(s["text"] for s in segments),
-                                     "segments": segments, "language": language},
-                                    track.speech, track.job.drop_suspect)
+            done[track.job] = _resumed(
+                {"text": "".join(s["text"] for s in segments), "segments": segments,
+                 "language": language}, track.before,
+                [(a + track.since, b + track.since) for a, b in track.speech],
+                track.job.drop_suspect)
         return done
 
 
@@ -2820,13 +3159,16 @@ class Runner(threading.Thread):
             self.queue.progress(job, audio_duration=round(len(audio) / RATE, 3))
         return audio
 
-    def report(self, job, done):
+    def report(self, job, done, segments=None, language=None):
+        """A run's progress (see JobQueue.progress); the language detected is shown (and
+        kept for a resumed run) once known."""
         self.beat = time.monotonic()
         if self.abort.is_set():
             raise Interrupted()
         if self.queue.cancelled(job.id):
             raise JobFailed(CANCELLED)
-        self.queue.progress(job, done)
+        known = {"language": language} if language and job.language == AUTO_LANGUAGE else {}
+        self.queue.progress(job, done, segments, **known)
 
     def hand_back(self, job, result, started=None):
         """An Outcome for the job: whisper's result, a JobFailed, or None (interrupted),
@@ -2850,7 +3192,8 @@ class Runner(threading.Thread):
             if self.error:
                 raise JobFailed(self.error)
             audio = self.audio(job)
-            result = self.engine.run(job, audio, lambda done: self.report(job, done))
+            result = self.engine.run(job, audio, functools.partial(self.report, job),
+                                     self.queue.resume(job))
         except Interrupted:
             result, started = None, None
         except Exception as e:
@@ -2878,14 +3221,14 @@ class Runner(threading.Thread):
                 entries = []
                 for job in joining:
                     try:
-                        entries.append((job, self.audio(job)))
+                        entries.append((job, self.audio(job), self.queue.resume(job)))
                     except Exception as e:
                         self.hand_back(job, self.failure(f"job {job.id}", e), held.pop(job))
                 joining = []
                 try:
                     batch.add(entries)
                 except Exception as e:  # they did not join: only they fail
-                    for job, _ in entries:
+                    for job, *_ in entries:
                         self.hand_back(job, self.failure("a batch", e), held.pop(job))
                 for job in [job for job in held if self.queue.cancelled(job.id)]:
                     batch.drop(job)
@@ -2903,8 +3246,8 @@ class Runner(threading.Thread):
                 self.beat = time.monotonic()
                 for job, result in done.items():
                     self.hand_back(job, result, held.pop(job))
-                for job, fraction in batch.progress().items():
-                    self.queue.progress(job, fraction)
+                for job, (fraction, segments) in batch.progress().items():
+                    self.queue.progress(job, fraction, segments)
         except Exception as e:  # a step raised, or worse: the jobs held fail
             error = self.failure("a batch", e)
             for job in list(held):
@@ -3220,6 +3563,8 @@ class Status:
                "while a worker was busy with others.", [({}, sum(s.ahead for s in states))])
         metric("model_loads_total", "counter", "Models loaded, by worker.",
                [({"worker": s.name}, s.loads) for s in states])
+        metric("event_streams", "gauge", "Event streams open (GET /transcription/job/ID/"
+               "events, and OpenAI's stream=true).", [({}, self.queue.streams())])
         return "\n".join(lines) + "\n"
 
     def line(self):
@@ -3365,10 +3710,11 @@ class Service:
             self.finisher.uploads.pop(job.id, None)
             raise
 
-    def transcribe_upload(self, upload, fields):
-        """An OpenAI-style upload, run as a job in the same queue: returns (whisper's
-        result, the job's JSON) from memory once it is done. Errors name the uploaded
-        file's own name, never where it was kept."""
+    @contextlib.contextmanager
+    def _uploaded(self, upload, fields):
+        """An OpenAI-style upload, queued as a job in the same queue: yields (its JSON as
+        created, the Future of (whisper's result, its JSON)); its file is kept until this
+        ends. Errors name the uploaded file's own name, never where it was kept."""
         filename, data = upload
         name = os.path.basename(filename or "").lstrip(".")[-100:] or "audio"
         folder = tempfile.mkdtemp(dir=self.uploads)
@@ -3382,8 +3728,8 @@ class Service:
                 file.write(data)
             future = Future()
             try:
-                self.submit(dict(fields, path=audio, output_path=folder), future, context)
-                return future.result()
+                yield self.submit(dict(fields, path=audio, output_path=folder), future,
+                                  context), future
             except HTTPError as e:
                 e.message = e.message.replace(audio, name)
                 e.field = "file" if e.field == "path" else e.field
@@ -3394,6 +3740,30 @@ class Service:
                 raise HTTPError(status, str(e).replace(audio, name)) from None
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def transcribe_upload(self, upload, fields):
+        """An upload's (whisper's result, the job's JSON), once it is done."""
+        with self._uploaded(upload, fields) as (_, done):
+            return done.result()
+
+    def follow_upload(self, upload, fields):
+        """An upload's events as it is decoded (JobQueue.events), then ("result", (whisper's
+        result, the job's JSON)), or ("error", why it failed). Its client gone (the
+        generator closed before the end), the job is cancelled: nobody awaits it."""
+        with self._uploaded(upload, fields) as (job, done):
+            ended = False
+            try:
+                for event in self.queue.events(job["id"]):
+                    ended = ended or (event is not None and event[0] == "end")
+                    yield event
+                try:
+                    yield "result", done.result()
+                except HTTPError as e:  # raised by _uploaded: the stream has begun
+                    yield "error", e.message
+            finally:
+                if not ended:
+                    with contextlib.suppress(Exception):
+                        self.cancel(job["id"])
 
     def delete(self, job_id):
         job = self.queue.delete(job_id)
@@ -3491,6 +3861,59 @@ def openai_answer(result, job, response_format):
     return body, None
 
 
+@dataclasses.dataclass
+class EventStream:
+    """An answer sent as Server-Sent Events: `items` (None: a comment that keeps the
+    stream alive), each turned into an event's bytes by encode(item)."""
+    items: object
+    encode: object
+
+
+def _started_stream(items):
+    """The generator `items`, its first item taken now (what it raises, it raises here:
+    before an answer begins)."""
+    first = next(items)
+
+    def stream():
+        yield first
+        yield from items
+    return stream()
+
+
+def _sse(event):
+    """One of JobQueue.events() as a Server-Sent Event."""
+    kind, data, event_id = event
+    return f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n" \
+        .encode()
+
+
+def openai_stream(events, response_format):
+    """OpenAI's streamed transcription, from Service.follow_upload's events: a
+    transcript.text.delta for each segment's text, then transcript.text.done with the
+    whole text (as its answer without stream would have it), or an error."""
+    first = True
+    with contextlib.closing(events):  # a client gone: the upload's job is cancelled
+        for event in events:
+            if event is None:
+                yield None  # a comment keeps the stream alive
+            elif event[0] == "segment":
+                delta = event[1]["text"].lstrip() if first else event[1]["text"]
+                first = first and not delta
+                if delta:
+                    yield {"type": "transcript.text.delta", "delta": delta}
+            elif event[0] == "result":
+                result, job = event[1]
+                yield {"type": "transcript.text.done", "text": result["text"].strip()
+                       if response_format == "json" else job["result"]}
+            elif event[0] == "error":
+                yield {"error": {"message": event[1], "type": "server_error", "param": None,
+                                 "code": None}}
+
+
+def _openai_sse(data):
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
 def read_form(content_type, raw):
     """A multipart/form-data body as {name: text, or [texts], or (filename, bytes)}."""
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
@@ -3568,9 +3991,13 @@ _AUDIO = {  # OpenAI's audio endpoints, both
             "response_format": {"type": "string", "enum": list(OPENAI_FORMATS)},
             "temperature": {"type": "number", "minimum": 0, "maximum": 1},
             "timestamp_granularities[]": {"type": "array", "items": {
-                "type": "string", "enum": ["word", "segment"]}}}}}}}}
+                "type": "string", "enum": ["word", "segment"]}},
+            "stream": {"type": "boolean", "description": "true: Server-Sent Events as the "
+                       "text is decoded (transcript.text.delta, then transcript.text.done); "
+                       "response_format json or text"}}}}}}}
 _AUDIO_OK = {HTTPStatus.OK: {"description": "The transcript, in response_format", "content": {
-    "application/json": {"schema": {"type": "object"}}, "text/plain": {"schema": _STRING}}}}
+    "application/json": {"schema": {"type": "object"}}, "text/plain": {"schema": _STRING},
+    "text/event-stream": {"schema": _STRING}}}}
 _WORKER = {"type": "object", "required": ["name", "device", "ready"], "properties": {
     "name": _STRING, "device": _STRING, "ready": {"type": "boolean"},
     "models_loaded": {"type": "array", "items": _STRING},
@@ -3662,6 +4089,8 @@ header{display:flex;flex-wrap:wrap;align-items:baseline;gap:4px 16px}
 [hidden]{display:none}
 .run{display:grid;grid-template-columns:minmax(0,3fr) minmax(160px,2fr) 4em auto;gap:2px 12px;align-items:center;padding:6px 0;border-bottom:1px solid var(--line)}
 .run p{margin:0;grid-column:1/-1}
+.run pre.live{grid-column:1/-1;margin:2px 0 0;max-height:8.5em}
+.run pre.live:empty{display:none}
 progress{width:100%;height:14px}
 table{border-collapse:collapse;width:100%}
 td,th{text-align:left;padding:2px 8px 2px 0;border-bottom:1px solid var(--line)}
@@ -3683,6 +4112,39 @@ $main
 const KEY = 'whisperd-token', $ = s => document.querySelector(s);
 let smiAt = 0;
 const auth = () => (t => t ? {Authorization: 'Bearer ' + t} : {})(sessionStorage.getItem(KEY));
+const live = {};  // job id -> {text: its segments so far, stop: its stream's AbortController}
+
+// A running job's text as it is decoded: its event stream, read with fetch() (which,
+// unlike EventSource, sends the token), one segment per line, as its result will be.
+async function follow(id) {
+  const job = live[id] = {text: '', stop: new AbortController()};
+  try {
+    const r = await fetch(`/transcription/job/${id}/events`, {headers: auth(), signal: job.stop.signal});
+    const lines = r.body.pipeThrough(new TextDecoderStream()).getReader();
+    for (let rest = '', got; !(got = await lines.read()).done;) {
+      const blocks = (rest + got.value).split('\n\n');
+      rest = blocks.pop();
+      for (const block of blocks) {
+        const kind = /^event: (.*)$/m.exec(block), data = /^data: (.*)$/m.exec(block);
+        if (kind && data && kind[1] === 'segment') job.text += JSON.parse(data[1]).text.trim() + '\n';
+      }
+      show(id);
+    }
+  } catch (e) {}
+  if (live[id] === job) delete live[id];  // ended, or broke: the next refresh follows it again
+}
+function show(id) {
+  const pre = $(`article.run[data-job-id="${id}"] pre.live`);
+  if (pre && live[id] && pre.textContent !== live[id].text) {
+    pre.textContent = live[id].text;
+    pre.scrollTop = pre.scrollHeight;
+  }
+}
+function followRunning() {
+  const running = [...document.querySelectorAll('article.run')].map(a => a.dataset.jobId);
+  for (const id of Object.keys(live)) if (!running.includes(id)) { live[id].stop.abort(); delete live[id]; }
+  for (const id of running) { if (!live[id]) follow(id); show(id); }
+}
 
 async function refresh() {
   try {
@@ -3697,6 +4159,7 @@ async function refresh() {
     $('#auth').hidden = state === 'ok';
     $('#auth-msg').textContent = state === 'wrong' ? 'wrong token, try again' : '';
     $('#conn').textContent = '';
+    if (state === 'ok') followRunning();
     if (state === 'ok' && Date.now() - smiAt > 10000) {
       smiAt = Date.now();
       const s = await fetch('/smi', {headers: auth()});
@@ -3777,7 +4240,7 @@ def page(health, jobs, auth, cluster):
             f'<span class="pct">{j["progress"]}%</span>{cancel(j)}'
             f'<p class="mut">{where(j)} · <span class="elapsed">elapsed '
             f'{_span(_ago(j["started_at"]))}</span> · <span class="eta">ETA '
-            f'{_span(j["eta"])}</span></p></article>')
+            f'{_span(j["eta"])}</span></p><pre class="live"></pre></article>')
     out.append("" if running else '<p class="empty">Nothing running.</p>')
     out.append("<h2>Queue</h2>")
     if queued:
@@ -3945,6 +4408,8 @@ class Handler(BaseHTTPRequestHandler):
                             headers={"WWW-Authenticate": 'Bearer realm="whisperd"'})
 
     def respond(self, status, payload, content_type=None, **headers):
+        if isinstance(payload, EventStream):
+            return self.stream(status, payload, headers)
         if isinstance(payload, str):
             body = payload.encode()
             content_type = content_type or "text/plain; charset=utf-8"
@@ -3952,8 +4417,9 @@ class Handler(BaseHTTPRequestHandler):
             body = json.dumps(payload, ensure_ascii=False).encode()
             content_type = content_type or "application/json"
         self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        if status != HTTPStatus.NO_CONTENT:  # which has neither
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
         for name, value in headers.items():
             self.send_header(name.replace("_", "-"), value)
         if self.unread:  # a body left unread must not be parsed as the next request
@@ -3963,6 +4429,27 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def stream(self, status, events, headers):
+        """Server-Sent Events, each sent as it comes; the connection closes at the end. A
+        client gone (or stalled past --idle-timeout) ends it, and what feeds it."""
+        self.close_connection = True
+        self.send_response(status)
+        for name, value in {"Content-Type": "text/event-stream; charset=utf-8",
+                            "Cache-Control": "no-store", "X-Accel-Buffering": "no",
+                            "Connection": "close", **headers}.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        try:
+            self.wfile.flush()
+            for event in events.items:
+                self.wfile.write(events.encode(event) if event is not None else
+                                 b": still here\n\n")
+                self.wfile.flush()
+        except OSError:
+            pass
+        finally:
+            events.items.close()
 
     def read_body(self, limit):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -4022,6 +4509,25 @@ class Handler(BaseHTTPRequestHandler):
                                                         "most 60)", "wait") from None
             self.queue.wait(job_id, min(wait, MAX_WAIT))
         return HTTPStatus.OK, self.queue.show(job_id)
+
+    @route("GET", "/transcription/job/{id}/events", "A job's events as they happen", {
+        HTTPStatus.OK: {"description": "Server-Sent Events, each with an id: status, segment "
+                        "(as soon as it is decoded; a finished job's, all), progress, and "
+                        "last end (the job as GET answers it); comments while nothing "
+                        "happens", "content": {"text/event-stream": {"schema": _STRING}}},
+        HTTPStatus.NO_CONTENT: _answer("Last-Event-ID was the end's: nothing more will "
+                                       "come (an EventSource stops reconnecting)")},
+        errors=(HTTPStatus.NOT_FOUND, *STORE), parameters=[_JOB_ID, {
+            "name": "Last-Event-ID", "in": "header", "required": False, "schema": _STRING,
+            "description": "the id of the last event received: only what came after it "
+                           "is sent"}])
+    def job_events(self, job_id):
+        since = self.headers.get("Last-Event-ID", "").strip()
+        if since == "end":
+            self.queue.show(job_id)  # 404 for no such job
+            return HTTPStatus.NO_CONTENT, ""
+        return HTTPStatus.OK, EventStream(_started_stream(self.queue.events(job_id, since)),
+                                          _sse)
 
     @route("DELETE", "/transcription/job/{id}", "Delete a QUEUED job", {
         HTTPStatus.OK: _answer("The job as it was, and deleted: true", {"allOf": [
@@ -4109,13 +4615,23 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "temperature must be a number from 0 to 1",
                             "temperature") from None
         model = form.get("model") if isinstance(form.get("model"), str) else ""
-        result, job = self.service.transcribe_upload(upload, {
+        stream = form.get("stream") in ("true", "True", "1")
+        if stream and response_format not in ("json", "text"):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"stream=true answers text as it is "
+                            f"decoded (transcript.text.delta events): response_format must "
+                            f"be json or text, not {response_format}", "stream")
+        fields = {
             "model": "" if model.startswith(("whisper-", "gpt-")) else model,
             "language": form.get("language") or None, "initial_prompt": form.get("prompt"),
             "task": "translate" if self.path.startswith("/v1/audio/translations")
             else "transcribe",
             "word_timestamps": "word" in granularities, "temperature": temperature,
-            "drop_suspect": form.get("drop_suspect") in ("true", "1")})  # whisperd's own
+            "drop_suspect": form.get("drop_suspect") in ("true", "1")}  # whisperd's own
+        if stream:
+            events = _started_stream(self.service.follow_upload(upload, fields))
+            return HTTPStatus.OK, EventStream(openai_stream(events, response_format),
+                                              _openai_sse)
+        result, job = self.service.transcribe_upload(upload, fields)
         body, content_type = openai_answer(result, job, response_format)
         return HTTPStatus.OK, body, {"content_type": content_type} if content_type else {}
 
@@ -4227,7 +4743,7 @@ class Server(ThreadingHTTPServer):
 # Client: whisperd submit | status | jobs
 # ---------------------------------------------------------------------------------------
 
-CLIENT_COMMANDS = ("submit", "status", "jobs", "cancel")
+CLIENT_COMMANDS = ("submit", "status", "jobs", "cancel", "follow")
 
 
 class Client:
@@ -4256,6 +4772,47 @@ class Client:
             print(f"whisperd: cannot reach {self.url}: {getattr(e, 'reason', e)}",
                   file=sys.stderr)
             sys.exit(2)
+
+    REACH = 300  # seconds a stream is sought again after its connection broke
+
+    def events(self, job_id):
+        """The job's events (GET /transcription/job/ID/events) as (kind, JSON), up to its
+        end. A connection that breaks (whisperd restarted) is made again, from the last
+        event received (Last-Event-ID), for up to REACH seconds; then, or for an answer
+        that is not a stream (an unknown job), it exits 2 saying why."""
+        last, lost = "", None
+        while True:
+            headers = {"Accept": "text/event-stream", "Last-Event-ID": last}
+            if self.token:
+                headers["Authorization"] = f"Bearer {self.token}"
+            request = urllib.request.Request(f"{self.url}/transcription/job/{job_id}/events",
+                                             headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=4 * JobQueue.KEEPALIVE) as answer:
+                    lost, event = None, {}
+                    for line in answer:
+                        line = line.decode().rstrip("\r\n")
+                        if line:
+                            name, _, value = line.partition(": ")
+                            event[name] = value
+                            continue
+                        if "data" in event:
+                            last = event.get("id", last)
+                            yield event.get("event"), json.loads(event["data"])
+                            if event.get("event") == "end":
+                                return
+                        event = {}
+            except urllib.error.HTTPError as e:
+                try:
+                    said = json.load(e)["error"]
+                except ValueError:
+                    said = f"HTTP {e.code}"
+                sys.exit(f"whisperd: {said}")
+            except (urllib.error.URLError, OSError) as e:
+                lost = lost or time.monotonic()
+                if time.monotonic() - lost > self.REACH:
+                    sys.exit(f"whisperd: cannot reach {self.url}: {getattr(e, 'reason', e)}")
+            time.sleep(1.0)
 
 
 def _option_flag(parser, f):
@@ -4293,7 +4850,13 @@ def client_main(argv):
     submit.add_argument("--wait", action="store_true",
                         help="wait for the jobs, with a progress bar each on a terminal; "
                              "print the transcripts (txt) or where the files went")
+    submit.add_argument("--follow", action="store_true",
+                        help="print each segment as it is decoded, with its times (one "
+                             "job after the other), and a progress bar on a terminal")
     commands.add_parser("status", help="one job, as JSON").add_argument("id")
+    commands.add_parser("follow", help="print a job's segments as they are decoded (a "
+                                       "finished job's, all), with their times; exit 1 if it "
+                                       "FAILED").add_argument("id")
     commands.add_parser("jobs", help="the queued, running and recently finished jobs")
     commands.add_parser("cancel", help="stop jobs: a queued one ends now, a running one at "
                                        "its next step (both FAILED)").add_argument(
@@ -4312,6 +4875,11 @@ def client_main(argv):
                 print(f"{job_id}  " + ("cancelled: FAILED" if status == HTTPStatus.OK else
                                        "cancelled: it stops at its next step"))
         return exit_status
+    if args.command == "follow":
+        try:
+            return follow(client, args.id)
+        except KeyboardInterrupt:
+            return 130
     if args.command == "status":
         status, job = client.call("GET", f"/transcription/job/{args.id}")
         if status != HTTPStatus.OK:
@@ -4341,9 +4909,13 @@ def client_main(argv):
             if status != HTTPStatus.CREATED:
                 print(f"whisperd: {file}: {job['error']}", file=sys.stderr)
                 exit_status = 2
-            elif not args.wait:
+            elif not (args.wait or args.follow):
                 print(job["id"])
-        if args.wait and jobs:
+        for i, job in enumerate(jobs if args.follow else ()):
+            if len(jobs) > 1:  # which is which, as head(1) says it of several files
+                print(f"{chr(10) if i else ''}==> {job['path']} <==", flush=True)
+            exit_status = max(exit_status, follow(client, job["id"]))
+        if args.wait and jobs and not args.follow:
             exit_status = max(exit_status, watch(client, jobs))
     except KeyboardInterrupt:  # Ctrl-C stops the client, not the jobs
         if jobs:
@@ -4367,6 +4939,37 @@ def _interrupt_after():
         signal.signal(signal.SIGINT, previous)
     if held:
         raise KeyboardInterrupt
+
+
+def follow(client, job_id):
+    """Prints the job's segments as they come, as `whisper --verbose` prints them
+    ([start --> end] text), with a progress bar on a terminal; 1 if it FAILED."""
+    stamp = whisper_part("utils").format_timestamp
+    bar = None
+    if sys.stderr.isatty():
+        import tqdm
+        bar = tqdm.tqdm(total=100, ncols=shutil.get_terminal_size().columns,
+                        bar_format="{desc} {percentage:3.0f}%|{bar}|")
+    try:
+        for kind, data in client.events(job_id):
+            if kind == "segment":
+                line = f"[{stamp(data['start'])} --> {stamp(data['end'])}] {data['text']}"
+                if bar is not None:
+                    bar.write(line, file=sys.stdout)
+                else:
+                    print(line, flush=True)
+            elif bar is not None and kind in ("progress", "status", "end"):
+                bar.n = data.get("progress", bar.n)
+                bar.set_description_str(data.get("status", "").lower() or bar.desc)
+            if kind == "end":
+                job = data
+    finally:
+        if bar is not None:
+            bar.close()
+    if job["status"] == FAILED:
+        print(f"whisperd: {job['path']}: FAILED: {job['error']}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def watch(client, jobs):

@@ -6,6 +6,7 @@ the word error rate, and a wait on a condition. Standard library only: nothing h
 imports torch or whisper.
 """
 
+import contextlib
 import gzip
 import http.client
 import json
@@ -211,6 +212,22 @@ class Daemon:
             return response.status, response.headers, json.loads(text)
         return response.status, response.headers, text
 
+    @contextlib.contextmanager
+    def stream(self, path, headers=None, timeout=CEILING):
+        """GET `path` as Server-Sent Events: yields (status, an iterator of its events as
+        they come: {"event", "data", "id"}, data as JSON where it is); the connection
+        closes when the block ends."""
+        headers = dict(headers or {}, Accept="text/event-stream")
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            yield response.status, server_sent_events(response)
+        finally:
+            connection.close()
+
     def submit(self, **fields):
         fields = {k: str(v) if isinstance(v, Path) else v for k, v in fields.items()}
         status, _, job = self.request("POST", "/transcription/job", fields)
@@ -274,6 +291,25 @@ class Daemon:
             self.drain.join(CEILING)
         assert "Traceback" not in self.log, self.log
         assert "is not declared in /openapi.json" not in self.log, self.log
+
+
+def server_sent_events(lines):
+    """The events of a text/event-stream (a binary file of its lines), as an EventSource
+    reads them: {"event", "data" (JSON where it is), "id"}; comments are skipped."""
+    event = {}
+    for raw in lines:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if "data" in event:
+                with contextlib.suppress(ValueError):
+                    event["data"] = json.loads(event["data"])
+                yield {"event": "message", "id": None, **event}
+            event = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            event[name] = event[name] + "\n" + value if name == "data" and "data" in event \
+                else value
 
 
 class Receiver:
@@ -558,7 +594,6 @@ class Postgres:
 # A small disk: a tmpfs of a given size, to fill up or make read-only
 # ---------------------------------------------------------------------------------------
 
-import contextlib
 import errno
 import unittest
 
