@@ -29,7 +29,7 @@ run: system deps model
 # Two pytest-xdist workers (conftest.py keeps the tests of one costly fixture together);
 # the tests use the models `make model` puts in MODEL_DIR, made once for both workers.
 test: system test-system test-deps model
-	WHISPERD_TEST_MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m pytest -q -n 2 --dist loadgroup test_whisperd.py
+	WHISPERD_TEST_MODEL_DIR=$(MODEL_DIR) $(BIN)/python -m pytest -q -n 3 --dist loadgroup test_whisperd.py
 
 # ffmpeg decodes audio for whisper (and ffprobe checks it at the door).
 system:

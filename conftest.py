@@ -1,4 +1,4 @@
-"""`make test` runs the suite on two pytest-xdist workers (2 cores: one test's daemon decodes
+"""`make test` runs the suite on three pytest-xdist workers (2 cores: one test's daemon decodes
 while another test waits on its own). The tests that share a costly module fixture (a
 daemon with the multilingual model, one per engine; a batching daemon; a PostgreSQL
 server; the daemon with a token) stay together on one worker, so each is made once."""

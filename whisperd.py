@@ -1525,11 +1525,13 @@ class JobQueue:
         if fraction is not None:
             changes["progress"] = min(99, int(fraction * 100))  # 100 is for COMPLETED
         with self.lock:
+            if job.id not in self.runs:  # handed back meanwhile (a runner stuck at stop)
+                return
             moved = changes.get("progress", job.progress) != job.progress
             if moved:
                 self.stepped[job.id] = time.monotonic()
             job.update(**changes)
-            stored = self.written.get(job.id, 0)
+            stored = self.written[job.id]
         first = stored if segments is None else min(stored, len(segments))
         stores = segments is not None and (first < stored or len(segments) > stored)
         if stores:  # new ones, or fewer than stored: some are decoded again

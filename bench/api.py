@@ -3,11 +3,13 @@
 
 Start-up: from starting whisperd.py to the first 200 from GET /health (polled every 2 ms),
 --starts times. GET /stats: wrk at concurrency 16, HTTP/1.1 keep-alive, requests/s and p99,
-"idle" (model loaded, nothing queued) and "busy" (a job RUNNING throughout), each paired
+"idle" (model loaded, nothing queued), "busy" (a job RUNNING throughout) and "streams" (busy,
+with 100 clients following that job's event stream, reading what comes), each paired
 with a run against a bare ThreadingHTTPServer in its own process (HTTP/1.1, Nagle off,
 whisperd's /stats body byte for byte) under the same conditions; --rounds pairs per phase,
 the median shown with whisperd's ratio to the baseline. Targets (bench/RESULTS.md): start-up
-< 1 s; idle >= 5,000 req/s and p99 < 20 ms; busy p99 < 50 ms. Needs wrk (apt-get install wrk).
+< 1 s; idle >= 5,000 req/s and p99 < 20 ms; busy p99 < 50 ms; 100 streams: busy's p99
+within 1.5x. Needs wrk (apt-get install wrk).
     .venv/bin/python bench/api.py [--seconds 2 --starts 3 --rounds 1] [--no-wait]
 Writes bench/out/api.json. The client shares the cores: compare one run's ratios, not runs.
 """
@@ -15,8 +17,10 @@ Writes bench/out/api.json. The client shares the cores: compare one run's ratios
 import argparse
 import json
 import re
+import selectors
 import shutil
 import socket
+import threading
 import statistics
 import subprocess
 import sys
@@ -28,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (MODEL_DIR, OUT, PYTHON, WHISPERD, CpuWatch, Daemon,  # noqa: E402
                      ensure_models, free_port, machine, make_set, speak, wait_until,
                      wait_until_quiet)
+
+
+PHASES = ("idle", "busy", "streams")
 
 
 def baseline(body):
@@ -60,6 +67,38 @@ def wrk(port, seconds):
     return {"rps": float(re.search(r"Requests/sec:\s*([\d.]+)", out).group(1)),
             "p99_ms": float(number) * {"us": 1e-3, "ms": 1, "s": 1e3}[unit],
             "errors": sum(map(int, errors))}
+
+
+class Streams:
+    """`count` clients of GET /transcription/job/ID/events on one port, each reading what
+    comes (one thread for all, as a cheap client would)."""
+
+    def __init__(self, port, job_id, count):
+        self.selector, self.socks, self.stop = selectors.DefaultSelector(), [], False
+        request = (f"GET /transcription/job/{job_id}/events HTTP/1.1\r\nHost: x\r\n"
+                   f"Accept: text/event-stream\r\n\r\n").encode()
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(request)
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ)
+            self.socks.append(sock)
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.reader.start()
+
+    def read(self):
+        while not self.stop:
+            for key, _ in self.selector.select(0.2):
+                try:
+                    key.fileobj.recv(65536)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.stop = True
+        self.reader.join()
+        for sock in self.socks:
+            sock.close()
 
 
 def startup(model_dir, scratch):
@@ -117,15 +156,24 @@ def main():
         base = subprocess.Popen([PYTHON, __file__, "--baseline", json.dumps(daemon.stats())],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         ports = {"whisperd": daemon.port, "baseline": int(base.stdout.readline())}
-        for phase in ("idle", "busy"):
+        for phase in PHASES:
             runs = {"whisperd": [], "baseline": []}
             for _ in range(args.rounds):
                 for server, results in runs.items():
-                    if phase == "busy":  # one job runs and one waits behind it
+                    streams = None
+                    if phase != "idle":  # one job runs and one waits behind it
                         while (stats := daemon.stats())["Running"] + stats["Queued"] < 2:
                             daemon.submit(path=busy_wav, output_path=scratch)
                         wait_until(lambda: daemon.stats()["Running"])
-                    results.append(wrk(ports[server], args.seconds))
+                    if phase == "streams":
+                        running = next(j for j in daemon.request(
+                            "GET", "/transcription/jobs")[2] if j["status"] == "RUNNING")
+                        streams = Streams(daemon.port, running["id"], 100)
+                    try:
+                        results.append(wrk(ports[server], args.seconds))
+                    finally:
+                        if streams:
+                            streams.close()
             for server, results in runs.items():
                 rows[phase, server] = {key: statistics.median(r[key] for r in results)
                                        for key in ("rps", "p99_ms", "errors")}
@@ -138,17 +186,20 @@ def main():
     print(f"\nGET /stats, c16 keep-alive, wrk, {args.seconds} s a run, median of {args.rounds}"
           "\n| phase | whisperd req/s | p99 ms | baseline req/s | p99 ms | req/s ratio "
           "| p99 ratio | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|")
-    for phase in ("idle", "busy"):
+    for phase in PHASES:
         w, b = rows[phase, "whisperd"], rows[phase, "baseline"]
         w["rps_ratio"], w["p99_ratio"] = w["rps"] / b["rps"], w["p99_ms"] / b["p99_ms"]
         print(f"| {phase} | {w['rps']:.0f} | {w['p99_ms']:.2f} | {b['rps']:.0f} | "
               f"{b['p99_ms']:.2f} | {w['rps_ratio']:.2f} | {w['p99_ratio']:.2f} | "
               f"{w['errors']:g}, {b['errors']:g} |")
     idle, busy = rows["idle", "whisperd"], rows["busy", "whisperd"]
+    streams = rows["streams", "whisperd"]
     targets = {"start-up < 1 s": max(starts) < 1,
                "GET /stats c16 idle >= 5,000 req/s": idle["rps"] >= 5000,
                "GET /stats c16 idle p99 < 20 ms": idle["p99_ms"] < 20,
-               "GET /stats c16 busy p99 < 50 ms": busy["p99_ms"] < 50}
+               "GET /stats c16 busy p99 < 50 ms": busy["p99_ms"] < 50,
+               "GET /stats c16 busy, 100 event streams: p99 within 1.5x of busy":
+                   streams["p99_ms"] <= 1.5 * busy["p99_ms"]}
     print("\n" + "\n".join(f"{'PASS' if ok else 'MISS'}  {name}"
                            for name, ok in targets.items()))
     text, foreign_s, foreign_share = watch.verdict()

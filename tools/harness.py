@@ -31,7 +31,7 @@ PYTHON = sys.executable
 CEILING = float(os.environ.get("WHISPERD_TEST_CEILING", 300))
 
 
-# Under pytest-xdist (`make test` runs 2 workers), each worker's daemons decode on their
+# Under pytest-xdist (`make test` runs 3 workers), each worker's daemons decode on their
 # share of the cores: both engines' thread pools (PyTorch's and CTranslate2's OpenMP) spin
 # while they wait, and two daemons of 2 threads each on 2 cores spent most of their time
 # waiting on each other (measured: a test of 24 s alone took 90 s beside another).
