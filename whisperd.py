@@ -1456,6 +1456,7 @@ class JobQueue:
         self.stops = {}                  # id -> when its run was asked to stop (cancelled)
         self.kept = {}                   # id -> segments an earlier run kept, for its runner
         self.written = {}                # id -> its segments stored (a run here)
+        self.decoded = {}                # id -> its segments as its runner last reported
         self.news = collections.Counter()  # id -> its progress and segments seen changing
         self.followed = collections.Counter()  # id -> event streams open on it here
         storage.on_change, storage.on_stop = self.wake, self._stop
@@ -1505,6 +1506,7 @@ class JobQueue:
         with self.lock:
             self.runs[job.id], self.stepped[job.id] = job, time.monotonic()
             self.kept[job.id], self.written[job.id] = kept, len(kept)
+            self.decoded[job.id] = kept
         log(f"job {job.id} running on {worker} (attempt {job.attempts}" + (
             f"; {kept[-1]['end']:.1f} s of its audio were decoded before)" if kept else ")"))
         self.wake()
@@ -1532,6 +1534,8 @@ class JobQueue:
                 self.stepped[job.id] = time.monotonic()
             job.update(**changes)
             stored = self.written[job.id]
+            if segments is not None:
+                self.decoded[job.id] = segments
         first = stored if segments is None else min(stored, len(segments))
         stores = segments is not None and (first < stored or len(segments) > stored)
         if stores:  # new ones, or fewer than stored: some are decoded again
@@ -1604,7 +1608,8 @@ class JobQueue:
 
     def _gone(self, job_id):
         """Forgets a run here (under the lock)."""
-        for runs in (self.runs, self.stepped, self.stops, self.kept, self.written, self.news):
+        for runs in (self.runs, self.stepped, self.stops, self.kept, self.written,
+                     self.decoded, self.news):
             runs.pop(job_id, None)
 
     def _lost(self, job):
@@ -1767,7 +1772,8 @@ class JobQueue:
         of nothing. Each id is where the stream stands ("segments sent:status:progress",
         and "end"): given back as `since`, what came up to it is not sent again. NotFound
         if there is no such job. Holds one page of segments at a time, and no lock between
-        events."""
+        events. A run here is read from memory (its job, and its segments as the runner
+        reported them): a hundred streams of it cost the store nothing."""
         sent, status, progress = _position(since)
         with self.lock:
             self.followed[job_id] += 1
@@ -1775,19 +1781,21 @@ class JobQueue:
             while True:
                 with self.lock:
                     seen = self.version, self.news[job_id]
-                job = self.storage.get(job_id)
-                if job is None:
-                    if status is None:
-                        raise self._missing(job_id)
-                    return  # deleted meanwhile
-                with self.lock:
-                    job = self.runs.get(job_id, job)
-                    now = job.status, job.progress
+                    job, decoded = self.runs.get(job_id), self.decoded.get(job_id)
+                    now = job and (job.status, job.progress, job.attempts)
+                if job is None:  # not running here: as stored
+                    job = self.storage.get(job_id)
+                    if job is None:
+                        if status is None:
+                            raise self._missing(job_id)
+                        return  # deleted meanwhile
+                    now = job.status, job.progress, job.attempts
                 if now[0] != status:
                     status = now[0]
-                    yield "status", {"id": job_id, "status": status,
-                                     "attempts": job.attempts}, f"{sent}:{status}:{progress}"
-                while page := self.storage.segments(job_id, sent, self.PAGE):
+                    yield "status", {"id": job_id, "status": status, "attempts": now[2]}, \
+                        f"{sent}:{status}:{progress}"
+                while page := (self.storage.segments(job_id, sent, self.PAGE)
+                               if decoded is None else decoded[sent:sent + self.PAGE]):
                     for segment in page:
                         sent += 1
                         yield "segment", _event_segment(segment, sent - 1), \

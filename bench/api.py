@@ -71,7 +71,8 @@ def wrk(port, seconds):
 
 class Streams:
     """`count` clients of GET /transcription/job/ID/events on one port, each reading what
-    comes (one thread for all, as a cheap client would)."""
+    comes (one thread for all, as a cheap client would); made once each has its first
+    event (the streams are open: what is measured is their cost, not their opening)."""
 
     def __init__(self, port, job_id, count):
         self.selector, self.socks, self.stop = selectors.DefaultSelector(), [], False
@@ -83,6 +84,12 @@ class Streams:
             sock.setblocking(False)
             self.selector.register(sock, selectors.EVENT_READ)
             self.socks.append(sock)
+        waiting, deadline = set(self.socks), time.monotonic() + 60
+        while waiting and time.monotonic() < deadline:
+            for key, _ in self.selector.select(1.0):
+                if key.fileobj.recv(65536):
+                    waiting.discard(key.fileobj)
+        assert not waiting, f"{len(waiting)} streams never began"
         self.reader = threading.Thread(target=self.read, daemon=True)
         self.reader.start()
 

@@ -18,6 +18,7 @@ The model is loaded before anything is timed. Figures in bench/out/stream.json.
 
 import argparse
 import json
+import random
 import shutil
 import sys
 import time
@@ -32,13 +33,18 @@ ENGINES = ("openai-whisper", "faster-whisper")
 
 
 def recording(minutes, folder):
-    """A file of recorded prompts, at least `minutes` long (cached)."""
-    target = folder / f"prompts-{minutes:g}min.wav"
+    """A file of recorded prompts, at least `minutes` long (cached), in a shuffled order:
+    in the package's order, prompts of one kind follow each other ("...followed by the
+    pound key" five times) and Whisper's fallback samples those windows at a temperature
+    over 0, so that two runs differ before any seam."""
+    target = folder / f"prompts-{minutes:g}min-shuffled.wav"
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     prompts, total = [], 0.0
-    for path in sorted((SOUNDS / VOICES["en"]).glob("*.g722")):
+    every = sorted((SOUNDS / VOICES["en"]).glob("*.g722"))
+    random.Random(16).shuffle(every)
+    for path in every:
         prompts.append(path)
         total += audio_seconds(path)
         if total >= minutes * 60:
@@ -91,7 +97,11 @@ def measure(engine, audio, model_dir, scratch, kill_at):
         resumed = again.completed(second["id"])
     finally:
         again.stop()
+    def sampled(job):  # windows decoded at a temperature over 0: sampled, so random
+        return len({(s["seek"], s["temperature"]) for s in job_segments(state, job["id"])
+                    if s["temperature"] > 0})
     return {"first_segment_s": round(first, 2), "whole_s": round(whole, 2),
+            "windows_sampled": [sampled(fresh), sampled(resumed)],
             "first_share": round(first / whole, 3),
             "fresh_run_s": fresh["Duration"], "resumed_run_s": resumed["Duration"],
             "resumed_share": round(resumed["Duration"] / fresh["Duration"], 3),
@@ -99,6 +109,14 @@ def measure(engine, audio, model_dir, scratch, kill_at):
             "words": len(words(fresh["result"])),
             "words_differing": edit_distance(words(fresh["result"]),
                                              words(resumed["result"]))}
+
+
+def job_segments(state, job_id):
+    """The segments a finished job left in its whisperd's store."""
+    import sqlite3
+    with sqlite3.connect(state / "whisperd.sqlite3") as db:
+        return [json.loads(doc) for doc, in db.execute(
+            "SELECT doc FROM segments WHERE job_id = ? ORDER BY n", (job_id,))]
 
 
 def main():
@@ -128,6 +146,8 @@ def main():
               f"{r['first_share']:.3f} | {r['fresh_run_s']:.1f} s | {r['resumed_run_s']:.1f} s "
               f"| {r['resumed_share']:.2f} | {r['words_differing']} of {r['words']} |")
     text, foreign_s, foreign_share = watch.verdict()
+    print("windows sampled at a temperature over 0 (fresh, resumed): " + ", ".join(
+        f"{engine} {r['windows_sampled']}" for engine, r in rows.items()))
     print(f"\n{text}")
     (OUT / "stream.json").write_text(json.dumps({
         "when": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(),
