@@ -828,9 +828,9 @@ class _SQL:
         """Segments numbered from `first` on, in place of those there from `first` on."""
         self._drop_segments(db, [job_id], first)
         if segments:
-            db.cursor().executemany(self._q("INSERT INTO segments (job_id, n, doc) VALUES (?, ?, ?)"),
-                           [(job_id, first + i, self._segment(segment))
-                            for i, segment in enumerate(segments)])
+            db.cursor().executemany(
+                self._q("INSERT INTO segments (job_id, n, doc) VALUES (?, ?, ?)"),
+                [(job_id, first + i, self._segment(s)) for i, s in enumerate(segments)])
 
     def _jobs(self, sql, *args):
         with self._db() as db:
