@@ -698,6 +698,97 @@ def test_a_job_that_keeps_killing_the_daemon_fails_after_max_attempts(start, spe
 
 
 # ---------------------------------------------------------------------------------------
+# Results as they are decoded: a job's events, and a run cut short resumed
+# ---------------------------------------------------------------------------------------
+
+def events_until_end(daemon, job_id, headers=None):
+    """Every event of the job's stream, up to its end."""
+    with daemon.stream(f"/transcription/job/{job_id}/events", headers) as (status, events):
+        assert status == 200
+        seen = []
+        for event in events:
+            seen.append(event)
+            if event["event"] == "end":
+                return seen
+    raise AssertionError(f"the stream ended without an end event: {seen}")
+
+
+def streams_open(daemon):
+    return float(re.search(r"^whisperd_event_streams (\S+)$",
+                           daemon.request("GET", "/metrics")[2], re.M).group(1))
+
+
+def test_a_jobs_events_stream_its_segments_as_they_are_decoded(start, speech, tmp_path):
+    daemon = start(*FW)
+    assert daemon.request("GET", "/transcription/job/nope/events")[0] == 404
+    job = daemon.submit(path=speech["meeting.wav"], output_path=tmp_path)
+    path = f"/transcription/job/{job['id']}/events"
+    with daemon.stream(path) as (status, events):  # a client that goes away mid-stream
+        next(events)
+        assert streams_open(daemon) == 1
+    with daemon.stream(path) as (status, events):
+        assert status == 200
+        seen, when_first = [], None
+        for event in events:
+            seen.append(event)
+            if event["event"] == "segment" and when_first is None:
+                when_first = daemon.job(job["id"])  # three windows: two are still to come
+            if event["event"] == "end":
+                break
+    assert when_first["status"] == "RUNNING", when_first
+    assert seen[0]["event"] == "status" and seen[-1]["data"]["status"] == "COMPLETED"
+    segments = [e["data"] for e in seen if e["event"] == "segment"]
+    assert [s["id"] for s in segments] == list(range(len(segments))) and len(segments) > 10
+    assert "".join(s["text"].strip() + "\n" for s in segments) == seen[-1]["data"]["result"]
+    assert (tmp_path / "meeting.txt").read_text() == seen[-1]["data"]["result"]
+    rising = [e["data"]["progress"] for e in seen if e["event"] == "progress"]
+    assert rising == sorted(rising) and len(set(rising)) >= 4, rising
+    assert all(e["id"] for e in seen) and len({e["id"] for e in seen}) == len(seen)
+
+    # Reconnected with Last-Event-ID, a client gets what came after it, and only that.
+    cut = next(i for i, e in enumerate(seen) if e["event"] == "segment" and e["data"]["id"] == 5)
+    after = events_until_end(daemon, job["id"], {"Last-Event-ID": seen[cut]["id"]})
+    assert [e["data"] for e in after if e["event"] == "segment"] == segments[6:]
+    # A finished job replays its segments, then its end.
+    replay = events_until_end(daemon, job["id"])
+    assert [e["data"] for e in replay if e["event"] == "segment"] == segments
+    assert replay[-1]["data"] == daemon.job(job["id"])
+    with daemon.stream(path, {"Last-Event-ID": replay[-1]["id"]}) as (status, events):
+        assert status == 204  # an EventSource stops reconnecting
+
+    # The client that went away left nothing behind.
+    wait_until(lambda: streams_open(daemon) == 0, message="a stream outlived its client")
+
+
+def test_a_job_killed_past_half_resumes_where_it_stopped(start, speech, tmp_path):
+    """kill -9 past half of a long job: its next run begins at the last window it kept
+    (decoded again, prompted as the whole run prompted it), not at zero, and its
+    transcript is the uninterrupted run's. (openai-whisper, whose segments and prompt
+    whisperd reads and sets inside whisper.transcribe(); faster-whisper's: below, across
+    two nodes.)"""
+    state = tmp_path / "state"
+    daemon = start(state=state)
+    whole = daemon.completed(daemon.submit(path=speech["meeting.wav"],
+                                           output_path=tmp_path)["id"])
+    job = daemon.submit(path=speech["meeting.wav"], output_path=tmp_path, format="json")
+    with daemon.stream(f"/transcription/job/{job['id']}/events") as (_, events):
+        next(e for e in events if e["event"] == "progress" and e["data"]["progress"] >= 50)
+    daemon.kill()
+    again = start(state=state)
+    done = again.completed(job["id"])
+    assert done["attempts"] == 2
+    resumed = re.search(rf"job {job['id']} running on \S+ \(attempt 2; ([\d.]+) s of its "
+                        rf"audio were decoded before\)", again.log)
+    assert resumed and float(resumed.group(1)) >= 40, again.log
+    assert edit_distance(words(whole["result"]), words(done["result"])) <= 1, \
+        (whole["result"], done["result"])
+    written = json.loads((tmp_path / "meeting.json").read_text())  # one whole, as if unbroken
+    assert [s["id"] for s in written["segments"]] == list(range(len(written["segments"])))
+    assert all(a["end"] <= b["start"] + 0.01 for a, b in zip(written["segments"],
+                                                          written["segments"][1:]))
+
+
+# ---------------------------------------------------------------------------------------
 # Shutdown
 # ---------------------------------------------------------------------------------------
 
@@ -2004,97 +2095,6 @@ def test_an_output_folder_gone_or_read_only_fails_its_jobs_with_the_reason_and_t
     assert refused["status"] == "FAILED" and refused["error"] == \
         f"could not write the files into {locked}: Read-only file system"
     daemon.completed(blocker["id"])
-
-
-# ---------------------------------------------------------------------------------------
-# Results as they are decoded: a job's events, and a run cut short resumed
-# ---------------------------------------------------------------------------------------
-
-def events_until_end(daemon, job_id, headers=None):
-    """Every event of the job's stream, up to its end."""
-    with daemon.stream(f"/transcription/job/{job_id}/events", headers) as (status, events):
-        assert status == 200
-        seen = []
-        for event in events:
-            seen.append(event)
-            if event["event"] == "end":
-                return seen
-    raise AssertionError(f"the stream ended without an end event: {seen}")
-
-
-def streams_open(daemon):
-    return float(re.search(r"^whisperd_event_streams (\S+)$",
-                           daemon.request("GET", "/metrics")[2], re.M).group(1))
-
-
-def test_a_jobs_events_stream_its_segments_as_they_are_decoded(start, speech, tmp_path):
-    daemon = start(*FW)
-    assert daemon.request("GET", "/transcription/job/nope/events")[0] == 404
-    job = daemon.submit(path=speech["meeting.wav"], output_path=tmp_path)
-    path = f"/transcription/job/{job['id']}/events"
-    with daemon.stream(path) as (status, events):  # a client that goes away mid-stream
-        next(events)
-        assert streams_open(daemon) == 1
-    with daemon.stream(path) as (status, events):
-        assert status == 200
-        seen, when_first = [], None
-        for event in events:
-            seen.append(event)
-            if event["event"] == "segment" and when_first is None:
-                when_first = daemon.job(job["id"])  # three windows: two are still to come
-            if event["event"] == "end":
-                break
-    assert when_first["status"] == "RUNNING", when_first
-    assert seen[0]["event"] == "status" and seen[-1]["data"]["status"] == "COMPLETED"
-    segments = [e["data"] for e in seen if e["event"] == "segment"]
-    assert [s["id"] for s in segments] == list(range(len(segments))) and len(segments) > 10
-    assert "".join(s["text"].strip() + "\n" for s in segments) == seen[-1]["data"]["result"]
-    assert (tmp_path / "meeting.txt").read_text() == seen[-1]["data"]["result"]
-    rising = [e["data"]["progress"] for e in seen if e["event"] == "progress"]
-    assert rising == sorted(rising) and len(set(rising)) >= 4, rising
-    assert all(e["id"] for e in seen) and len({e["id"] for e in seen}) == len(seen)
-
-    # Reconnected with Last-Event-ID, a client gets what came after it, and only that.
-    cut = next(i for i, e in enumerate(seen) if e["event"] == "segment" and e["data"]["id"] == 5)
-    after = events_until_end(daemon, job["id"], {"Last-Event-ID": seen[cut]["id"]})
-    assert [e["data"] for e in after if e["event"] == "segment"] == segments[6:]
-    # A finished job replays its segments, then its end.
-    replay = events_until_end(daemon, job["id"])
-    assert [e["data"] for e in replay if e["event"] == "segment"] == segments
-    assert replay[-1]["data"] == daemon.job(job["id"])
-    with daemon.stream(path, {"Last-Event-ID": replay[-1]["id"]}) as (status, events):
-        assert status == 204  # an EventSource stops reconnecting
-
-    # The client that went away left nothing behind.
-    wait_until(lambda: streams_open(daemon) == 0, message="a stream outlived its client")
-
-
-def test_a_job_killed_past_half_resumes_where_it_stopped(start, speech, tmp_path):
-    """kill -9 past half of a long job: its next run begins at the last window it kept
-    (decoded again, prompted as the whole run prompted it), not at zero, and its
-    transcript is the uninterrupted run's. (openai-whisper, whose segments and prompt
-    whisperd reads and sets inside whisper.transcribe(); faster-whisper's: below, across
-    two nodes.)"""
-    state = tmp_path / "state"
-    daemon = start(state=state)
-    whole = daemon.completed(daemon.submit(path=speech["meeting.wav"],
-                                           output_path=tmp_path)["id"])
-    job = daemon.submit(path=speech["meeting.wav"], output_path=tmp_path, format="json")
-    with daemon.stream(f"/transcription/job/{job['id']}/events") as (_, events):
-        next(e for e in events if e["event"] == "progress" and e["data"]["progress"] >= 50)
-    daemon.kill()
-    again = start(state=state)
-    done = again.completed(job["id"])
-    assert done["attempts"] == 2
-    resumed = re.search(rf"job {job['id']} running on \S+ \(attempt 2; ([\d.]+) s of its "
-                        rf"audio were decoded before\)", again.log)
-    assert resumed and float(resumed.group(1)) >= 40, again.log
-    assert edit_distance(words(whole["result"]), words(done["result"])) <= 1, \
-        (whole["result"], done["result"])
-    written = json.loads((tmp_path / "meeting.json").read_text())  # one whole, as if unbroken
-    assert [s["id"] for s in written["segments"]] == list(range(len(written["segments"])))
-    assert all(a["end"] <= b["start"] + 0.01 for a, b in zip(written["segments"],
-                                                          written["segments"][1:]))
 
 
 # ---------------------------------------------------------------------------------------
