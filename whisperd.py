@@ -1454,7 +1454,6 @@ class JobQueue:
         self.counters = collections.Counter()
         self.trouble = None
         self.stops = {}                  # id -> when its run was asked to stop (cancelled)
-        self.kept = {}                   # id -> segments an earlier run kept, for its runner
         self.written = {}                # id -> its segments stored (a run here)
         self.decoded = {}                # id -> its segments as its runner last reported
         self.news = collections.Counter()  # id -> its progress and segments seen changing
@@ -1505,17 +1504,17 @@ class JobQueue:
             kept = []  # decoded again from the start, and written over
         with self.lock:
             self.runs[job.id], self.stepped[job.id] = job, time.monotonic()
-            self.kept[job.id], self.written[job.id] = kept, len(kept)
-            self.decoded[job.id] = kept
+            self.written[job.id], self.decoded[job.id] = len(kept), kept
         log(f"job {job.id} running on {worker} (attempt {job.attempts}" + (
             f"; {kept[-1]['end']:.1f} s of its audio were decoded before)" if kept else ")"))
         self.wake()
         return job
 
     def resume(self, job):
-        """The segments an earlier run of this claimed job kept (its runner asks once)."""
+        """The segments an earlier run of this claimed job kept (read at the claim; its
+        runner asks before it reports any)."""
         with self.lock:
-            return self.kept.pop(job.id, [])
+            return self.decoded.get(job.id, [])
 
     def progress(self, job, fraction=None, segments=None, **seen):
         """How far a run here is, what was learnt of its audio, and `segments`: the
@@ -1608,8 +1607,8 @@ class JobQueue:
 
     def _gone(self, job_id):
         """Forgets a run here (under the lock)."""
-        for runs in (self.runs, self.stepped, self.stops, self.kept, self.written,
-                     self.decoded, self.news):
+        for runs in (self.runs, self.stepped, self.stops, self.written, self.decoded,
+                     self.news):
             runs.pop(job_id, None)
 
     def _lost(self, job):
@@ -2040,13 +2039,14 @@ def is_suspect(segment, echo=False):
 
 class _Decoded:
     """A run's segments as they come, in the file's times: take(the engine's segments
-    so far) maps those it had not seen with `mapping` (on copies) and returns them all."""
+    so far) maps those it had not seen with `mapping` and returns them all. Once
+    returned, a segment is never changed (streams read them from other threads)."""
 
     def __init__(self, mapping):
         self.mapping, self.seen, self.segments = mapping, 0, []
 
     def take(self, segments):
-        new = copy.deepcopy(segments[self.seen:])
+        new = segments[self.seen:]
         self.seen = len(segments)
         if new:
             self.segments += self.mapping(new)
@@ -2090,17 +2090,17 @@ def _prompt(before, initial_prompt):
         tokens += segment.get("tokens") or []
         if segment.get("temperature", 0) > 0.5:
             tokens, initial_prompt = [], None
-    return initial_prompt or None, tokens[-224:]
+    return initial_prompt or None, tokens[-223:]
 
 
 def _resumed(result, before, speech, drop, judged=True):
     """whisper's result of a run, with the segments kept before it (a run cut short),
-    numbered as one, judged (see judge()) when `judged`."""
+    numbered as one, judged (see judge()) when `judged`. Its segments are copies: those
+    reported as they were decoded, which streams may be reading, stay as they are."""
+    result = dict(result, segments=[dict(segment, id=i) for i, segment in
+                                    enumerate(before + result["segments"])])
     if before:
-        result = dict(result, segments=before + result["segments"],
-                      text="".join(segment["text"] for segment in before) + result["text"])
-    for i, segment in enumerate(result["segments"]):
-        segment["id"] = i
+        result["text"] = "".join(segment["text"] for segment in before) + result["text"]
     return judge(result, speech, drop) if judged else result
 
 
@@ -2250,7 +2250,8 @@ class Engine:
                 return _resumed({"text": "", "segments": [], "language": options["language"]},
                                 before, speech, job.drop_suspect)
             share = since * RATE / max(len(audio), 1)
-            decoded = _Decoded(lambda new: restore_times({"segments": new}, window)["segments"])
+            decoded = _Decoded(lambda new: restore_times({"segments": copy.deepcopy(new)},
+                                                         window)["segments"])
         else:
             rest, speech, decoded = audio, None, _Decoded(lambda new: new)
             if since:
@@ -2919,9 +2920,8 @@ class Batch:
         for track in [t for t, windows in self.pending.items() if not windows]:
             del self.pending[track], self.planned[track]
             result = self.results.pop(track)
-            segments = sorted(result["segments"], key=lambda s: s["start"])
-            for segment in segments:
-                segment["seek"] = 0
+            segments = [dict(s, seek=0) for s in sorted(result["segments"],
+                                                        key=lambda s: s["start"])]
             language = result["language"] or ("en" if not self.decoder.multilingual else None)
             done[track.job] = _resumed(
                 {"text": "".join(s["text"] for s in segments), "segments": segments,
@@ -4458,6 +4458,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
         except OSError:
             pass
+        except Exception as e:  # the answer has begun: the stream ends (a client reconnects)
+            if not isinstance(e, StoreUnavailable):
+                log(f"internal error in the stream of {self.path}:\n{traceback.format_exc()}")
         finally:
             events.items.close()
 
