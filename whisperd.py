@@ -45,6 +45,7 @@ Sections, in reading order:
 """
 
 import argparse
+import base64
 import collections
 import concurrent.futures
 import contextlib
@@ -64,6 +65,7 @@ import http.client
 import importlib
 import importlib.util
 import io
+import itertools
 import json
 import math
 import os
@@ -86,6 +88,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -120,6 +123,7 @@ MAX_WAIT = 60.0             # seconds a GET ?wait= may hold a request
 SMI_TIMEOUT = 10.0          # seconds nvidia-smi may take
 PROBE_TIMEOUT = 20.0        # seconds ffprobe may take to read a file's header
 DECODE_TIMEOUT = 600.0      # seconds the decoding of one file may take (12 h: about 100 s)
+MAX_SPEAKERS = 8            # voices a diarized job may name or ask for
 MIN_FREE = 1 << 20          # bytes free in --state-dir below which no new job is taken
 MODEL_STATES = ["loaded", "on disk", "download"]  # where a model is: /models, /health
 
@@ -482,6 +486,86 @@ def _parse_model(value, job, context):
     return name
 
 
+def _parse_diarize(value, job, context):
+    if value in (None, False, "false"):
+        return False
+    if value in (True, "true", "channels"):
+        if speakers_missing():
+            raise Invalid(f"diarize needs whisperd's speakers extra, not installed here: "
+                          f"{speakers_missing()}")
+        if value != "channels":
+            return True
+        try:
+            count = channel_count(job.path)
+        except Exception:  # not audio: the probe says so, about path
+            return value
+        if count < 2:
+            raise Invalid(f"diarize \"channels\" needs a recording with one speaker per "
+                          f"channel; {os.path.basename(job.path)} has {count or 'no'} "
+                          f"channel{'s' if count != 1 else ''}: use diarize: true to tell "
+                          f"the voices apart")
+        return value
+    raise Invalid(f"diarize must be true, false or \"channels\", got {value!r}")
+
+
+def _parse_speakers(value, job, context):
+    value = _check_schema(value, _nullable("integer", minimum=1))
+    if value is not None and not job.diarize:
+        raise Invalid("speakers needs diarize: true")
+    if value is not None and job.diarize == "channels":
+        raise Invalid("speakers is for diarize: true; with channels, each channel is one")
+    if value is not None and value > MAX_SPEAKERS:
+        raise Invalid(f"speakers must be at most {MAX_SPEAKERS}")
+    return value
+
+
+def _strings(value, name):
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip()
+                                              for v in value):
+        raise Invalid(f"{name} must be a list of non-empty strings")
+    if not 1 <= len(value) <= MAX_SPEAKERS:
+        raise Invalid(f"{name} must hold 1 to {MAX_SPEAKERS} entries")
+    return value
+
+
+def _parse_speaker_names(value, job, context):
+    names = _strings(value, "speaker_names")
+    if names is None:
+        return None
+    if not job.diarize:
+        raise Invalid("speaker_names needs diarize: true (or \"channels\")")
+    if len(set(names)) < len(names):
+        raise Invalid("speaker_names must be different from each other")
+    if any(re.fullmatch(r"SPEAKER_\d+|[A-Z]", name) for name in names):
+        raise Invalid("speaker_names may not look like the labels of unnamed voices "
+                      "(SPEAKER_00, A)")
+    return [name.strip() for name in names]
+
+
+def _parse_references(value, job, context):
+    """Each a clip of one named voice, checked as a job's path is, and probed: 2 to 30 s."""
+    paths = _strings(value, "speaker_references")
+    if job.diarize is True and job.speaker_names and paths is None:
+        raise Invalid("speaker_names needs speaker_references: a 2-10 s clip of each voice "
+                      "(with diarize: true)")
+    if paths is None:
+        return None
+    if job.diarize != True:  # noqa: E712 (True, not "channels")
+        raise Invalid("speaker_references needs diarize: true")
+    if len(paths) != len(job.speaker_names or ()):
+        raise Invalid(f"speaker_references must hold one clip for each of speaker_names "
+                      f"({len(job.speaker_names or ())}), got {len(paths)}")
+    for path in paths:
+        _parse_path(path, job, context)
+        seconds = probe(path)
+        if seconds is not None and not 1.0 <= seconds <= 30:
+            raise Invalid(f"speaker_references {path} holds {seconds:g} s of audio: give "
+                          f"2 to 10 s of that voice alone")
+    return paths
+
+
 @dataclasses.dataclass(slots=True, eq=False)
 class Job:
     """One transcription job. Its fields, in this order, are its JSON: the original API's
@@ -561,6 +645,21 @@ class Job:
                                 "suspect (words likely invented over silence, noise or music) "
                                 "out of every file and the result")
 
+    diarize: bool | str = option(False, {"type": ["boolean", "string"], "enum": [
+        False, True, "channels"]}, "who said what: true, voices told apart (each segment "
+        "gets a speaker); channels: one speaker per channel of the file, each transcribed "
+        "on its own", parse=_parse_diarize)
+    speakers: int | None = option(None, _nullable("integer", minimum=1, maximum=MAX_SPEAKERS),
+                                  "how many voices speak (diarize: true); default: found",
+                                  parse=_parse_speakers)
+    speaker_names: list | None = option(None, _nullable("array", items={"type": "string"}),
+                                        "names for the voices of speaker_references (or, "
+                                        "with channels, for the channels in order)",
+                                        parse=_parse_speaker_names)
+    speaker_references: list | None = option(
+        None, _nullable("array", items={"type": "string"}), "host paths of a 2-10 s clip of "
+        "each named voice alone, in the order of speaker_names", parse=_parse_references)
+
     def to_json(self):
         return {name: getattr(self, name) for name in WIRE}
 
@@ -629,7 +728,8 @@ def validate(body, context):
             value = None
         try:
             if f.metadata["parse"]:
-                if value is not None and not isinstance(value, str):
+                if value is not None and not isinstance(value, str) and \
+                        f.metadata["schema"]["type"] == "string":
                     raise Invalid("must be a string")
                 value = f.metadata["parse"](value, job, context)
             elif value is None:
@@ -2003,15 +2103,16 @@ SHORT = {"you", "thank you", "thanks", "thank you very much", "thank you so much
          "gracias", "merci", "danke", "grazie", "спасибо"}
 
 
-def heard(audio):
+def heard(audio, **options):
     """[(start, end)] seconds of speech in RATE audio, as the voice activity detector
-    (Silero, with faster-whisper's defaults) hears it; None without faster-whisper."""
+    (Silero, with faster-whisper's defaults but `options`) hears it; None without
+    faster-whisper."""
     try:
         vad = _vad()
     except JobFailed:
         return None
     return [(c["start"] / RATE, c["end"] / RATE)
-            for c in vad.get_speech_timestamps(audio, vad.VadOptions())]
+            for c in vad.get_speech_timestamps(audio, vad.VadOptions(**options))]
 
 
 def echoes(segments):
@@ -2145,6 +2246,7 @@ class Engine:
         self.last_used = {}
         self.loads = 0
         self.loading = False  # a first download may take longer than the watchdog allows
+        self.diarizer = None  # made at the first diarized job
 
     # -- which models exist ---------------------------------------------------------------
 
@@ -2277,18 +2379,56 @@ class Engine:
         result["segments"] = decoded.take(result["segments"])
         return _resumed(result, before, speech, job.drop_suspect, judged)
 
-    def load_audio(self, path):
-        """The file's audio, RATE mono float32; AudioError when it cannot be decoded, or
-        decodes to more than --max-audio-hours (a file whose header understates its
-        length, to fill the memory), or takes more than DECODE_TIMEOUT."""
+    def speakers(self, job, audio, result):
+        """whisper's result of a diarize: true job, each segment (and word) given its
+        speaker (see attribute()); the voices are found on this worker's device."""
+        if self.diarizer is None:
+            if speakers_missing():
+                raise JobFailed(f"diarize cannot run: {speakers_missing()}")
+            self.diarizer = Resemblyzer(self.device)
+        references = [self.load_audio(path) for path in job.speaker_references or ()]
+        speech = heard(audio, **Resemblyzer.PARTED)
+        if speech is None:  # no detector (faster-whisper absent): where whisper heard words
+            speech = [(s["start"], s["end"]) for s in result["segments"]]
+        turns, known = self.diarizer.turns(audio, speech, job.speakers, references)
+        return attribute(result, turns, {voice: job.speaker_names[i]
+                                         for voice, i in known.items()})
+
+    def run_channels(self, job, audio, report):
+        """diarize: "channels": each channel of `audio` (channels x samples) transcribed on
+        its own, with voice activity detection where faster-whisper is installed (a channel
+        is silent while the other party speaks, and whisper writes words over silence), as
+        one speaker: SPEAKER_00 is the first channel, or speaker_names in channel order.
+        The segments come in the order of their start; two voices at once stay apart. A
+        run cut short starts again from the first channel."""
+        alone = dataclasses.replace(job, vad=job.vad or importlib.util.find_spec(
+            "faster_whisper") is not None)
+        done, language, count = [], None, len(audio)
+        for channel, samples in enumerate(audio):
+            def progress(fraction, segments=(), language=None, channel=channel):
+                report((channel + fraction) / count, done + list(segments or ()), language)
+            result = self.run(alone, samples, progress)
+            done += [dict(segment, speaker=channel) for segment in result["segments"]]
+            language = language or result["language"]
+        segments = sorted(done, key=lambda segment: (segment["start"], segment["speaker"]))
+        return label({"text": "".join(s["text"] for s in segments), "segments": segments,
+                      "language": language},
+                     dict(enumerate(job.speaker_names or ())), ordered=False)
+
+    def load_audio(self, path, channels=False):
+        """The file's audio, RATE mono float32 (`channels`: an array of channels x samples,
+        each RATE float32); AudioError when it cannot be decoded, or decodes to more than
+        --max-audio-hours (a file whose header understates its length, to fill the memory),
+        or takes more than DECODE_TIMEOUT."""
         hours = self.settings.max_audio_hours
         try:
-            audio = self.decode_audio(path, int(hours * 3600 * RATE) + 1)
+            most = int(hours * 3600 * RATE) + 1
+            audio = decode_channels(path, most) if channels else self.decode_audio(path, most)
         except AudioError:
             raise
         except Exception as e:
             raise AudioError(f"could not decode the audio in {path}: {_reason(e)}") from e
-        if len(audio) > hours * 3600 * RATE:
+        if audio.shape[-1] > hours * 3600 * RATE:
             raise AudioError(f"{path} decodes to more than {hours:g} hours of audio "
                              f"(--max-audio-hours), more than its header said")
         return audio
@@ -2302,6 +2442,41 @@ class Engine:
 
     def release_memory(self):
         pass
+
+
+def channel_count(path):
+    """How many channels the file's first audio stream has (PyAV, else ffprobe)."""
+    try:
+        import av
+    except ImportError:
+        done = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "a:0",
+                               "-show_entries", "stream=channels", "-of", "csv=p=0", path],
+                              capture_output=True, text=True, timeout=PROBE_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+        return int(done.stdout.split()[0]) if done.stdout.split() else 0
+    with av.open(path, metadata_errors="ignore", timeout=PROBE_TIMEOUT) as container:
+        streams = container.streams.audio
+        return streams[0].codec_context.channels if streams else 0
+
+
+def decode_channels(path, most):
+    """Each channel of the file, RATE float32, as ffmpeg decodes it (channels x samples),
+    bounded as Engine.decode_audio is."""
+    import numpy
+    count = channel_count(path)
+    command = ["ffmpeg", "-nostdin", "-threads", "0", "-i", path, "-f", "s16le", "-ac",
+               str(count), "-acodec", "pcm_s16le", "-ar", str(RATE), "-t", f"{most / RATE}",
+               "-"]
+    try:
+        done = subprocess.run(command, capture_output=True, timeout=DECODE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise AudioError(f"decoding {path} took more than {DECODE_TIMEOUT:g} s") from None
+    if done.returncode:
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(said[-1] if said else f"ffmpeg exited {done.returncode}")
+    samples = numpy.frombuffer(done.stdout, numpy.int16)
+    samples = samples[:len(samples) // count * count].reshape(-1, count).T
+    return numpy.ascontiguousarray(samples).astype(numpy.float32) / 32768.0
 
 
 _progress = threading.local()  # .report: the running job's progress callback, per worker
@@ -2449,7 +2624,7 @@ class FasterWhisper(Engine):
 
     def batchable(self, job):
         return bool(self.settings.batch_size) and job.pack and not (
-            job.word_timestamps or job.initial_prompt)
+            job.word_timestamps or job.initial_prompt or job.diarize == "channels")
 
     def batch(self, name):
         """A Batch of this model's windows (--batch-size, --pack); see Batches."""
@@ -2933,6 +3108,318 @@ class Batch:
 
 
 # ---------------------------------------------------------------------------------------
+# Who said what: speakers
+# ---------------------------------------------------------------------------------------
+#
+# A diarized job's segments (and words) get "speaker": SPEAKER_00, SPEAKER_01, ... in the
+# order the voices are first heard (the labels of pyannote and whisperX), or a name the job
+# gave. With diarize: "channels", each channel of the file is transcribed on its own and is
+# one speaker (Engine.run_channels). With diarize: true, a Diarizer finds who speaks when
+# in the job's audio (turns), and attribute() gives each word the voice heard at its middle
+# and splits a segment where the voice changes. The one Diarizer here is Resemblyzer's: its
+# voice encoder's trained weights ship in its wheel, so it works offline. Another (pyannote's
+# pipeline from a local folder, say) would be a subclass with the same turns().
+
+SPEAKERS_EXTRA = "pip install 'whisperd[speakers]'"
+
+
+@functools.cache
+def speakers_missing():
+    """Why diarization cannot run here (what is missing, how to install it), or None."""
+    missing = [name for name in ("resemblyzer", "scipy", "sklearn")
+               if importlib.util.find_spec(name) is None]
+    return f"{', '.join(missing)} missing: {SPEAKERS_EXTRA}" if missing else None
+
+
+class Diarizer:
+    """Who speaks when. turns(audio, speech, count, references) -> ([(start, end, voice)],
+    {voice: index of the reference that is that voice}): seconds of RATE `audio`, voices
+    numbered; `speech` the stretches [(start, end)] in which someone speaks; `count` how
+    many voices, or None (found); `references` clips (RATE audio) of known voices."""
+
+    def turns(self, audio, speech, count=None, references=()):
+        raise NotImplementedError
+
+
+class Resemblyzer(Diarizer):
+    """Resemblyzer's voice encoder (GE2E, 256 numbers a voice), on the worker's device:
+    1. The speech is cut into pieces of about UNIT s (the detector's stretches, parted by
+       0.2 s of silence, cut evenly); each piece's voice is the mean of the encoder's
+       embeddings of 1.6 s of it, one every 0.8 s.
+    2. The pieces are clustered (average linkage, cosine distance). The number of voices,
+       when not given, is the one of 2 to MAX_SPEAKERS whose clusters stand furthest apart
+       (the silhouette), or 1 when none stands LEAST apart. A minute of speech is a few
+       dozen pieces, and its silhouettes are noisy: of the counts within TIE of the best,
+       the largest wins, and a voice then heard in one piece only, or in less than SMALL
+       of the speech, joins the one nearest it. A voice split in two is mended that way;
+       two voices merged would not be (bench/speakers.py measures it).
+    3. A reference clip names the voice most like it, when more alike than SAME."""
+
+    WINDOW, HOP = 160, 80       # mel frames (10 ms): 1.6 s heard by each embedding, 0.8 s apart
+    PARTED = {"min_silence_duration_ms": 200, "speech_pad_ms": 50}  # the detector's options
+    UNIT = 3.2                  # seconds of a piece of speech
+    LEAST, TIE, SMALL, SAME = 0.3, 0.04, 0.05, 0.8
+    MOST = 2000                 # pieces clustered; the others take the voice nearest them
+
+    def __init__(self, device):
+        import torch
+        with warnings.catch_warnings():  # its webrtcvad's pkg_resources is deprecated
+            warnings.simplefilter("ignore")
+            from resemblyzer import VoiceEncoder
+        self.torch, self.encoder = torch, VoiceEncoder(device, verbose=False)
+
+    def embed(self, audio, spans):
+        """One unit vector for each span [(start, end)] of `audio`: its voice."""
+        import numpy
+        from resemblyzer.audio import normalize_volume, wav_to_mel_spectrogram
+        least = self.WINDOW * RATE // 100
+        windows, owner = [], []
+        for i, (start, end) in enumerate(spans):
+            a, b = int(start * RATE), int(end * RATE)
+            if b - a < least:  # too short to hear: the 1.6 s around it
+                a = max(0, min(len(audio) - least, (a + b - least) // 2))
+                b = a + least
+            piece = normalize_volume(audio[a:b], -30, increase_only=True)
+            mel = wav_to_mel_spectrogram(numpy.pad(piece, (0, max(0, least - len(piece)))))
+            count = max(1, math.ceil((len(mel) - self.WINDOW) / self.HOP) + 1)
+            for first in numpy.linspace(0, max(0, len(mel) - self.WINDOW), count).astype(int):
+                windows.append(mel[first:first + self.WINDOW])
+                owner.append(i)
+        with self.torch.no_grad():
+            mels = self.torch.from_numpy(numpy.stack(windows))
+            partial = numpy.concatenate([self.encoder(mels[i:i + 256].to(self.encoder.device))
+                                         .cpu().numpy() for i in range(0, len(mels), 256)])
+        owner = numpy.array(owner)
+        voices = numpy.stack([partial[owner == i].mean(0) for i in range(len(spans))])
+        return voices / numpy.linalg.norm(voices, axis=1, keepdims=True)
+
+    def voices(self, units, count):
+        """A voice number for each unit vector: `count` clusters, or as many as found."""
+        import numpy
+        from scipy.cluster.hierarchy import fcluster, linkage
+        from sklearn.metrics import silhouette_score
+        labels = numpy.zeros(len(units), int)
+        if len(units) < 2 or count == 1:
+            return labels
+        step = max(1, math.ceil(len(units) / self.MOST))
+        sample = units[::step]
+        tree = linkage(sample, "average", metric="cosine")
+        if count:
+            found = fcluster(tree, min(count, len(sample)), "maxclust") - 1
+        else:
+            tried = {}
+            for k in range(2, min(MAX_SPEAKERS, len(sample) - 1) + 1):
+                clusters = fcluster(tree, k, "maxclust") - 1
+                if len(set(clusters)) > 1:
+                    tried[k] = (silhouette_score(sample, clusters, metric="cosine"), clusters)
+            best = max((score for score, _ in tried.values()), default=0)
+            found = numpy.zeros(len(sample), int) if best < self.LEAST else \
+                tried[max(k for k, (score, _) in tried.items() if score >= best - self.TIE)][1]
+        labels = self._nearest(units, sample, found)
+        while not count and len(set(labels)) > 1:  # a voice barely heard joins the nearest
+            shares = {v: numpy.mean(labels == v) for v in set(labels)}
+            least = min(shares, key=shares.get)
+            if shares[least] >= self.SMALL and numpy.sum(labels == least) > 1:
+                break
+            centres = self._centres(units, labels)
+            others = [v for v in centres if v != least]
+            near = max(others, key=lambda v: centres[v] @ centres[least])
+            labels[labels == least] = near
+        return labels
+
+    @staticmethod
+    def _centres(units, labels):
+        import numpy
+        centres = {v: units[labels == v].mean(0) for v in sorted(set(labels))}
+        return {v: c / numpy.linalg.norm(c) for v, c in centres.items()}
+
+    def _nearest(self, units, sample, found):
+        """Every unit's voice: its sample's where it is one, else the nearest centre."""
+        import numpy
+        centres = self._centres(sample, found)
+        keys = list(centres)
+        labels = numpy.array(keys)[(units @ numpy.stack([centres[v] for v in keys]).T)
+                                   .argmax(1)]
+        if len(sample) == len(units):
+            labels = found.copy()
+        return labels
+
+    def turns(self, audio, speech, count=None, references=()):
+        spans = [(a + i * (b - a) / n, a + (i + 1) * (b - a) / n) for a, b in speech
+                 for n in [max(1, round((b - a) / self.UNIT))] for i in range(n)]
+        if not spans:
+            return [], {}
+        units = self.embed(audio, spans)
+        labels = self.voices(units, count)
+        turns = []
+        for (start, end), voice in zip(spans, labels.tolist()):
+            if turns and turns[-1][2] == voice and start - turns[-1][1] < 0.5:
+                turns[-1] = (turns[-1][0], end, voice)
+            else:
+                turns.append((start, end, voice))
+        known, centres = {}, self._centres(units, labels)
+        if references:
+            clips = self.embed_clips(references)
+            alike = sorted(((float(clip @ centre), voice, i) for i, clip in enumerate(clips)
+                            for voice, centre in centres.items()), reverse=True)
+            for similarity, voice, i in alike:
+                if similarity >= self.SAME and voice not in known and i not in known.values():
+                    known[voice] = i
+        return turns, known
+
+    def embed_clips(self, clips):
+        """One unit vector for each whole clip (a reference: one voice alone)."""
+        return [self.embed(clip, [(0, len(clip) / RATE)])[0] for clip in clips]
+
+
+def _voice_at(turns, start, end):
+    """The voice of `turns` heard most between start and end, else the nearest one."""
+    best = max(turns, key=lambda t: (min(end, t[1]) - max(start, t[0]),
+                                     -min(abs(start - t[1]), abs(end - t[0]))))
+    return best[2]
+
+
+def _part(segment, start, end, text, words=None, first=True):
+    """A piece of a split segment: its decoder signals are the whole's; its tokens stay
+    with the first piece."""
+    piece = dict(segment, start=round(start, 3), end=round(end, 3), text=text)
+    if words is not None:
+        piece["words"] = words
+    if not first:
+        piece["tokens"] = []
+    return piece
+
+
+def _split_text(segment, pieces):
+    """Without word timings: the segment's text parted at the word boundaries nearest the
+    times its voice changes (a sentence's end within a quarter of it preferred), each
+    word's time taken in proportion to its characters."""
+    text, (start, end) = segment["text"], (segment["start"], segment["end"])
+    words = re.findall(r"\s*\S+", text)
+    ends = list(itertools.accumulate(len(w) for w in words))
+    cuts, parts, first = [0], [], 0
+    for _, change, _ in pieces[1:]:
+        at = (change - start) / max(end - start, 1e-6) * len(text)
+        near = [i + 1 for i in range(first, len(words) - 1)]
+        if not near:
+            break
+        best = min(near, key=lambda i: abs(ends[i - 1] - at))
+        sentence = [i for i in near if words[i - 1][-1] in ".?!"
+                    and abs(ends[i - 1] - at) <= len(text) / 4]
+        first = min(sentence, key=lambda i: abs(ends[i - 1] - at)) if sentence else best
+        cuts.append(first)
+    cuts.append(len(words))
+    for n, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        if b > a:
+            parts.append(_part(segment, pieces[n][0] if n else start,
+                               end if n == len(pieces) - 1 else pieces[n][1],
+                               "".join(words[a:b]), first=not parts) | {"speaker": pieces[n][2]})
+    return parts or [dict(segment, speaker=pieces[0][2])]
+
+
+def attribute(result, turns, names=None):
+    """whisper's result, each segment (and word) given its speaker from `turns` (see
+    Diarizer), labelled (see label()). With word timings each word has the voice heard at
+    its middle (a word alone between two of another voice takes theirs) and a segment is
+    split where they change; without, where another voice is heard for a SWITCH s or
+    more of it (see _split_text)."""
+    segments = []
+    for segment in result["segments"]:
+        words = segment.get("words")
+        if not turns:
+            segments.append(dict(segment, speaker=0))
+        elif words:
+            voices = [_voice_at(turns, w["start"], w["end"]) for w in words]
+            for i in range(1, len(voices) - 1):
+                if voices[i - 1] == voices[i + 1] != voices[i]:
+                    voices[i] = voices[i - 1]
+            groups = [list(g) for _, g in itertools.groupby(zip(words, voices),
+                                                            key=lambda x: x[1])]
+            for n, group in enumerate(groups):
+                mine = [dict(w, speaker=v) for w, v in group]
+                segments.append(_part(
+                    segment, segment["start"] if n == 0 else mine[0]["start"],
+                    segment["end"] if n == len(groups) - 1 else mine[-1]["end"],
+                    "".join(w["word"] for w in mine) if len(groups) > 1 else segment["text"],
+                    mine, first=n == 0) | {"speaker": group[0][1]})
+        else:
+            start, end = segment["start"], segment["end"]
+            pieces = [(max(start, a), min(end, b), v) for a, b, v in turns
+                      if min(end, b) - max(start, a) > 0]
+            merged = []
+            for piece in pieces:
+                if merged and (merged[-1][2] == piece[2] or piece[1] - piece[0] < SWITCH):
+                    merged[-1] = (merged[-1][0], piece[1], merged[-1][2])
+                elif merged and merged[-1][1] - merged[-1][0] < SWITCH:
+                    merged[-1] = (merged[-1][0], piece[1], piece[2])
+                else:
+                    merged.append(piece)
+            if len(merged) > 1:
+                segments += _split_text(segment, merged)
+            else:
+                segments.append(dict(segment, speaker=_voice_at(turns, start, end)))
+    return label(dict(result, segments=segments), names or {})
+
+
+SWITCH = 1.0  # seconds of another voice that split a segment without word timings
+
+
+def label(result, names, ordered=True):
+    """The result with each segment's (and word's) voice number turned into its label:
+    names[voice] where named, else SPEAKER_00, SPEAKER_01, ... in the order first heard
+    (`ordered`), or by voice number (channels). Segments numbered again."""
+    labels, unnamed = {}, 0
+    for voice in ([s["speaker"] for s in result["segments"]] if ordered
+                  else sorted({s["speaker"] for s in result["segments"]})):
+        if voice not in labels:
+            if voice in names:
+                labels[voice] = names[voice]
+            else:
+                labels[voice] = f"SPEAKER_{(unnamed if ordered else voice):02d}"
+                unnamed += 1
+    segments = []
+    for i, segment in enumerate(result["segments"]):
+        segment = dict(segment, id=i, speaker=labels[segment["speaker"]])
+        if segment.get("words"):
+            segment["words"] = [dict(w, speaker=segment["speaker"]) for w in segment["words"]]
+        segments.append(segment)
+    return dict(result, segments=segments)
+
+
+def _labelled(result, ext):
+    """The result as `ext`'s writer should write a diarized one: each segment's text (and
+    first word) after its speaker's label, as TXT ("LABEL: "), SRT ("[LABEL]: ") and
+    WebVTT (a voice tag, "<v LABEL>") show one."""
+    form = {"txt": "{}: ", "srt": "[{}]: ", "vtt": "<v {}>"}.get(ext)
+    if form is None or not any("speaker" in s for s in result["segments"]):
+        return result
+    segments = []
+    for segment in result["segments"]:
+        said = form.format(segment["speaker"])
+        segment = dict(segment, text=said + segment["text"].strip())
+        if segment.get("words"):
+            first = segment["words"][0]
+            segment["words"] = [dict(first, word=" " + said + first["word"].lstrip()),
+                                *segment["words"][1:]]
+        segments.append(segment)
+    return dict(result, segments=segments)
+
+
+def write_result(ext, result, file, **options):
+    """openai-whisper's writer for `ext` writes the result into `file`; a diarized one with
+    its speakers (see _labelled; TSV gets a speaker column)."""
+    if ext == "tsv" and any("speaker" in s for s in result["segments"]):
+        print("start", "end", "speaker", "text", sep="\t", file=file)
+        for segment in result["segments"]:  # as openai-whisper's WriteTSV writes them
+            print(round(1000 * segment["start"]), round(1000 * segment["end"]),
+                  segment["speaker"], segment["text"].strip().replace("\t", " "), sep="\t",
+                  file=file)
+        return
+    whisper_part("utils").get_writer(ext, ".").write_result(_labelled(result, ext),
+                                                            file=file, **options)
+
+
+# ---------------------------------------------------------------------------------------
 # Output files
 # ---------------------------------------------------------------------------------------
 
@@ -2964,7 +3451,7 @@ def whisper_part(name):
 def transcript(result):
     """The TXT transcript of whisper's result, as openai-whisper's txt writer writes it."""
     text = io.StringIO()
-    whisper_part("utils").get_writer("txt", ".").write_result(result, file=text)
+    write_result("txt", result, text)
     return text.getvalue()
 
 
@@ -2976,8 +3463,6 @@ def write_outputs(result, job):
     never sees half a file, and a job that cannot write them all (a full disk, a folder
     gone) leaves nothing behind.
     """
-    get_writer = whisper_part("utils").get_writer
-
     base = os.path.splitext(os.path.basename(job.path))[0]
     folder = job.output_path
     # The job's id in the temp names: jobs of inputs with the same name may be writing
@@ -2993,7 +3478,7 @@ def write_outputs(result, job):
         for ext in WRITTEN_FORMATS if job.format == "all" else (job.format,):
             fd, temps[ext] = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
             with os.fdopen(fd, "w", encoding="utf-8") as file:
-                get_writer(ext, folder).write_result(result, file=file, **options)
+                write_result(ext, result, file, **options)
                 file.flush()
                 os.fsync(file.fileno())
             os.chmod(temps[ext], 0o666 & ~UMASK)  # mkstemp makes 0600; honour the umask
@@ -3151,7 +3636,7 @@ class Runner(threading.Thread):
                 self.queue.wait_for_change(seen, self.TICK)
                 continue
             try:
-                audio = self.engine.load_audio(job.path)
+                audio = self.engine.load_audio(job.path, job.diarize == "channels")
             except AudioError as e:  # the claiming runner raises it as the job's failure
                 audio = e
             self.ahead.put(job.id, audio)
@@ -3160,13 +3645,13 @@ class Runner(threading.Thread):
         """The job's audio, decoded ahead when it could be, else now."""
         audio = self.ahead.take(job.id)
         if audio is None:
-            audio = self.engine.load_audio(job.path)
+            audio = self.engine.load_audio(job.path, job.diarize == "channels")
         else:
             self.decoded_ahead += 1
         if isinstance(audio, Exception):
             raise audio
         if job.audio_duration is None:
-            self.queue.progress(job, audio_duration=round(len(audio) / RATE, 3))
+            self.queue.progress(job, audio_duration=round(audio.shape[-1] / RATE, 3))
         return audio
 
     def report(self, job, done, segments=None, language=None):
@@ -3201,9 +3686,13 @@ class Runner(threading.Thread):
         try:
             if self.error:
                 raise JobFailed(self.error)
-            audio = self.audio(job)
-            result = self.engine.run(job, audio, functools.partial(self.report, job),
-                                     self.queue.resume(job))
+            audio, report = self.audio(job), functools.partial(self.report, job)
+            if job.diarize == "channels":
+                result = self.engine.run_channels(job, audio, report)
+            else:
+                result = self.engine.run(job, audio, report, self.queue.resume(job))
+            if job.diarize is True:
+                result = self.engine.speakers(job, audio, result)
         except Interrupted:
             result, started = None, None
         except Exception as e:
@@ -3218,6 +3707,7 @@ class Runner(threading.Thread):
         one that cannot join waits until the batch is done. Whatever raises fails the jobs
         it concerns (the joining ones, or all those held), never the runner."""
         held, joining = {first: time.monotonic()}, [first]  # claimed, not handed back
+        voices = {}  # the audio of the diarized jobs held, whose speakers are found last
 
         def may_join(job):
             return self.engine.batchable(job) and batch.accepts(job, first.model)
@@ -3232,6 +3722,8 @@ class Runner(threading.Thread):
                 for job in joining:
                     try:
                         entries.append((job, self.audio(job), self.queue.resume(job)))
+                        if job.diarize:
+                            voices[job] = entries[-1][1]
                     except Exception as e:
                         self.hand_back(job, self.failure(f"job {job.id}", e), held.pop(job))
                 joining = []
@@ -3255,6 +3747,11 @@ class Runner(threading.Thread):
                 self.busy += time.monotonic() - step
                 self.beat = time.monotonic()
                 for job, result in done.items():
+                    if job in voices:
+                        try:
+                            result = self.engine.speakers(job, voices.pop(job), result)
+                        except Exception as e:
+                            result = self.failure(f"job {job.id}", e)
                     self.hand_back(job, result, held.pop(job))
                 for job, (fraction, segments) in batch.progress().items():
                     self.queue.progress(job, fraction, segments)
@@ -3736,13 +4233,23 @@ class Service:
         try:
             with open(audio, "wb") as file:
                 file.write(data)
+            references = []
+            for clip, clip_name in fields.get("speaker_references") or ():  # (bytes, name)
+                references.append(os.path.join(folder, clip_name))
+                with open(references[-1], "wb") as file:
+                    file.write(clip)
+            if references:
+                fields = dict(fields, speaker_references=references)
             future = Future()
             try:
                 yield self.submit(dict(fields, path=audio, output_path=folder), future,
                                   context), future
             except HTTPError as e:
-                e.message = e.message.replace(audio, name)
-                e.field = "file" if e.field == "path" else e.field
+                e.message = re.sub(r"(speaker_references )?(\S*/)?\.reference-(\d+)\.[\w.+-]+",
+                                   r"known_speaker_references[] \3",
+                                   e.message.replace(audio, name))
+                e.field = {"path": "file", "speaker_references": "known_speaker_references[]",
+                           "speaker_names": "known_speaker_names[]"}.get(e.field, e.field)
                 raise
             except JobFailed as e:
                 status = HTTPStatus.BAD_REQUEST if isinstance(e, AudioError) \
@@ -3822,7 +4329,7 @@ class Service:
 # HTTP
 # ---------------------------------------------------------------------------------------
 
-OPENAI_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+OPENAI_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
 
 
 class _TimedReads(io.RawIOBase):
@@ -3852,13 +4359,17 @@ def openai_answer(result, job, response_format):
     result and the job's JSON."""
     if response_format in ("srt", "vtt"):
         text = io.StringIO()
-        whisper_part("utils").get_writer(response_format, ".").write_result(result, file=text)
+        write_result(response_format, result, text)
         return text.getvalue(), "text/plain; charset=utf-8"
     if response_format == "text":
         return job["result"], "text/plain; charset=utf-8"
     text = result["text"].strip()
     if response_format == "json":
         return {"text": text}, None
+    if response_format == "diarized_json":
+        return {"task": "transcribe", "duration": job["audio_duration"], "text": text,
+                "segments": openai_segments(result["segments"]),
+                "usage": {"type": "duration", "seconds": job["audio_duration"]}}, None
     names = whisper_part("tokenizer").LANGUAGES
     keys = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
             "compression_ratio", "no_speech_prob")
@@ -3869,6 +4380,20 @@ def openai_answer(result, job, response_format):
         body["words"] = [{"word": w["word"], "start": w["start"], "end": w["end"]}
                          for segment in result["segments"] for w in segment.get("words", [])]
     return body, None
+
+
+def openai_segments(segments):
+    """A diarized result's segments as OpenAI's diarized_json has them: labelled A, B, ...
+    in the order first heard (where whisperd says SPEAKER_00, ...), or by their names."""
+    return [{"type": "transcript.text.segment", "id": f"seg_{segment['id']}",
+             "start": segment["start"], "end": segment["end"], "text": segment["text"].strip(),
+             "speaker": re.sub(r"^SPEAKER_(\d+)$", lambda m: _letters(int(m[1])),
+                               segment["speaker"])} for segment in segments]
+
+
+def _letters(number):
+    """0 -> A, 25 -> Z, 26 -> AA: OpenAI's labels of unnamed speakers."""
+    return (_letters(number // 26 - 1) if number >= 26 else "") + chr(65 + number % 26)
 
 
 @dataclasses.dataclass
@@ -3900,24 +4425,46 @@ def _sse(event):
 def openai_stream(events, response_format):
     """OpenAI's streamed transcription, from Service.follow_upload's events: a
     transcript.text.delta for each segment's text, then transcript.text.done with the
-    whole text (as its answer without stream would have it), or an error."""
+    whole text (as its answer without stream would have it), or an error. diarized_json:
+    a transcript.text.segment for each segment, when the job ends (its voices are found
+    over the whole recording), then transcript.text.done."""
     first = True
     with contextlib.closing(events):  # a client gone: the upload's job is cancelled
         for event in events:
             if event is None:
                 yield None  # a comment keeps the stream alive
-            elif event[0] == "segment":
+            elif event[0] == "segment" and response_format != "diarized_json":
                 delta = event[1]["text"].lstrip() if first else event[1]["text"]
                 first = first and not delta
                 if delta:
                     yield {"type": "transcript.text.delta", "delta": delta}
             elif event[0] == "result":
                 result, job = event[1]
-                yield {"type": "transcript.text.done", "text": result["text"].strip()
-                       if response_format == "json" else job["result"]}
+                if response_format == "diarized_json":  # the speakers are known at the end
+                    yield from openai_segments(result["segments"])
+                yield {"type": "transcript.text.done", "text": job["result"]
+                       if response_format == "text" else result["text"].strip()}
             elif event[0] == "error":
                 yield {"error": {"message": event[1], "type": "server_error", "param": None,
                                  "code": None}}
+
+
+DIARIZE_MODEL = "gpt-4o-transcribe-diarize"
+
+
+def _data_url(url, i):
+    """known_speaker_references[i], a data: URL of audio, as (bytes, its file's name)."""
+    match = re.fullmatch(r"data:([\w.+-]+/[\w.+-]+)?(;[^,]*)?;base64,(.*)", url.strip(),
+                         re.DOTALL)
+    try:
+        data = base64.b64decode(match[3], validate=True) if match else None
+    except ValueError:
+        data = None
+    if not data:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"known_speaker_references[] {i} must be a "
+                        f"data: URL of audio (data:audio/wav;base64,...)",
+                        "known_speaker_references[]")
+    return data, f".reference-{i}." + (match[1] or "x/audio").split("/")[-1]
 
 
 def _openai_sse(data):
@@ -4629,17 +5176,32 @@ class Handler(BaseHTTPRequestHandler):
                             "temperature") from None
         model = form.get("model") if isinstance(form.get("model"), str) else ""
         stream = form.get("stream") in ("true", "True", "1")
-        if stream and response_format not in ("json", "text"):
+        if stream and response_format not in ("json", "text", "diarized_json"):
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"stream=true answers text as it is "
                             f"decoded (transcript.text.delta events): response_format must "
-                            f"be json or text, not {response_format}", "stream")
+                            f"be json, text or diarized_json, not {response_format}", "stream")
+        names, references = (form.get(f"known_speaker_{key}[]", []) for key in
+                             ("names", "references"))
+        names, references = ([x] if isinstance(x, str) else x for x in (names, references))
+        diarize = model == DIARIZE_MODEL or response_format == "diarized_json"
+        if diarize and response_format not in ("diarized_json", "json", "text"):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"{DIARIZE_MODEL} answers json, text or "
+                            f"diarized_json, not {response_format}", "response_format")
+        if (names or references) and not diarize:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"known_speaker_names[] need model="
+                            f"{DIARIZE_MODEL} or response_format=diarized_json",
+                            "known_speaker_names[]")
         fields = {
             "model": "" if model.startswith(("whisper-", "gpt-")) else model,
             "language": form.get("language") or None, "initial_prompt": form.get("prompt"),
             "task": "translate" if self.path.startswith("/v1/audio/translations")
             else "transcribe",
             "word_timestamps": "word" in granularities, "temperature": temperature,
-            "drop_suspect": form.get("drop_suspect") in ("true", "1")}  # whisperd's own
+            "drop_suspect": form.get("drop_suspect") in ("true", "1"),  # whisperd's own
+            "diarize": diarize, "speaker_names": names or None}
+        if references:
+            fields["speaker_references"] = [_data_url(reference, i)
+                                            for i, reference in enumerate(references)]
         if stream:
             events = _started_stream(self.service.follow_upload(upload, fields))
             return HTTPStatus.OK, EventStream(openai_stream(events, response_format),
@@ -4834,9 +5396,17 @@ def _option_flag(parser, f):
     kind = schema["type"][0] if isinstance(schema["type"], list) else schema["type"]
     flag = "--" + f.name.replace("_", "-")
     default = "" if f.default in (None, "") else f" (default: {str(f.default).lower()})"
-    if kind == "boolean":
+    words = [value for value in schema.get("enum", ()) if isinstance(value, str)]
+    if kind == "boolean" and words:  # --diarize, or --diarize channels
+        parser.add_argument(flag, nargs="?", const=True, choices=[True, False, *words],
+                            type=lambda value: {"true": True, "false": False}.get(value, value),
+                            default=None, help=help + default, metavar="|".join(words))
+    elif kind == "boolean":
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                             help=help + default)
+    elif kind == "array":
+        parser.add_argument(flag, nargs="+", default=None, help=help,
+                            metavar=f.name.upper().removesuffix("S"))
     else:
         parser.add_argument(flag, type={"integer": int, "number": float}.get(kind, str),
                             choices=schema.get("enum"), default=None, help=help + default,
@@ -4912,6 +5482,9 @@ def client_main(argv):
                if f.name != "path" and getattr(args, f.name) is not None}
     if options.get("output_path"):
         options["output_path"] = os.path.abspath(options["output_path"])
+    if options.get("speaker_references"):
+        options["speaker_references"] = [os.path.abspath(path) for path in
+                                          options["speaker_references"]]
     try:
         for file in args.files:
             with _interrupt_after():  # a job whisperd made is a job the client names

@@ -6,11 +6,14 @@ the word error rate, and a wait on a condition. Standard library only: nothing h
 imports torch or whisper.
 """
 
+import array
+import collections
 import contextlib
 import gzip
 import http.client
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -19,6 +22,7 @@ import sys
 import threading
 import time
 import unicodedata
+import wave
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -117,6 +121,107 @@ def reading(name):
         if found and found.group(2) == name:
             return LIBRIVOX / f"{name}.wav", found.group(1)
     raise KeyError(f"no reading {name!r} in {LIBRIVOX}")
+
+
+# -- conversations: turns of real recorded voices, who spoke when known -------------------
+
+TALKERS = {"allison": SOUNDS / VOICES["en"], "carlo": SOUNDS / VOICES["it"],
+           "june": SOUNDS / VOICES["fr"], "ivr": SOUNDS / VOICES["ru"], "librivox": LIBRIVOX}
+
+
+def _pcm(path):
+    """16 kHz mono s16le samples of a clip, its quiet start and end cut off."""
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-i", str(path), "-f", "s16le",
+                          "-ac", "1", "-ar", "16000", "-"], capture_output=True,
+                         check=True).stdout
+    samples = array.array("h", raw)
+    loud = [i for i in range(0, len(samples), 80) if abs(samples[i]) > 300]
+    return samples[loud[0]:loud[-1] + 1] if loud else samples
+
+
+def _clips(voice, odd=False):
+    """A voice's recordings, sorted: conversations take those at even places, references
+    those at odd ones, so that no reference is heard in a conversation."""
+    folder = TALKERS[voice]
+    files = sorted(folder.glob("*.g722" if folder != LIBRIVOX else "*.wav"))
+    return files[odd::2]
+
+
+def _write_wav(path, channels):
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(len(channels))
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        frames = array.array("h", bytes(2 * len(channels) * len(channels[0])))
+        for c, samples in enumerate(channels):
+            frames[c::len(channels)] = samples
+        out.writeframes(frames.tobytes())
+    return Path(path)
+
+
+def conversation(path, voices, turns, seed=0, channels=False):
+    """Writes a WAV of `voices` (TALKERS) taking `turns` turns, each of one or two clips of
+    1.5 to 7 s, 0.3 to 0.8 s apart; returns who spoke when. With
+    `channels`, voice i is on channel i, and each turn begins 1 s before the one before it
+    ends: they overlap. Each turn: (start, end, voice, its clip's path)."""
+    rng = random.Random(seed)
+    pools = {voice: _clips(voice) for voice in voices}
+    tracks = [array.array("h") for _ in voices]
+    said, last, now = [], None, 0
+    for _ in range(turns):
+        voice = rng.choice([v for v in voices if v != last])
+        for n in range(rng.choice((1, 1, 2))):
+            while not 1.5 * 16000 <= len(clip := _pcm(source := rng.choice(pools[voice]))) \
+                    <= 7 * 16000:
+                pass
+            start = now + int(rng.uniform(0.3, 0.8) * 16000)
+            if channels and last not in (None, voice) and n == 0:
+                start = now - 16000  # one second over the one before
+            track = tracks[voices.index(voice) if channels else 0]
+            track.extend(array.array("h", bytes(2 * max(0, start - len(track)))))
+            track.extend(clip)
+            said.append((round(start / 16000, 3), round((start + len(clip)) / 16000, 3), voice,
+                         source))
+            now = start + len(clip)
+        last = voice
+    tracks = tracks if channels else tracks[:1]
+    length = max(len(track) for track in tracks) + 8000
+    for track in tracks:
+        track.extend(array.array("h", bytes(2 * (length - len(track)))))
+    _write_wav(path, tracks)
+    return said
+
+
+def reference(path, voice, seconds=4.0):
+    """Writes a WAV of `voice` alone, about `seconds` long, from clips no conversation
+    holds (a known speaker's reference)."""
+    samples = array.array("h")
+    for clip in _clips(voice, odd=True):
+        if len(samples) >= seconds * 16000:
+            break
+        samples.extend(_pcm(clip))
+        samples.extend(array.array("h", bytes(2 * 4000)))
+    return _write_wav(path, [samples])
+
+
+def who_spoke(said, start, end):
+    """The voice heard most between start and end (or the nearest), by `said`."""
+    return max(said, key=lambda t: (min(end, t[1]) - max(start, t[0]),
+                                    -min(abs(start - t[1]), abs(end - t[0]))))[2]
+
+
+def words_right(said, segments):
+    """The share of the words (with their times) given their right speaker: each label
+    stands for the voice it was most given to, each voice for one label at most."""
+    pairs = [(who_spoke(said, w["start"], w["end"]), w["speaker"])
+             for segment in segments for w in segment["words"]]
+    counts = collections.Counter(pairs)
+    voice_of, taken = {}, set()
+    for (voice, label), _ in counts.most_common():
+        if label not in voice_of and voice not in taken:
+            voice_of[label] = voice
+            taken.add(voice)
+    return sum(voice_of.get(label) == voice for voice, label in pairs) / max(len(pairs), 1)
 
 
 def words(text):
