@@ -852,6 +852,18 @@ def test_two_voices_are_told_apart_on_the_openai_whisper_engine_too(shared, tmp_
     assert words_right(said, segments) >= 0.95, segments
 
 
+def test_four_recorded_voices_are_told_apart_when_their_count_is_given(start, tmp_path):
+    daemon = start(*FW)
+    voices = ["allison", "carlo", "june", "librivox"]
+    said = conversation(tmp_path / "talk.wav", voices, 12, seed=2)
+    assert {voice for _, _, voice, _ in said} == set(voices)  # each one speaks
+    job = daemon.submit(path=tmp_path / "talk.wav", diarize=True, speakers=4,
+                        word_timestamps=True, format="json", output_path=tmp_path)
+    daemon.completed(job["id"])
+    segments = segments_of(tmp_path, "talk")
+    assert words_right(said, segments) >= 0.95, segments
+
+
 def test_voices_are_named_from_reference_clips_heard_nowhere_in_the_conversation(
         start, tmp_path):
     daemon = start(*FW)
@@ -901,6 +913,19 @@ def test_a_diarized_job_of_one_second_or_of_silence_completes(start, tmp_path):
         daemon.completed(job["id"])
     for name in ("short", "silence"):
         assert all(s["speaker"] == "SPEAKER_00" for s in segments_of(tmp_path, name))
+
+
+def test_without_the_speakers_extra_a_diarized_job_is_refused_saying_how_to_install_it(
+        start, speech, tmp_path):
+    hidden = tmp_path / "hide" / "resemblyzer"  # as if the extra were not installed
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('No module named resemblyzer')\n")
+    daemon = start(*FW, env={"PYTHONPATH": str(hidden.parent)})
+    status, _, answer = daemon.request("POST", "/transcription/job", {
+        "path": str(speech["order.wav"]), "diarize": True})
+    assert status == 400 and answer["field"] == "diarize", answer
+    assert "pip install 'whisperd[speakers]'" in answer["error"], answer
+    assert daemon.stats()["Queued"] == 0
 
 
 def test_a_diarized_job_packed_in_a_batch_gets_speakers_of_its_own(batcher, tmp_path):

@@ -3125,10 +3125,18 @@ SPEAKERS_EXTRA = "pip install 'whisperd[speakers]'"
 
 @functools.cache
 def speakers_missing():
-    """Why diarization cannot run here (what is missing, how to install it), or None."""
-    missing = [name for name in ("resemblyzer", "scipy", "sklearn")
-               if importlib.util.find_spec(name) is None]
-    return f"{', '.join(missing)} missing: {SPEAKERS_EXTRA}" if missing else None
+    """Why diarization cannot run here (what failed to import, how to install it), or
+    None. The first diarized job to come pays for the imports (PyTorch's among them: a
+    second or two), which its runner needs anyway."""
+    try:
+        with warnings.catch_warnings():  # Resemblyzer's webrtcvad: pkg_resources deprecated
+            warnings.simplefilter("ignore")
+            import resemblyzer  # noqa: F401
+            import scipy.cluster.hierarchy  # noqa: F401
+            import sklearn.metrics  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"{_reason(e)}: {SPEAKERS_EXTRA}"
+    return None
 
 
 class Diarizer:
@@ -3163,9 +3171,7 @@ class Resemblyzer(Diarizer):
 
     def __init__(self, device):
         import torch
-        with warnings.catch_warnings():  # its webrtcvad's pkg_resources is deprecated
-            warnings.simplefilter("ignore")
-            from resemblyzer import VoiceEncoder
+        from resemblyzer import VoiceEncoder  # imported once by speakers_missing()
         self.torch, self.encoder = torch, VoiceEncoder(device, verbose=False)
 
     def embed(self, audio, spans):
