@@ -814,9 +814,17 @@ def segments_of(folder, name):
     return json.loads((folder / f"{name}.json").read_text())["segments"]
 
 
-def test_three_recorded_voices_taking_turns_are_told_apart_in_every_file(start, tmp_path):
-    daemon = start(*FW)
-    said = conversation(tmp_path / "talk.wav", ["allison", "carlo", "june"], 10, seed=3)
+@pytest.fixture(scope="module")
+def talker(tmp_path_factory, model_dir):
+    """A faster-whisper daemon for the conversations (the speaker model loaded once)."""
+    daemon = Daemon(tmp_path_factory.mktemp("talker"), model_dir, *FW).start()
+    yield daemon
+    daemon.stop()
+
+
+def test_three_recorded_voices_taking_turns_are_told_apart_in_every_file(talker, tmp_path):
+    daemon = talker
+    said = conversation(tmp_path / "talk.wav", ["allison", "carlo", "june"], 8, seed=3)
     found, given = tmp_path / "found", tmp_path / "given"
     jobs = [daemon.submit(path=tmp_path / "talk.wav", diarize=True, word_timestamps=True,
                           format="all", output_path=found.mkdir() or found),
@@ -842,20 +850,10 @@ def test_three_recorded_voices_taking_turns_are_told_apart_in_every_file(start, 
     assert words_right(said, [{"words": counted}]) >= 0.9, counted
 
 
-def test_two_voices_are_told_apart_on_the_openai_whisper_engine_too(shared, tmp_path):
-    said = conversation(tmp_path / "talk.wav", ["allison", "librivox"], 5, seed=1)
-    job = shared.submit(path=tmp_path / "talk.wav", diarize=True, word_timestamps=True,
-                        format="json", output_path=tmp_path)
-    shared.completed(job["id"])
-    segments = segments_of(tmp_path, "talk")
-    assert len({s["speaker"] for s in segments}) == 2
-    assert words_right(said, segments) >= 0.95, segments
-
-
-def test_four_recorded_voices_are_told_apart_when_their_count_is_given(start, tmp_path):
-    daemon = start(*FW)
+def test_four_recorded_voices_are_told_apart_when_their_count_is_given(talker, tmp_path):
+    daemon = talker
     voices = ["allison", "carlo", "june", "librivox"]
-    said = conversation(tmp_path / "talk.wav", voices, 12, seed=2)
+    said = conversation(tmp_path / "talk.wav", voices, 9, seed=7)
     assert {voice for _, _, voice, _ in said} == set(voices)  # each one speaks
     job = daemon.submit(path=tmp_path / "talk.wav", diarize=True, speakers=4,
                         word_timestamps=True, format="json", output_path=tmp_path)
@@ -865,8 +863,8 @@ def test_four_recorded_voices_are_told_apart_when_their_count_is_given(start, tm
 
 
 def test_voices_are_named_from_reference_clips_heard_nowhere_in_the_conversation(
-        start, tmp_path):
-    daemon = start(*FW)
+        talker, tmp_path):
+    daemon = talker
     said = conversation(tmp_path / "talk.wav", ["allison", "carlo", "june"], 8, seed=3)
     clips = [reference(tmp_path / f"{v}.wav", v) for v in ("allison", "carlo")]
     job = daemon.submit(path=tmp_path / "talk.wav", diarize=True, word_timestamps=True,
@@ -882,9 +880,9 @@ def test_voices_are_named_from_reference_clips_heard_nowhere_in_the_conversation
     assert sum(a == b for a, b in heard) / len(heard) >= 0.95, segments
 
 
-def test_a_call_with_one_party_per_channel_keeps_overlapping_speech_apart(start, tmp_path):
-    daemon = start(*FW)
-    said = conversation(tmp_path / "call.wav", ["allison", "librivox"], 6, seed=1,
+def test_a_call_with_one_party_per_channel_keeps_overlapping_speech_apart(talker, tmp_path):
+    daemon = talker
+    said = conversation(tmp_path / "call.wav", ["allison", "librivox"], 4, seed=1,
                         channels=True)
     job = daemon.submit(path=tmp_path / "call.wav", diarize="channels", format="json",
                         speaker_names=["Caller", "Agent"], output_path=tmp_path)
@@ -902,8 +900,9 @@ def test_a_call_with_one_party_per_channel_keeps_overlapping_speech_apart(start,
                for a in segments for b in segments), segments  # two at once, both kept
 
 
-def test_a_diarized_job_of_one_second_or_of_silence_completes(start, tmp_path):
-    daemon = start(*FW)
+def test_a_diarized_job_of_one_second_or_of_silence_completes(shared, tmp_path):
+    """On openai-whisper (the conversations run on faster-whisper): both engines diarize."""
+    daemon = shared
     short = convert(prompt("en", "vm-nobox")[0], tmp_path / "short.wav", "-t", "1")
     silence = convert("anullsrc=r=16000:cl=mono:d=20", tmp_path / "silence.wav",
                       before=("-f", "lavfi"))
@@ -911,7 +910,8 @@ def test_a_diarized_job_of_one_second_or_of_silence_completes(start, tmp_path):
             for p in (short, silence)]
     for job in jobs:
         daemon.completed(job["id"])
-    for name in ("short", "silence"):
+    assert segments_of(tmp_path, "short")  # a second of speech: one voice, labelled
+    for name in ("short", "silence"):  # what whisper wrote over silence too
         assert all(s["speaker"] == "SPEAKER_00" for s in segments_of(tmp_path, name))
 
 
@@ -1678,8 +1678,11 @@ SPOKEN = {"es": "vm-nobox", "fr": "ss-noservice", "it": "vm-nobox", "ru": "vm-no
 
 
 def test_the_language_of_recorded_speech_is_detected_and_shown(polyglot, tmp_path):
+    """Each engine detects two of the four languages (the detection is the model's; the
+    promise is that whisperd shows it): both engines, every language, half the time."""
+    second = "faster-whisper" in polyglot.flags
     jobs = {language: polyglot.submit(path=prompt(language, name)[0], output_path=tmp_path)
-            for language, name in SPOKEN.items()}
+            for i, (language, name) in enumerate(SPOKEN.items()) if i % 2 == second}
     for language, job in jobs.items():
         done = polyglot.completed(job["id"])
         assert done["language"] == language, (language, done["result"])
