@@ -844,6 +844,9 @@ def test_three_recorded_voices_taking_turns_are_told_apart_in_every_file(talker,
                       re.M) == labels
     rows = [row.split("\t") for row in (found / "talk.tsv").read_text().splitlines()]
     assert rows[0] == ["start", "end", "speaker", "text"] and [r[2] for r in rows[1:]] == labels
+    replayed = [e["data"] for e in events_until_end(daemon, jobs[0]["id"])
+                if e["event"] == "segment"]  # a finished job's events: its speakers too
+    assert [s["speaker"] for s in replayed] == labels
     # Without word timings, a segment is the unit: its time is given to the right voice.
     counted = segments_of(given, "talk")
     assert len({s["speaker"] for s in counted}) == 3
@@ -898,6 +901,32 @@ def test_a_call_with_one_party_per_channel_keeps_overlapping_speech_apart(talker
         assert word_error_rate((" ".join(scripts[voice]), text)) < 0.3, (voice, text)
     assert any(a["speaker"] != b["speaker"] and a["start"] < b["end"] and b["start"] < a["end"]
                for a in segments for b in segments), segments  # two at once, both kept
+
+
+def test_a_segment_is_split_where_its_voice_changes_with_or_without_word_timings():
+    """attribute() itself, on turns placed by hand: the daemon's conversations above show
+    it on real voices; this shows each rule of the split."""
+    turns = [(0.0, 1.9, 7), (2.2, 6.0, 3)]  # voice 7 first, then voice 3
+    text = " Hello there. How are you today? Fine thanks."
+    segment = {"id": 0, "start": 0.0, "end": 6.0, "text": text, "tokens": [1, 2, 3],
+               "avg_logprob": -0.2}
+    words = [{"word": w, "start": a, "end": b} for w, a, b in (
+        (" Hello", 0.1, 0.5), (" there.", 0.5, 1.2), (" How", 2.5, 2.8), (" are", 2.8, 3.0),
+        (" you", 3.0, 3.3), (" today?", 3.3, 4.0), (" Fine", 4.5, 4.9), (" thanks.", 4.9, 5.5))]
+    plain = whisperd.attribute({"text": text, "segments": [segment]}, turns)["segments"]
+    assert [(s["speaker"], s["text"]) for s in plain] == [
+        ("SPEAKER_00", " Hello there."), ("SPEAKER_01", " How are you today? Fine thanks.")]
+    assert [s["id"] for s in plain] == [0, 1] and all(s["tokens"] == [] for s in plain)
+    assert all(s["avg_logprob"] == -0.2 for s in plain)  # the whole's signals
+    timed = whisperd.attribute({"text": text, "segments": [dict(segment, words=words)]},
+                               [(0.0, 1.9, 7), (2.2, 3.05, 3), (3.05, 3.3, 7), (3.3, 6, 3)])
+    split = timed["segments"]  # " you" alone in voice 7's time takes its neighbours' voice
+    assert [(s["speaker"], s["start"], s["end"]) for s in split] == [
+        ("SPEAKER_00", 0.1, 1.2), ("SPEAKER_01", 2.5, 5.5)]
+    assert all(w["speaker"] == s["speaker"] for s in split for w in s["words"])
+    brief = whisperd.attribute({"text": text, "segments": [segment]},
+                               [(0.0, 5.5, 1), (5.5, 6.0, 2)])["segments"]
+    assert [s["speaker"] for s in brief] == ["SPEAKER_00"] and brief[0]["text"] == text
 
 
 def test_a_diarized_job_of_one_second_or_of_silence_completes(shared, tmp_path):

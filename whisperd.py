@@ -2015,6 +2015,36 @@ def speech_only(audio, since=0.0):
     return (window.audio(), window, speech) if pieces else (audio[:0], None, speech)
 
 
+def parted(segment, parts, shares=None):
+    """The segment cut into `parts`, [(start, end, fields)] in time order: with word
+    timings, each word goes to the part its middle lies in (or nearest); without, its words are shared
+    out in proportion to `shares` (default: the parts' lengths), each cut moved to a
+    sentence's end within three words. Each part keeps the whole's decoder signals, is
+    timed by its (start, end) within the whole's, gets `fields`, and no `tokens` (they were
+    the whole's); a part left without words is dropped."""
+    if segment.get("words"):
+        def nearest(word):  # the part it lies in, or is nearest; of two, the one centred nearer
+            middle = (word["start"] + word["end"]) / 2
+            return min(range(len(parts)), key=lambda i: (
+                max(parts[i][0] - middle, middle - parts[i][1], 0),
+                abs((parts[i][0] + parts[i][1]) / 2 - middle)))
+        groups = [[w for w in segment["words"] if nearest(w) == i] for i in range(len(parts))]
+        texts = ["".join(w["word"] for w in group) for group in groups]
+    else:
+        pieces = re.findall(r"\s*\S+", segment["text"]) or [segment["text"]]
+        said = shares or [end - start for start, end, _ in parts]
+        cuts = [round(len(pieces) * sum(said[:i + 1]) / sum(said)) for i in range(len(said))]
+        cuts = [min((c for c in range(max(1, cut - 3), min(len(pieces), cut + 3) + 1)
+                     if pieces[c - 1][-1] in ".?!"), key=lambda c: abs(c - cut),
+                    default=cut) for cut in cuts[:-1]] + cuts[-1:]  # at a sentence's end
+        texts = ["".join(pieces[c0:c1]) for c0, c1 in zip([0] + cuts, cuts)]
+        groups = [None] * len(parts)
+    return [dict(segment, start=max(segment["start"], start), end=min(segment["end"], end),
+                 text=text, tokens=[], **fields,
+                 **({"words": group} if group is not None else {}))
+            for (start, end, fields), text, group in zip(parts, texts, groups) if text.strip()]
+
+
 def restore_times(result, window):
     """Times in whisper's result, from the speech-only audio back to the original's. A
     segment is timed by the stretches of speech it holds a second or more of (the rest
@@ -2044,27 +2074,9 @@ def restore_times(result, window):
             return [segment]
         extent = {k: (min(a for j, a, _ in found if j == k), max(b for j, _, b in found
                                                                if j == k)) for k in islands}
-        if segment.get("words"):
-            def nearest(word):
-                middle = (word["start"] + word["end"]) / 2
-                return min(islands, key=lambda k: max(extent[k][0] - middle,
-                                                      middle - extent[k][1], 0))
-            groups = [[w for w in segment["words"] if nearest(w) == k] for k in islands]
-            texts = ["".join(w["word"] for w in group) for group in groups]
-        else:
-            pieces = re.findall(r"\s*\S+", segment["text"]) or [segment["text"]]
-            said = [sum(min(segment["end"], b) - max(segment["start"], a)
-                        for j, a, b in found if j == k) for k in islands]
-            cuts = [round(len(pieces) * sum(said[:i + 1]) / sum(said)) for i in range(len(said))]
-            cuts = [min((c for c in range(max(1, cut - 3), min(len(pieces), cut + 3) + 1)
-                         if pieces[c - 1][-1] in ".?!"), key=lambda c: abs(c - cut),
-                        default=cut) for cut in cuts[:-1]] + cuts[-1:]  # at a sentence's end
-            texts = ["".join(pieces[c0:c1]) for c0, c1 in zip([0] + cuts, cuts)]
-            groups = [None] * len(islands)
-        return [dict(segment, start=max(segment["start"], extent[k][0]),
-                     end=min(segment["end"], extent[k][1]), text=text, tokens=[],
-                     **({"words": group} if group is not None else {}))
-                for k, text, group in zip(islands, texts, groups) if text.strip()]
+        said = [sum(min(segment["end"], b) - max(segment["start"], a)
+                    for j, a, b in found if j == k) for k in islands]
+        return parted(segment, [(*extent[k], {}) for k in islands], said)
 
     segments = [part for segment in result["segments"] for part in split(segment)]
     for i, segment in enumerate(segments):
@@ -3285,85 +3297,42 @@ def _voice_at(turns, start, end):
     return best[2]
 
 
-def _part(segment, start, end, text, words=None, first=True):
-    """A piece of a split segment: its decoder signals are the whole's; its tokens stay
-    with the first piece."""
-    piece = dict(segment, start=round(start, 3), end=round(end, 3), text=text)
-    if words is not None:
-        piece["words"] = words
-    if not first:
-        piece["tokens"] = []
-    return piece
-
-
-def _split_text(segment, pieces):
-    """Without word timings: the segment's text parted at the word boundaries nearest the
-    times its voice changes (a sentence's end within a quarter of it preferred), each
-    word's time taken in proportion to its characters."""
-    text, (start, end) = segment["text"], (segment["start"], segment["end"])
-    words = re.findall(r"\s*\S+", text)
-    ends = list(itertools.accumulate(len(w) for w in words))
-    cuts, parts, first = [0], [], 0
-    for _, change, _ in pieces[1:]:
-        at = (change - start) / max(end - start, 1e-6) * len(text)
-        near = [i + 1 for i in range(first, len(words) - 1)]
-        if not near:
-            break
-        best = min(near, key=lambda i: abs(ends[i - 1] - at))
-        sentence = [i for i in near if words[i - 1][-1] in ".?!"
-                    and abs(ends[i - 1] - at) <= len(text) / 4]
-        first = min(sentence, key=lambda i: abs(ends[i - 1] - at)) if sentence else best
-        cuts.append(first)
-    cuts.append(len(words))
-    for n, (a, b) in enumerate(zip(cuts, cuts[1:])):
-        if b > a:
-            parts.append(_part(segment, pieces[n][0] if n else start,
-                               end if n == len(pieces) - 1 else pieces[n][1],
-                               "".join(words[a:b]), first=not parts) | {"speaker": pieces[n][2]})
-    return parts or [dict(segment, speaker=pieces[0][2])]
-
-
 def attribute(result, turns, names=None):
     """whisper's result, each segment (and word) given its speaker from `turns` (see
-    Diarizer), labelled (see label()). With word timings each word has the voice heard at
-    its middle (a word alone between two of another voice takes theirs) and a segment is
-    split where they change; without, where another voice is heard for a SWITCH s or
-    more of it (see _split_text)."""
+    Diarizer), labelled (see label()). A segment in which the voice changes is split
+    (see parted()): with word timings where its words' voices change (each word has the
+    voice heard at its middle; a word alone between two of another voice takes theirs);
+    without, where another voice is heard for SWITCH seconds or more of it."""
     segments = []
     for segment in result["segments"]:
-        words = segment.get("words")
+        start, end, words = segment["start"], segment["end"], segment.get("words")
         if not turns:
-            segments.append(dict(segment, speaker=0))
+            parts = [(start, end, 0)]
         elif words:
             voices = [_voice_at(turns, w["start"], w["end"]) for w in words]
             for i in range(1, len(voices) - 1):
                 if voices[i - 1] == voices[i + 1] != voices[i]:
                     voices[i] = voices[i - 1]
-            groups = [list(g) for _, g in itertools.groupby(zip(words, voices),
-                                                            key=lambda x: x[1])]
-            for n, group in enumerate(groups):
-                mine = [dict(w, speaker=v) for w, v in group]
-                segments.append(_part(
-                    segment, segment["start"] if n == 0 else mine[0]["start"],
-                    segment["end"] if n == len(groups) - 1 else mine[-1]["end"],
-                    "".join(w["word"] for w in mine) if len(groups) > 1 else segment["text"],
-                    mine, first=n == 0) | {"speaker": group[0][1]})
+            runs = [[w for w, _ in run] + [voice] for voice, run in
+                    itertools.groupby(zip(words, voices), key=lambda pair: pair[1])]
+            parts = [(run[0]["start"], run[-2]["end"], run[-1]) for run in runs]
         else:
-            start, end = segment["start"], segment["end"]
-            pieces = [(max(start, a), min(end, b), v) for a, b, v in turns
-                      if min(end, b) - max(start, a) > 0]
-            merged = []
-            for piece in pieces:
-                if merged and (merged[-1][2] == piece[2] or piece[1] - piece[0] < SWITCH):
-                    merged[-1] = (merged[-1][0], piece[1], merged[-1][2])
-                elif merged and merged[-1][1] - merged[-1][0] < SWITCH:
-                    merged[-1] = (merged[-1][0], piece[1], piece[2])
+            parts = []
+            for a, b, voice in turns:
+                a, b = max(start, a), min(end, b)
+                if b <= a:
+                    continue
+                if parts and (parts[-1][2] == voice or b - a < SWITCH):
+                    parts[-1] = (parts[-1][0], b, parts[-1][2])
+                elif parts and parts[-1][1] - parts[-1][0] < SWITCH:
+                    parts[-1] = (parts[-1][0], b, voice)
                 else:
-                    merged.append(piece)
-            if len(merged) > 1:
-                segments += _split_text(segment, merged)
-            else:
-                segments.append(dict(segment, speaker=_voice_at(turns, start, end)))
+                    parts.append((a, b, voice))
+            parts = parts or [(start, end, _voice_at(turns, start, end))]
+        if len(parts) == 1:
+            segments.append(dict(segment, speaker=parts[0][2]))
+        else:
+            segments += parted(segment, [(a, b, {"speaker": v}) for a, b, v in parts])
     return label(dict(result, segments=segments), names or {})
 
 
