@@ -5514,7 +5514,8 @@ def follow(client, job_id):
     try:
         for kind, data in client.events(job_id):
             if kind == "segment":
-                line = f"[{stamp(data['start'])} --> {stamp(data['end'])}] {data['text']}"
+                said = f" {data['speaker']}:" if "speaker" in data else ""  # a replay
+                line = f"[{stamp(data['start'])} --> {stamp(data['end'])}]{said} {data['text']}"
                 if bar is not None:
                     bar.write(line, file=sys.stdout)
                 else:
