@@ -3180,6 +3180,7 @@ class Resemblyzer(Diarizer):
     UNIT = 3.2                  # seconds of a piece of speech
     LEAST, TIE, SMALL, SAME = 0.3, 0.04, 0.05, 0.8
     MOST = 2000                 # pieces clustered; the others take the voice nearest them
+    BATCH = 256                 # windows through the encoder at once
 
     def __init__(self, device):
         import torch
@@ -3187,11 +3188,24 @@ class Resemblyzer(Diarizer):
         self.torch, self.encoder = torch, VoiceEncoder(device, verbose=False)
 
     def embed(self, audio, spans):
-        """One unit vector for each span [(start, end)] of `audio`: its voice."""
+        """One unit vector for each span [(start, end)] of `audio`: its voice. The 1.6 s
+        windows go through the encoder BATCH at a time (a 3-hour job's memory stays
+        small), each added to its span's sum."""
         import numpy
         from resemblyzer.audio import normalize_volume, wav_to_mel_spectrogram
         least = self.WINDOW * RATE // 100
-        windows, owner = [], []
+        sums, windows, owner = None, [], []
+
+        def encode():
+            nonlocal sums
+            with self.torch.no_grad():
+                mels = self.torch.from_numpy(numpy.stack(windows)).to(self.encoder.device)
+                prints = self.encoder(mels).cpu().numpy()
+            if sums is None:
+                sums = numpy.zeros((len(spans), prints.shape[1]), prints.dtype)
+            numpy.add.at(sums, owner, prints)
+            windows.clear(), owner.clear()
+
         for i, (start, end) in enumerate(spans):
             a, b = int(start * RATE), int(end * RATE)
             if b - a < least:  # too short to hear: the 1.6 s around it
@@ -3203,13 +3217,11 @@ class Resemblyzer(Diarizer):
             for first in numpy.linspace(0, max(0, len(mel) - self.WINDOW), count).astype(int):
                 windows.append(mel[first:first + self.WINDOW])
                 owner.append(i)
-        with self.torch.no_grad():
-            mels = self.torch.from_numpy(numpy.stack(windows))
-            partial = numpy.concatenate([self.encoder(mels[i:i + 256].to(self.encoder.device))
-                                         .cpu().numpy() for i in range(0, len(mels), 256)])
-        owner = numpy.array(owner)
-        voices = numpy.stack([partial[owner == i].mean(0) for i in range(len(spans))])
-        return voices / numpy.linalg.norm(voices, axis=1, keepdims=True)
+                if len(windows) == self.BATCH:
+                    encode()
+        if windows:
+            encode()
+        return sums / numpy.linalg.norm(sums, axis=1, keepdims=True)
 
     def voices(self, units, count):
         """A voice number for each unit vector: `count` clusters, or as many as found."""
