@@ -490,9 +490,9 @@ def _parse_diarize(value, job, context):
     if value in (None, False, "false"):
         return False
     if value in (True, "true", "channels"):
-        if speakers_missing():
+        if missing := speakers_missing():
             raise Invalid(f"diarize needs whisperd's speakers extra, not installed here: "
-                          f"{speakers_missing()}")
+                          f"{missing}")
         if value != "channels":
             return True
         try:
@@ -2395,8 +2395,8 @@ class Engine:
         """whisper's result of a diarize: true job, each segment (and word) given its
         speaker (see attribute()); the voices are found on this worker's device."""
         if self.diarizer is None:
-            if speakers_missing():
-                raise JobFailed(f"diarize cannot run: {speakers_missing()}")
+            if missing := speakers_missing():
+                raise JobFailed(f"diarize cannot run: {missing}")
             self.diarizer = Resemblyzer(self.device)
         references = [self.load_audio(path) for path in job.speaker_references or ()]
         speech = heard(audio, **Resemblyzer.PARTED)
@@ -2471,14 +2471,14 @@ def channel_count(path):
         return streams[0].codec_context.channels if streams else 0
 
 
-def decode_channels(path, most):
-    """Each channel of the file, RATE float32, as ffmpeg decodes it (channels x samples),
-    bounded as Engine.decode_audio is."""
+def ffmpeg_decode(path, most, channels=1):
+    """The file as whisper.load_audio()'s own ffmpeg command decodes it (so the same
+    samples), `channels` of them kept apart (1: mixed down to mono): RATE float32,
+    channels x samples; bounded by `most` samples a channel and DECODE_TIMEOUT."""
     import numpy
-    count = channel_count(path)
     command = ["ffmpeg", "-nostdin", "-threads", "0", "-i", path, "-f", "s16le", "-ac",
-               str(count), "-acodec", "pcm_s16le", "-ar", str(RATE), "-t", f"{most / RATE}",
-               "-"]
+               str(channels), "-acodec", "pcm_s16le", "-ar", str(RATE), "-t",
+               f"{most / RATE}", "-"]
     try:
         done = subprocess.run(command, capture_output=True, timeout=DECODE_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -2487,8 +2487,13 @@ def decode_channels(path, most):
         said = done.stderr.decode(errors="replace").strip().splitlines()
         raise RuntimeError(said[-1] if said else f"ffmpeg exited {done.returncode}")
     samples = numpy.frombuffer(done.stdout, numpy.int16)
-    samples = samples[:len(samples) // count * count].reshape(-1, count).T
-    return numpy.ascontiguousarray(samples).astype(numpy.float32) / 32768.0
+    samples = samples[:len(samples) // channels * channels].reshape(-1, channels).T
+    return numpy.ascontiguousarray(samples, numpy.float32) / 32768.0
+
+
+def decode_channels(path, most):
+    """Each channel of the file apart (channels x samples), as ffmpeg decodes it."""
+    return ffmpeg_decode(path, most, channel_count(path))
 
 
 _progress = threading.local()  # .report: the running job's progress callback, per worker
@@ -2581,17 +2586,7 @@ class OpenAIWhisper(Engine):
 
     def decode_audio(self, path, most):
         """whisper.load_audio()'s own ffmpeg command (so the same samples), bounded."""
-        import numpy
-        command = ["ffmpeg", "-nostdin", "-threads", "0", "-i", path, "-f", "s16le", "-ac",
-                   "1", "-acodec", "pcm_s16le", "-ar", str(RATE), "-t", f"{most / RATE}", "-"]
-        try:
-            done = subprocess.run(command, capture_output=True, timeout=DECODE_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise AudioError(f"decoding {path} took more than {DECODE_TIMEOUT:g} s") from None
-        if done.returncode:
-            said = done.stderr.decode(errors="replace").strip().splitlines()
-            raise RuntimeError(said[-1] if said else f"ffmpeg exited {done.returncode}")
-        return numpy.frombuffer(done.stdout, numpy.int16).astype(numpy.float32) / 32768.0
+        return ffmpeg_decode(path, most)[0]
 
     def transcribe(self, model, audio, options, report):
         _progress.report = report
@@ -3245,7 +3240,7 @@ class Resemblyzer(Diarizer):
             best = max((score for score, _ in tried.values()), default=0)
             found = numpy.zeros(len(sample), int) if best < self.LEAST else \
                 tried[max(k for k, (score, _) in tried.items() if score >= best - self.TIE)][1]
-        labels = self._nearest(units, sample, found)
+        labels = found if step == 1 else self._nearest(units, sample, found)
         while not count and len(set(labels)) > 1:  # a voice barely heard joins the nearest
             shares = {v: numpy.mean(labels == v) for v in set(labels)}
             least = min(shares, key=shares.get)
@@ -3264,15 +3259,12 @@ class Resemblyzer(Diarizer):
         return {v: c / numpy.linalg.norm(c) for v, c in centres.items()}
 
     def _nearest(self, units, sample, found):
-        """Every unit's voice: its sample's where it is one, else the nearest centre."""
+        """Every unit's voice, where only `sample` was clustered: the nearest centre."""
         import numpy
         centres = self._centres(sample, found)
         keys = list(centres)
-        labels = numpy.array(keys)[(units @ numpy.stack([centres[v] for v in keys]).T)
-                                   .argmax(1)]
-        if len(sample) == len(units):
-            labels = found.copy()
-        return labels
+        return numpy.array(keys)[(units @ numpy.stack([centres[v] for v in keys]).T)
+                                 .argmax(1)]
 
     def turns(self, audio, speech, count=None, references=()):
         spans = [(a + i * (b - a) / n, a + (i + 1) * (b - a) / n) for a, b in speech
