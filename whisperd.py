@@ -3496,7 +3496,8 @@ class Ahead:
         with self.lock:
             for job_id in set(self.audio) - keep:  # deleted, or ended meanwhile
                 del self.audio[job_id]
-            held = sum(len(a) for a in self.audio.values() if not isinstance(a, Exception))
+            held = sum(a.size for a in self.audio.values()  # samples, of every channel
+                       if not isinstance(a, Exception))
             job = next((j for j in upcoming if j.id not in self.audio and j.id not in self.busy),
                        None)
             if job is None or held / RATE >= self.seconds:
