@@ -96,6 +96,14 @@ def speech(tmp_path_factory):
     files["meeting.wav"] = convert(prompts[0], folder / "meeting.wav", *prompts[1:],
                                    "-filter_complex", "".join(f"[{i}]" for i in range(24)) +
                                    "concat=n=24:v=0:a=1", "-ar", "16000", "-ac", "1")
+    # 16 of them, 2 s apart (66 s, three windows): fewer words a window, so that a test
+    # that decodes it three times over takes half the time meeting.wav would.
+    pause = convert("anullsrc=r=16000:cl=mono:d=2", folder / "pause.wav",
+                    before=("-f", "lavfi"))
+    spaced = [x for p in (prompts[::3] + prompts[1::3])[:16] for x in (p, pause)]
+    files["spaced.wav"] = convert(spaced[0], folder / "spaced.wav", *spaced[1:],
+                                  "-filter_complex", "".join(f"[{i}]" for i in range(32)) +
+                                  "concat=n=32:v=0:a=1", "-ar", "16000", "-ac", "1")
     text = folder / "notes.mp3"  # a text file named like audio
     text.write_text("these are meeting notes, not audio\n" * 20)
     files["notes.mp3"] = text
@@ -783,9 +791,9 @@ def test_a_job_killed_past_half_resumes_where_it_stopped(start, speech, tmp_path
     two nodes.)"""
     state = tmp_path / "state"
     daemon = start(state=state)
-    whole = daemon.completed(daemon.submit(path=speech["meeting.wav"],
+    whole = daemon.completed(daemon.submit(path=speech["spaced.wav"],
                                            output_path=tmp_path)["id"])
-    job = daemon.submit(path=speech["meeting.wav"], output_path=tmp_path, format="json")
+    job = daemon.submit(path=speech["spaced.wav"], output_path=tmp_path, format="json")
     with daemon.stream(f"/transcription/job/{job['id']}/events") as (_, events):
         next(e for e in events if e["event"] == "progress" and e["data"]["progress"] >= 50)
     daemon.kill()
@@ -797,7 +805,7 @@ def test_a_job_killed_past_half_resumes_where_it_stopped(start, speech, tmp_path
     assert resumed and float(resumed.group(1)) >= 40, again.log
     assert edit_distance(words(whole["result"]), words(done["result"])) <= 1, \
         (whole["result"], done["result"])
-    written = json.loads((tmp_path / "meeting.json").read_text())  # one whole, as if unbroken
+    written = json.loads((tmp_path / "spaced.json").read_text())  # one whole, as if unbroken
     assert [s["id"] for s in written["segments"]] == list(range(len(written["segments"])))
     assert all(a["end"] <= b["start"] + 0.01 for a, b in zip(written["segments"],
                                                           written["segments"][1:]))
