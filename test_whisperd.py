@@ -50,7 +50,8 @@ LONG = " ".join([BUSY] * 2)                      # about 35 s: two of Whisper's 
 # Where a test's promise holds whatever the engine (queueing, shutdown, callbacks, the
 # store), its daemon runs faster-whisper: its worker is ready in under a second (no PyTorch
 # to import) and decodes faster, so the suite spends its time on what it proves. The
-# default engine, openai-whisper, runs the shared daemon and each per-engine test.
+# default engine, openai-whisper, runs the shared daemon and each per-engine test; the
+# client's and the queue's tests that wait on whole jobs share a faster-whisper one.
 FW = ("--engine", "faster-whisper")
 ORIGINAL_KEYS = ("id", "path", "language", "format", "output_path", "progress", "status",
                  "result", "callback", "model", "Duration")
@@ -138,6 +139,21 @@ def shared(shared_daemon):
     """The shared daemon, idle: no job of an earlier test is still queued or running."""
     shared_daemon.idle()
     return shared_daemon
+
+
+@pytest.fixture(scope="session")
+def brisk_daemon(tmp_path_factory, model_dir):
+    daemon = Daemon(tmp_path_factory.mktemp("brisk-state"), model_dir, *FW,
+                    env=no_downloads()).start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def brisk(brisk_daemon):
+    """A shared faster-whisper daemon, idle, for what holds whatever the engine."""
+    brisk_daemon.idle()
+    return brisk_daemon
 
 
 @pytest.fixture
@@ -297,11 +313,11 @@ def test_progress_rises_the_eta_counts_down_between_its_steps_and_it_ends_at_100
     assert any(p0 == p1 and e0 > e1 for (p0, e0), (p1, e1) in zip(seen, seen[1:])), seen
 
 
-def test_a_model_is_loaded_once_and_kept_across_jobs(shared, speech, tmp_path):
-    shared.completed(shared.submit(path=speech["call.wav"], output_path=tmp_path)["id"])
-    loads = shared.log.count("model tiny.en loaded")
-    shared.completed(shared.submit(path=speech["report.wav"], output_path=tmp_path)["id"])
-    assert shared.log.count("model tiny.en loaded") == loads
+def test_a_model_is_loaded_once_and_kept_across_jobs(brisk, speech, tmp_path):
+    brisk.completed(brisk.submit(path=speech["call.wav"], output_path=tmp_path)["id"])
+    loads = brisk.log.count("model tiny.en loaded")
+    brisk.completed(brisk.submit(path=speech["report.wav"], output_path=tmp_path)["id"])
+    assert brisk.log.count("model tiny.en loaded") == loads
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,29 +408,29 @@ def test_jobs_lists_active_and_the_last_history_finished_oldest_first(start, spe
     assert daemon.request("GET", f"/transcription/job/{ids[0]}")[0] == 404
 
 
-def test_stats_counts_queued_running_and_processed(shared, speech, tmp_path):
-    processed = shared.stats()["Processed"]
-    first = shared.submit(path=speech["busy.wav"], output_path=tmp_path)
-    second = shared.submit(path=speech["call.wav"], output_path=tmp_path)
-    shared.running(first["id"])
-    assert shared.stats() == {"Queued": 1, "Running": 1, "Processed": processed}
-    shared.completed(first["id"])
-    shared.completed(second["id"])
-    assert shared.stats() == {"Queued": 0, "Running": 0, "Processed": processed + 2}
+def test_stats_counts_queued_running_and_processed(brisk, speech, tmp_path):
+    processed = brisk.stats()["Processed"]
+    first = brisk.submit(path=speech["busy.wav"], output_path=tmp_path)
+    second = brisk.submit(path=speech["call.wav"], output_path=tmp_path)
+    brisk.running(first["id"])
+    assert brisk.stats() == {"Queued": 1, "Running": 1, "Processed": processed}
+    brisk.completed(first["id"])
+    brisk.completed(second["id"])
+    assert brisk.stats() == {"Queued": 0, "Running": 0, "Processed": processed + 2}
 
 
-def test_a_queued_job_shows_its_position_and_an_eta_from_recent_speed(shared, speech, tmp_path):
-    shared.completed(shared.submit(path=speech["call.wav"], output_path=tmp_path)["id"])
-    first = shared.submit(path=speech["busy.wav"], output_path=tmp_path)
-    second = shared.submit(path=speech["order.wav"], output_path=tmp_path)
-    third = shared.submit(path=speech["report.wav"], output_path=tmp_path)
-    shared.running(first["id"])
-    shown = [shared.job(j["id"]) for j in (second, third)]
+def test_a_queued_job_shows_its_position_and_an_eta_from_recent_speed(brisk, speech, tmp_path):
+    brisk.completed(brisk.submit(path=speech["call.wav"], output_path=tmp_path)["id"])
+    first = brisk.submit(path=speech["busy.wav"], output_path=tmp_path)
+    second = brisk.submit(path=speech["order.wav"], output_path=tmp_path)
+    third = brisk.submit(path=speech["report.wav"], output_path=tmp_path)
+    brisk.running(first["id"])
+    shown = [brisk.job(j["id"]) for j in (second, third)]
     assert [j["position"] for j in shown] == [1, 2]
     assert 0 < shown[0]["eta"] < shown[1]["eta"]  # later in the queue, later done
-    assert shared.job(first["id"])["position"] is None
+    assert brisk.job(first["id"])["position"] is None
     for job in (first, second, third):
-        assert shared.completed(job["id"])["eta"] is None
+        assert brisk.completed(job["id"])["eta"] is None
 
 
 # ---------------------------------------------------------------------------------------
@@ -1443,16 +1459,16 @@ def test_metrics_parse_with_prometheus_client_and_count_what_happened(shared, sp
     assert after[("whisperd_model_loads_total", worker)] >= 1
 
 
-def test_wait_holds_until_the_job_finished_or_the_time_is_up(shared, speech, tmp_path):
-    running = shared.submit(path=speech["busy.wav"], output_path=tmp_path)
-    queued = shared.submit(path=speech["call.wav"], output_path=tmp_path)
+def test_wait_holds_until_the_job_finished_or_the_time_is_up(brisk, speech, tmp_path):
+    running = brisk.submit(path=speech["long.wav"], output_path=tmp_path)
+    queued = brisk.submit(path=speech["call.wav"], output_path=tmp_path)
     started = time.monotonic()
-    status, _, job = shared.request("GET", f"/transcription/job/{queued['id']}?wait=0.5")
+    status, _, job = brisk.request("GET", f"/transcription/job/{queued['id']}?wait=0.5")
     assert status == 200 and job["status"] == "QUEUED" and time.monotonic() - started >= 0.5
-    status, _, job = shared.request("GET", f"/transcription/job/{running['id']}?wait=60")
+    status, _, job = brisk.request("GET", f"/transcription/job/{running['id']}?wait=60")
     assert status == 200 and job["status"] == "COMPLETED"
-    assert shared.request("GET", f"/transcription/job/{queued['id']}?wait=soon")[0] == 400
-    shared.completed(queued["id"])
+    assert brisk.request("GET", f"/transcription/job/{queued['id']}?wait=soon")[0] == 400
+    brisk.completed(queued["id"])
 
 
 def test_word_timestamps_and_the_subtitle_options_shape_the_files(shared, speech, tmp_path):
@@ -1528,25 +1544,25 @@ def run_client(daemon, *args, **kwargs):
                           text=True, timeout=CEILING, **kwargs)
 
 
-def test_client_submits_waits_and_prints_the_transcript(shared, speech, tmp_path):
-    done = run_client(shared, "submit", str(speech["order.wav"]), "--output-path", str(tmp_path),
+def test_client_submits_waits_and_prints_the_transcript(brisk, speech, tmp_path):
+    done = run_client(brisk, "submit", str(speech["order.wav"]), "--output-path", str(tmp_path),
                       "--language", "en", "--wait")
     assert done.returncode == 0, done.stderr
     assert word_error_rate((ORDER, done.stdout)) < 0.3
-    both = run_client(shared, "submit", str(speech["order.wav"]), str(speech["call.wav"]),
+    both = run_client(brisk, "submit", str(speech["order.wav"]), str(speech["call.wav"]),
                       "--output-path", str(tmp_path), "--wait")  # which one is which
     parts = re.split(r"^==> (.*) <==$", both.stdout, flags=re.M)
     assert parts[1::2] == [str(speech["order.wav"]), str(speech["call.wav"])], both.stdout
     assert word_error_rate((ORDER, parts[2])) < 0.3 and word_error_rate((CALL, parts[4])) < 0.3
-    ids = run_client(shared, "submit", str(speech["call.wav"]), "--format", "srt",
+    ids = run_client(brisk, "submit", str(speech["call.wav"]), "--format", "srt",
                      "--output-path", str(tmp_path)).stdout.split()
     assert len(ids) == 1
-    status = run_client(shared, "status", ids[0])
+    status = run_client(brisk, "status", ids[0])
     assert status.returncode == 0 and json.loads(status.stdout)["id"] == ids[0]
-    shared.completed(ids[0])
-    jobs = run_client(shared, "jobs").stdout
+    brisk.completed(ids[0])
+    jobs = run_client(brisk, "jobs").stdout
     assert ids[0] in jobs and "COMPLETED" in jobs
-    helped = run_client(shared, "submit", "--help").stdout
+    helped = run_client(brisk, "submit", "--help").stdout
     assert "--word-timestamps" in helped and "--task {transcribe,translate}" in helped
 
 
@@ -1559,23 +1575,23 @@ def test_client_exits_non_zero_when_a_job_failed_or_was_refused(shared, speech, 
 
 
 def test_ctrl_c_while_waiting_leaves_the_job_running_and_whisperd_cancel_stops_it(
-        shared, speech, tmp_path):
+        brisk, speech, tmp_path):
     waiting = subprocess.Popen([PYTHON, str(WHISPERD), "submit", str(speech["long.wav"]),
                                 "--output-path", str(tmp_path), "--wait"],
-                               env=dict(os.environ, WHISPERD_URL=shared.url),
+                               env=dict(os.environ, WHISPERD_URL=brisk.url),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    job = wait_until(lambda: next((j for j in shared.request("GET", "/transcription/jobs")[2]
+    job = wait_until(lambda: next((j for j in brisk.request("GET", "/transcription/jobs")[2]
                                    if j["path"] == str(speech["long.wav"]) and
                                    j["status"] == "RUNNING"), None), message="no job ran")
     waiting.send_signal(signal.SIGINT)
     _, said = waiting.communicate(timeout=CEILING)
     assert waiting.returncode == 130 and "Traceback" not in said, said
     assert job["id"] in said and "whisperd cancel" in said and "go on" in said, said
-    assert shared.job(job["id"])["status"] == "RUNNING"  # Ctrl-C stopped only the waiting
-    done = run_client(shared, "cancel", job["id"])
+    assert brisk.job(job["id"])["status"] == "RUNNING"  # Ctrl-C stopped only the waiting
+    done = run_client(brisk, "cancel", job["id"])
     assert done.returncode == 0 and "cancelled" in done.stdout, done.stderr
-    assert "cancelled" in shared.finished(job["id"])["error"]
-    again = run_client(shared, "cancel", job["id"])
+    assert "cancelled" in brisk.finished(job["id"])["error"]
+    again = run_client(brisk, "cancel", job["id"])
     assert again.returncode == 1 and "FAILED" in again.stderr
 
 
@@ -1621,8 +1637,8 @@ def on_a_terminal(daemon, *args):
     return screen.decode(errors="replace")
 
 
-def test_client_shows_a_progress_bar_on_a_terminal_from_the_start(shared, speech, tmp_path):
-    text = on_a_terminal(shared, "submit", str(speech["busy.wav"]), str(speech["call.wav"]),
+def test_client_shows_a_progress_bar_on_a_terminal_from_the_start(brisk, speech, tmp_path):
+    text = on_a_terminal(brisk, "submit", str(speech["busy.wav"]), str(speech["call.wav"]),
                          "--output-path", str(tmp_path), "--wait")
     assert re.search(r"call\.wav: queued #1 +0%\|", text), text[-2000:]
     busy = re.findall(r"busy\.wav: (\w+) +(\d+)%\|", text)
@@ -1636,9 +1652,9 @@ def test_client_shows_a_progress_bar_on_a_terminal_from_the_start(shared, speech
 SEGMENT_LINE = re.compile(r"\[(\d\d:\d\d\.\d{3}) --> (\d\d:\d\d\.\d{3})\] (.*)")
 
 
-def test_client_follows_a_job_as_it_is_decoded_into_a_pipe_and_on_a_terminal(shared, speech,
+def test_client_follows_a_job_as_it_is_decoded_into_a_pipe_and_on_a_terminal(brisk, speech,
                                                                            tmp_path):
-    followed = run_client(shared, "submit", str(speech["busy.wav"]), "--output-path",
+    followed = run_client(brisk, "submit", str(speech["busy.wav"]), "--output-path",
                           str(tmp_path), "--follow")  # into a pipe: plain lines
     assert followed.returncode == 0, followed.stderr
     said = [SEGMENT_LINE.fullmatch(line) for line in followed.stdout.splitlines()]
@@ -1646,13 +1662,13 @@ def test_client_follows_a_job_as_it_is_decoded_into_a_pipe_and_on_a_terminal(sha
     result = (tmp_path / "busy.txt").read_text()
     assert "".join(m.group(3).strip() + "\n" for m in said) == result
     assert word_error_rate((BUSY, result)) < 0.3
-    job = next(j for j in shared.request("GET", "/transcription/jobs")[2]
+    job = next(j for j in brisk.request("GET", "/transcription/jobs")[2]
                if j["output_path"] == str(tmp_path))
-    screen = on_a_terminal(shared, "follow", job["id"])  # a bar, the segments above it
+    screen = on_a_terminal(brisk, "follow", job["id"])  # a bar, the segments above it
     assert re.search(r"completed +100%\|", screen), screen
     lines = [m.group(3) for m in map(SEGMENT_LINE.search, screen.splitlines()) if m]
     assert lines == [m.group(3) for m in said], screen
-    missing = run_client(shared, "follow", "nope")
+    missing = run_client(brisk, "follow", "nope")
     assert missing.returncode == 1 and "no job nope" in missing.stderr
 
 
