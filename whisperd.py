@@ -1549,6 +1549,7 @@ class JobQueue:
         self.changed = threading.Condition(self.lock)
         self.version = 0                 # counts changes, so a waiter misses none
         self.runs = {}                   # id -> the Job running here, with its progress
+        self.claiming = set()            # ids claimed here, their runs not in `runs` yet
         self.stepped = {}                # id -> when that run's progress last moved
         self.speeds = collections.deque(maxlen=self.SPEED_WINDOW)  # (audio s, busy s)
         self.counters = collections.Counter()
@@ -1594,8 +1595,22 @@ class JobQueue:
     def claim(self, worker, accept=lambda job: True):
         """The next queued job, now RUNNING on `worker`; None when none is queued, or when
         `accept` does not take it (jobs start in the order they came)."""
-        job = self.storage.claim(lambda job: accept(job) and _started(
-            job, worker, self.storage.node))
+        tried = []
+
+        def start(job):  # inside the claim's transaction: held here before it commits
+            if not accept(job):
+                return None
+            with self.lock:
+                self.claiming.add(job.id)
+            tried.append(job.id)
+            return _started(job, worker, self.storage.node)
+
+        try:
+            job = self.storage.claim(start)
+        except BaseException:
+            with self.lock:
+                self.claiming.difference_update(tried)
+            raise
         if job is None:
             return None
         try:  # what a run cut short kept: this run resumes after it
@@ -1605,6 +1620,7 @@ class JobQueue:
         with self.lock:
             self.runs[job.id], self.stepped[job.id] = job, time.monotonic()
             self.written[job.id], self.decoded[job.id] = len(kept), kept
+            self.claiming.discard(job.id)
         log(f"job {job.id} running on {worker} (attempt {job.attempts}" + (
             f"; {kept[-1]['end']:.1f} s of its audio were decoded before)" if kept else ")"))
         self.wake()
@@ -1949,6 +1965,13 @@ class JobQueue:
     def running_here(self):
         with self.lock:
             return list(self.runs.values())
+
+    def held_here(self):
+        """The ids of the runs here, and of the jobs being claimed here (already not
+        QUEUED in the store, not yet in running_here()): read after upcoming(), no job
+        is in neither."""
+        with self.lock:
+            return set(self.runs) | self.claiming
 
     def tallies(self):
         """What ended here, by kind: ("jobs", status, worker), ("busy" | "audio", worker)
@@ -3608,7 +3631,7 @@ class Runner(threading.Thread):
             seen = self.queue.version
             try:
                 upcoming = self.queue.upcoming(self.ahead.jobs)
-                keep = {job.id for job in upcoming + self.queue.running_here()}
+                keep = {job.id for job in upcoming} | self.queue.held_here()
                 job = self.ahead.reserve(upcoming, keep)
             except Exception:  # StoreUnavailable, or worse: the runner decodes it itself
                 job = None
