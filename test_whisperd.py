@@ -1579,7 +1579,10 @@ def test_ctrl_c_while_waiting_leaves_the_job_running_and_whisperd_cancel_stops_i
     waiting = subprocess.Popen([PYTHON, str(WHISPERD), "submit", str(speech["long.wav"]),
                                 "--output-path", str(tmp_path), "--wait"],
                                env=dict(os.environ, WHISPERD_URL=brisk.url),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # as from a terminal: a suite started in the background
+                               # (`make test &`) hands its children SIGINT ignored
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     job = wait_until(lambda: next((j for j in brisk.request("GET", "/transcription/jobs")[2]
                                    if j["path"] == str(speech["long.wav"]) and
                                    j["status"] == "RUNNING"), None), message="no job ran")
