@@ -125,13 +125,24 @@ def no_downloads():
     return {"https_proxy": dead, "HTTPS_PROXY": dead}
 
 
-@pytest.fixture(scope="session")
-def shared_daemon(tmp_path_factory, model_dir, fake_bin):
-    daemon = Daemon(tmp_path_factory.mktemp("shared-state"), model_dir,
-                    "--callback-secret", "s3cret", "--callback-backoff", "0.2",
-                    env={**no_downloads(), "PATH": f"{fake_bin}:{os.environ['PATH']}"}).start()
+def kept(folder, model_dir, *flags, env=None):
+    """A daemon for a fixture to yield: started, then stopped when the fixture ends."""
+    daemon = Daemon(folder, model_dir, *flags, env=env).start()
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_daemon(tmp_path_factory, model_dir, fake_bin):
+    yield from kept(tmp_path_factory.mktemp("shared-state"), model_dir,
+                    "--callback-secret", "s3cret", "--callback-backoff", "0.2",
+                    env={**no_downloads(), "PATH": f"{fake_bin}:{os.environ['PATH']}"})
+
+
+@pytest.fixture(scope="session")
+def brisk_daemon(tmp_path_factory, model_dir):
+    yield from kept(tmp_path_factory.mktemp("brisk-state"), model_dir, *FW,
+                    env=no_downloads())
 
 
 @pytest.fixture
@@ -139,14 +150,6 @@ def shared(shared_daemon):
     """The shared daemon, idle: no job of an earlier test is still queued or running."""
     shared_daemon.idle()
     return shared_daemon
-
-
-@pytest.fixture(scope="session")
-def brisk_daemon(tmp_path_factory, model_dir):
-    daemon = Daemon(tmp_path_factory.mktemp("brisk-state"), model_dir, *FW,
-                    env=no_downloads()).start()
-    yield daemon
-    daemon.stop()
 
 
 @pytest.fixture
@@ -841,9 +844,7 @@ def segments_of(folder, name):
 @pytest.fixture(scope="module")
 def talker(tmp_path_factory, model_dir):
     """A faster-whisper daemon for the conversations (the speaker model loaded once)."""
-    daemon = Daemon(tmp_path_factory.mktemp("talker"), model_dir, *FW).start()
-    yield daemon
-    daemon.stop()
+    yield from kept(tmp_path_factory.mktemp("talker"), model_dir, *FW)
 
 
 def test_three_recorded_voices_taking_turns_are_told_apart_in_every_file(talker, tmp_path):
@@ -1722,10 +1723,8 @@ def test_every_response_conforms_to_the_openapi_document(shared):
 @pytest.fixture(scope="module", params=["openai-whisper", "faster-whisper"])
 def polyglot(request, tmp_path_factory, model_dir):
     """A daemon of each engine with Whisper base, the multilingual model."""
-    daemon = Daemon(tmp_path_factory.mktemp("polyglot"), model_dir, "--engine", request.param,
-                    "--default-model", "base", env=no_downloads()).start()
-    yield daemon
-    daemon.stop()
+    yield from kept(tmp_path_factory.mktemp("polyglot"), model_dir, "--engine", request.param,
+                    "--default-model", "base", env=no_downloads())
 
 
 # Recorded voice prompts whose language base detects with a wide margin (measured: 0.99
@@ -2007,10 +2006,8 @@ DISTINCT = ["ss-noservice", "conf-invalid", "vm-nobox", "demo-thanks", "agent-lo
 
 @pytest.fixture(scope="module")
 def batcher(tmp_path_factory, model_dir):
-    daemon = Daemon(tmp_path_factory.mktemp("batcher"), model_dir, "--engine",
-                    "faster-whisper", "--batch-size", "2", "--pack").start()
-    yield daemon
-    daemon.stop()
+    yield from kept(tmp_path_factory.mktemp("batcher"), model_dir, *FW, "--batch-size", "2",
+                    "--pack")
 
 
 def test_packed_jobs_each_get_exactly_their_own_words(batcher, tmp_path):
