@@ -47,7 +47,6 @@ Sections, in reading order:
 import argparse
 import base64
 import collections
-import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -174,10 +173,6 @@ def log(message):
 
 def utcnow():
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _since(started):
-    return round(time.monotonic() - started, 3)
 
 
 def _reason(error):
@@ -846,10 +841,9 @@ def _ffprobe(path):
 #                               runs it); returns (job, changes, or None if it runs)
 #   callback_attempted(job, changes, keep)   a callback's status and attempts
 #   keep_up(runs, lost)         this node is alive and renews its runs [(job id, progress)]
-#                               (and hears their stops again); each job whose node
-#                               stopped renewing gets lost(job)'s
-#                               changes; returns (those [(job, changes)], the jobs whose
-#                               callbacks are now this node's to send)
+#                               (and hears their stops again); each job whose node stopped
+#                               renewing gets lost(job)'s changes; returns (those [(job,
+#                               changes)], the jobs whose callbacks are now this node's)
 #   adopt()                     at start: pending callbacks to send
 #   get(id), active(), finished(count), upcoming(count), left_behind(), counts(), nodes()
 #   segments(id, first, count)  a job's kept segments from number `first` on, at most count
@@ -2354,10 +2348,8 @@ class Engine:
 
     def decode_options(self, job):
         """The job's decoding options, named as openai-whisper names them."""
-        options = dict(DECODING)
-        for f in OPTIONS:
-            if f.metadata["decode"]:
-                options[f.name] = getattr(job, f.name)
+        options = {**DECODING, **{f.name: getattr(job, f.name) for f in OPTIONS
+                                  if f.metadata["decode"]}}
         options.update(language=None if job.language == AUTO_LANGUAGE else job.language,
                        initial_prompt=job.initial_prompt or None,
                        temperature=temperatures(job.temperature))
@@ -2404,7 +2396,7 @@ class Engine:
         else:
             # The voice activity detector (one CPU thread) listens while the model
             # decodes: beside a GPU it costs no time.
-            beside = concurrent.futures.ThreadPoolExecutor(1, "whisperd-vad")
+            beside = ThreadPoolExecutor(1, "whisperd-vad")
             try:
                 heard_there = beside.submit(heard, audio)
                 result = self.transcribe(model, rest, options, progress)
@@ -2458,7 +2450,8 @@ class Engine:
         hours = self.settings.max_audio_hours
         try:
             most = int(hours * 3600 * RATE) + 1
-            audio = decode_channels(path, most) if channels else self.decode_audio(path, most)
+            audio = ffmpeg_decode(path, most, channel_count(path)) if channels else \
+                self.decode_audio(path, most)
         except AudioError:
             raise
         except Exception as e:
@@ -2472,8 +2465,7 @@ class Engine:
     # A subclass defines prepare() (imports its library, resolves the device: in the
     # runner's thread), known() (its model names), is_model(path), load(name, path),
     # decode_audio(path, most samples), transcribe(model, audio, options, report), and
-    # release_memory()
-    # where unloading a model leaves memory held.
+    # release_memory() where unloading a model leaves memory held.
 
     def release_memory(self):
         pass
@@ -2512,11 +2504,6 @@ def ffmpeg_decode(path, most, channels=1):
     samples = numpy.frombuffer(done.stdout, numpy.int16)
     samples = samples[:len(samples) // channels * channels].reshape(-1, channels).T
     return numpy.ascontiguousarray(samples, numpy.float32) / 32768.0
-
-
-def decode_channels(path, most):
-    """Each channel of the file apart (channels x samples), as ffmpeg decodes it."""
-    return ffmpeg_decode(path, most, channel_count(path))
 
 
 _progress = threading.local()  # .report: the running job's progress callback, per worker
@@ -3059,13 +3046,9 @@ class Batch:
         windows = plan(tracks, self.pack)
         for track in tracks:
             self.task = track.job.task
-            self.pending[track] = collections.deque()
-            self.results[track] = {"language": track.language, "segments": []}
-        for window in windows:
-            for track in window.tracks:
-                self.pending[track].append(window)
-        for track in tracks:
+            self.pending[track] = collections.deque(w for w in windows if track in w.tracks)
             self.planned[track] = max(len(self.pending[track]), 1)
+            self.results[track] = {"language": track.language, "segments": []}
 
     def drop(self, job):
         """Forgets a job (cancelled): its windows are no longer decoded for it."""
@@ -3134,7 +3117,6 @@ class Batch:
                 [(a + track.since, b + track.since) for a, b in track.speech],
                 track.job.drop_suspect)
         return done
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -3425,13 +3407,8 @@ def write_result(ext, result, file, **options):
 # Output files
 # ---------------------------------------------------------------------------------------
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-UMASK = _umask()
+UMASK = os.umask(0)  # the only way to read it is to set it: put it straight back
+os.umask(UMASK)
 
 
 @functools.cache
@@ -3450,10 +3427,10 @@ def whisper_part(name):
     return module
 
 
-def transcript(result):
-    """The TXT transcript of whisper's result, as openai-whisper's txt writer writes it."""
+def transcript(result, ext="txt"):
+    """whisper's result as openai-whisper's writer for `ext` writes it (see write_result)."""
     text = io.StringIO()
-    write_result("txt", result, text)
+    write_result(ext, result, text)
     return text.getvalue()
 
 
@@ -3672,8 +3649,8 @@ class Runner(threading.Thread):
         """An Outcome for the job: whisper's result, a JobFailed, or None (interrupted),
         with this runner's busy time since the last one."""
         busy, self.busy = self.busy, 0.0
-        self.outcomes.put(Outcome(job, result, 0.0 if started is None else _since(started),
-                                  busy))
+        self.outcomes.put(Outcome(job, result, 0.0 if started is None else
+                                  round(time.monotonic() - started, 3), busy))
 
     @staticmethod
     def failure(job_or_batch, error):
@@ -3780,7 +3757,7 @@ def _retry_after(value):
         return None
 
 
-class Callbacks:
+class Callbacks(threading.Thread):
     """Delivers each finished job's JSON to its callback URL, off the worker threads.
 
     Deliveries are retried with exponential backoff and jitter on connection errors,
@@ -3790,6 +3767,7 @@ class Callbacks:
     """
 
     def __init__(self, settings, record):
+        super().__init__(name="callbacks", daemon=True)
         self.settings, self.record = settings, record
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="callback")
         self.due = []                      # heap of (when, seq, job)
@@ -3797,10 +3775,6 @@ class Callbacks:
         self.wake = threading.Condition()
         self.stopping = False
         self.in_flight = 0
-        self.thread = threading.Thread(target=self.run, name="callbacks", daemon=True)
-
-    def start(self):
-        self.thread.start()
 
     def schedule(self, job, delay=0.0):
         with self.wake:
@@ -4154,9 +4128,8 @@ class Service:
             self.queue.troubled(f"the job store cannot be reached: {e}; retrying")
 
     def start(self):
-        for thread in (*self.runners, self.finisher, self.upkeep):
+        for thread in (*self.runners, self.finisher, self.upkeep, self.callbacks):
             thread.start()
-        self.callbacks.start()
 
     def stop(self, grace):
         """Takes no new job (503); lets the running ones finish within `grace` seconds,
@@ -4361,9 +4334,7 @@ def openai_answer(result, job, response_format):
     """(body, content type) in OpenAI's shape for one response_format, from whisper's
     result and the job's JSON."""
     if response_format in ("srt", "vtt"):
-        text = io.StringIO()
-        write_result(response_format, result, text)
-        return text.getvalue(), "text/plain; charset=utf-8"
+        return transcript(result, response_format), "text/plain; charset=utf-8"
     if response_format == "text":
         return job["result"], "text/plain; charset=utf-8"
     text = result["text"].strip()
@@ -5329,14 +5300,13 @@ class Client:
 
     def __init__(self):
         self.url = os.environ.get("WHISPERD_URL", "http://127.0.0.1:9000").rstrip("/")
-        self.token = os.environ.get("WHISPERD_TOKEN")
+        token = os.environ.get("WHISPERD_TOKEN")
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def call(self, method, path, body=None):
         """Returns (status, JSON answer); exits with status 2 when whisperd is unreachable."""
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(self.url + path, method=method, headers=headers,
+        request = urllib.request.Request(self.url + path, method=method, headers={
+                                         "Content-Type": "application/json", **self.auth},
                                          data=None if body is None else json.dumps(body).encode())
         try:
             with urllib.request.urlopen(request, timeout=90) as response:
@@ -5360,11 +5330,9 @@ class Client:
         that is not a stream (an unknown job), it exits 2 saying why."""
         last, lost = "", None
         while True:
-            headers = {"Accept": "text/event-stream", "Last-Event-ID": last}
-            if self.token:
-                headers["Authorization"] = f"Bearer {self.token}"
             request = urllib.request.Request(f"{self.url}/transcription/job/{job_id}/events",
-                                             headers=headers)
+                                             headers={"Accept": "text/event-stream",
+                                                      "Last-Event-ID": last, **self.auth})
             try:
                 with urllib.request.urlopen(request, timeout=4 * JobQueue.KEEPALIVE) as answer:
                     lost, event = None, {}
@@ -5461,11 +5429,8 @@ def client_main(argv):
                 print(f"{job_id}  " + ("cancelled: FAILED" if status == HTTPStatus.OK else
                                        "cancelled: it stops at its next step"))
         return exit_status
-    if args.command == "follow":
-        try:
-            return follow(client, args.id)
-        except KeyboardInterrupt:
-            return 130
+    if args.command == "follow":  # Ctrl-C: main() answers 130
+        return follow(client, args.id)
     if args.command == "status":
         status, job = client.call("GET", f"/transcription/job/{args.id}")
         if status != HTTPStatus.OK:
