@@ -830,6 +830,26 @@ def test_a_job_killed_past_half_resumes_where_it_stopped(start, speech, tmp_path
                                                           written["segments"][1:]))
 
 
+def test_a_running_job_cancelled_just_before_kill_9_ends_cancelled_and_never_runs_again(
+        start, speech, receiver, tmp_path):
+    """The cancel is answered, then whisperd dies before its runner's next step could stop
+    the job: on restart the job ends cancelled (and its callback says so); it is not run
+    again, as it was when only the runner's memory held the cancel."""
+    hook, state = receiver(), tmp_path / "state"
+    daemon = start(*FW, state=state)
+    job = daemon.submit(path=speech["long.wav"], output_path=tmp_path, callback=hook.url)
+    with daemon.stream(f"/transcription/job/{job['id']}/events") as (_, events):
+        next(e for e in events if e["event"] == "segment")
+    assert daemon.request("POST", f"/transcription/job/{job['id']}/cancel")[0] == 202
+    daemon.kill()
+    again = start(*FW, state=state)
+    done = again.finished(job["id"])
+    assert done["status"] == "FAILED" and "cancelled" in done["error"], done
+    assert runs([daemon, again], job["id"]) == 1 and done["attempts"] == 1, again.log
+    assert json.loads(hook.wait_for(1)[0][1])["error"] == done["error"]
+    assert not (tmp_path / "long.txt").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # Who said what: voices told apart, named from reference clips, or one per channel
 # ---------------------------------------------------------------------------------------
@@ -2448,6 +2468,21 @@ def test_kill_9_of_a_node_mid_job_and_another_runs_it_again(nodes, speech, tmp_p
     done = other.completed(job["id"])
     assert done["node"] == node_name(other) and done["attempts"] == 2
     assert (tmp_path / "busy.txt").exists()
+
+
+def test_a_job_cancelled_while_its_node_is_frozen_ends_cancelled_when_that_node_dies(
+        nodes, speech, tmp_path):
+    """The node running the job hears nothing of the cancel (SIGSTOP), then dies: the node
+    that takes over its lapsed lease ends the job cancelled instead of running it again."""
+    a, b = nodes(2)
+    job = a.submit(path=speech["long.wav"], output_path=tmp_path)
+    frozen, other = (a, b) if a.running(job["id"])["node"] == node_name(a) else (b, a)
+    frozen.proc.send_signal(signal.SIGSTOP)
+    assert other.request("POST", f"/transcription/job/{job['id']}/cancel")[0] == 202
+    frozen.kill()
+    done = other.finished(job["id"])
+    assert done["status"] == "FAILED" and "cancelled" in done["error"], done
+    assert runs([a, b], job["id"]) == 1 and done["attempts"] == 1, other.log
 
 
 def test_sigterm_hands_a_running_job_to_another_node_at_once(nodes, speech, tmp_path):

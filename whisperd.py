@@ -837,15 +837,16 @@ def _ffprobe(path):
 #   requeue(undone)             [(job, changes)] of runs here: QUEUED again, in their place
 #   delete(job_id)              a QUEUED job removed and returned (NotFound, NotQueued)
 #   cancel(job_id, ending, keep)  a QUEUED job ended with ending(job)'s changes, or a
-#                               RUNNING one marked to stop (on_stop(id) on the node that
-#                               runs it); returns (job, changes, or None if it runs)
+#                               RUNNING one marked to stop, for good (on_stop(id) on the
+#                               node that runs it); returns (job, changes, or None if it runs)
 #   callback_attempted(job, changes, keep)   a callback's status and attempts
 #   keep_up(runs, lost)         this node is alive and renews its runs [(job id, progress)]
 #                               (and hears their stops again); each job whose node stopped
-#                               renewing gets lost(job)'s changes; returns (those [(job,
-#                               changes)], the jobs whose callbacks are now this node's)
+#                               renewing gets lost(job, stopped)'s changes; returns (those
+#                               [(job, changes)], the jobs whose callbacks are now this node's)
 #   adopt()                     at start: pending callbacks to send
-#   get(id), active(), finished(count), upcoming(count), left_behind(), counts(), nodes()
+#   left_behind()               at start: [(job, stopped)] of this node's runs and uploads
+#   get(id), active(), finished(count), upcoming(count), counts(), nodes()
 #   segments(id, first, count)  a job's kept segments from number `first` on, at most count
 #
 # Their errors are their own (StoreUnavailable: nothing changed; QueueFull, NotFound,
@@ -991,7 +992,9 @@ class _SQL:
         """The runs of these jobs here are over (PostgreSQL: their tokens go)."""
 
     def _stop(self, db, job_id):
-        """Tells the node running the job to stop it (one host: this process knows)."""
+        """Marks the job to stop, for good: a run that dies before it stops ends cancelled
+        (see JobQueue._lost), never runs again."""
+        db.execute(self._q("UPDATE jobs SET stop = ? WHERE id = ?"), (True, job_id))
 
     def get(self, job_id):
         found = self._jobs("SELECT doc FROM jobs WHERE id = ?", job_id)
@@ -1052,6 +1055,8 @@ class SQLiteStore(_SQL):
                     doc TEXT NOT NULL,
                     PRIMARY KEY (job_id, n)) WITHOUT ROWID;
             """)
+            if "stop" not in {column[1] for column in db.execute("PRAGMA table_info(jobs)")}:
+                db.execute("ALTER TABLE jobs ADD COLUMN stop INTEGER NOT NULL DEFAULT 0")
 
     def _connect(self):
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -1156,8 +1161,11 @@ class SQLiteStore(_SQL):
         return self._jobs("SELECT doc FROM jobs WHERE status = 'QUEUED' ORDER BY seq LIMIT ?",
                           count)
 
-    def left_behind(self):
-        return self.active()  # every run was this host's, and every upload
+    def left_behind(self):  # every run was this host's, and every upload
+        with self._db() as db:
+            rows = db.execute("SELECT doc, stop FROM jobs WHERE status IN ('QUEUED', "
+                              "'RUNNING') ORDER BY seq").fetchall()
+        return [(self._job(doc), bool(stop)) for doc, stop in rows]
 
     def counts(self):
         """Counted again only after a change: every change on one host is this process's
@@ -1362,7 +1370,7 @@ class PostgresStore(_SQL):
             self.tokens.pop(job.id, None)
 
     def _stop(self, conn, job_id):
-        conn.execute("UPDATE jobs SET stop = true WHERE id = %s", (job_id,))
+        super()._stop(conn, job_id)
         conn.execute("SELECT pg_notify('whisperd', %s)", (f"stop {job_id}",))
 
     def _end(self, conn, job, changes, token):
@@ -1419,11 +1427,11 @@ class PostgresStore(_SQL):
                          "'1 second' WHERE callback_status = 'pending' AND callback_node = %s",
                          (self.lease, self.node))
             changed, due = [], []
-            for doc, token in conn.execute(
-                    "SELECT doc, token FROM jobs WHERE status = 'RUNNING' AND lease_until < "
-                    "now() ORDER BY seq FOR UPDATE SKIP LOCKED").fetchall():
+            for doc, token, stop in conn.execute(
+                    "SELECT doc, token, stop FROM jobs WHERE status = 'RUNNING' AND "
+                    "lease_until < now() ORDER BY seq FOR UPDATE SKIP LOCKED").fetchall():
                 job = Job.from_json(doc)
-                changes = lost(job)
+                changes = lost(job, stop)
                 if changes["status"] == QUEUED:
                     self._queue_again(conn, job, changes)
                 elif self._end(conn, job, changes, token):
@@ -1463,11 +1471,11 @@ class PostgresStore(_SQL):
         and its uploads."""
         with self._db() as conn:
             rows = conn.execute(
-                "SELECT doc, token FROM jobs WHERE (status = 'RUNNING' AND node = %s) OR "
-                "(upload AND origin = %s AND status IN ('QUEUED', 'RUNNING')) ORDER BY seq",
+                "SELECT doc, token, stop FROM jobs WHERE (status = 'RUNNING' AND node = %s) "
+                "OR (upload AND origin = %s AND status IN ('QUEUED', 'RUNNING')) ORDER BY seq",
                 (self.node, self.node)).fetchall()
-        self.tokens.update((doc["id"], token) for doc, token in rows)
-        return [Job.from_json(doc) for doc, _ in rows]
+        self.tokens.update((doc["id"], token) for doc, token, _ in rows)
+        return [(Job.from_json(doc), stop) for doc, _, stop in rows]
 
     def nodes(self):
         """The nodes seen within a lease: [{"name", "url", "last_seen"}]."""
@@ -1706,7 +1714,10 @@ class JobQueue:
         return [o for o in outcomes if o.job.id in recorded]
 
     def requeue(self, jobs, count_attempt=True):
-        """Runs here back to the queue, in their places."""
+        """Runs here back to the queue, in their places; a run a client cancelled is left
+        as it is, for the next start (or the node taking its lease) to end cancelled."""
+        with self.lock:
+            jobs = [job for job in jobs if job.id not in self.stops]
         undone = [(job, _undone(job, count_attempt)) for job in jobs]
         self.storage.requeue(undone)
         with self.lock:
@@ -1721,11 +1732,14 @@ class JobQueue:
                      self.news):
             runs.pop(job_id, None)
 
-    def _lost(self, job):
+    def _lost(self, job, stopped=False):
         """What a job becomes when the whisperd running it died (a crash, `kill -9`, power
         loss; with --store, a lease that lapsed): it runs again, counted as an attempt, up
-        to --max-attempts starts; an upload fails, for its client was disconnected."""
+        to --max-attempts starts; an upload fails, for its client was disconnected; a job
+        a client cancelled (`stopped`) ends cancelled."""
         limit = self.settings.max_attempts
+        if stopped:
+            return self._ending(job, JobFailed(CANCELLED))
         if job.upload:
             return self._ending(job, JobFailed("whisperd restarted while this upload was "
                                                "waiting; its client was disconnected"))
@@ -1744,7 +1758,7 @@ class JobQueue:
     def recover(self):
         """At start: what this whisperd left behind when it died. Queued jobs stay queued;
         runs and uploads are lost (_lost). Returns the callbacks to send."""
-        lost = [(job, self._lost(job)) for job in self.storage.left_behind()
+        lost = [(job, self._lost(job, stopped)) for job, stopped in self.storage.left_behind()
                 if job.status == RUNNING or job.upload]
         ended = [(job, c) for job, c in lost if c["status"] != QUEUED]
         if ended:
@@ -3638,10 +3652,10 @@ class Runner(threading.Thread):
         """A run's progress (see JobQueue.progress); the language detected is shown (and
         kept for a resumed run) once known."""
         self.beat = time.monotonic()
+        if self.queue.cancelled(job.id):  # before a shutdown's abort: it must not run again
+            raise JobFailed(CANCELLED)
         if self.abort.is_set():
             raise Interrupted()
-        if self.queue.cancelled(job.id):
-            raise JobFailed(CANCELLED)
         known = {"language": language} if language and job.language == AUTO_LANGUAGE else {}
         self.queue.progress(job, done, segments, **known)
 
@@ -3913,6 +3927,8 @@ class Finisher(threading.Thread):
                     f"{_reason(e)}); they run again on start")
 
     def finish(self, outcomes, stop):
+        outcomes = [dataclasses.replace(o, result=JobFailed(CANCELLED)) if o.result is None
+                    and self.queue.cancelled(o.job.id) else o for o in outcomes]
         back = [o.job for o in outcomes if o.result is None]
         if back:
             try:
