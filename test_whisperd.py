@@ -2498,15 +2498,15 @@ def test_sigterm_hands_a_running_job_to_another_node_at_once(nodes, speech, tmp_
 def test_a_job_streams_on_any_node_and_resumes_on_another_after_kill_9(nodes, speech,
                                                                       tmp_path):
     a, b = nodes(2)
-    whole = a.completed(a.submit(path=speech["meeting.wav"], output_path=tmp_path)["id"])
-    job = a.submit(path=speech["meeting.wav"], output_path=tmp_path)
+    whole = a.completed(a.submit(path=speech["spaced.wav"], output_path=tmp_path)["id"])
+    job = a.submit(path=speech["spaced.wav"], output_path=tmp_path)
     runner, other = (a, b) if a.running(job["id"])["node"] == node_name(a) else (b, a)
     with other.stream(f"/transcription/job/{job['id']}/events") as (status, events):
         assert status == 200  # on the node that does not run it: through the store
         heard = []
         for event in events:
             heard.append(event)
-            if event["event"] == "progress" and event["data"]["progress"] >= 50:
+            if event["event"] == "progress" and event["data"]["progress"] >= 60:
                 break
     assert sum(e["event"] == "segment" for e in heard) >= 4, heard
     runner.kill()  # its lease lapses; the other node resumes the job
