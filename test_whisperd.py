@@ -850,6 +850,25 @@ def test_a_running_job_cancelled_just_before_kill_9_ends_cancelled_and_never_run
     assert not (tmp_path / "long.txt").exists()
 
 
+def test_a_running_job_cancelled_as_whisperd_shuts_down_ends_cancelled(start, speech,
+                                                                        tmp_path):
+    """SIGTERM (no grace) right after a cancel was answered: whichever of the two the
+    runner sees first, the job ends cancelled before whisperd exits; it is not handed back
+    to run on start."""
+    state = tmp_path / "state"
+    daemon = start(*FW, "--shutdown-grace", "0", state=state)
+    job = daemon.submit(path=speech["long.wav"], output_path=tmp_path)
+    with daemon.stream(f"/transcription/job/{job['id']}/events") as (_, events):
+        next(e for e in events if e["event"] == "segment")
+    assert daemon.request("POST", f"/transcription/job/{job['id']}/cancel")[0] == 202
+    assert daemon.terminate() == 0
+    assert f"job {job['id']} failed: cancelled" in daemon.log, daemon.log
+    again = start(*FW, state=state)
+    done = again.finished(job["id"])
+    assert done["status"] == "FAILED" and "cancelled" in done["error"], done
+    assert runs([daemon, again], job["id"]) == 1, again.log
+
+
 # ---------------------------------------------------------------------------------------
 # Who said what: voices told apart, named from reference clips, or one per channel
 # ---------------------------------------------------------------------------------------

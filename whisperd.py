@@ -3652,10 +3652,10 @@ class Runner(threading.Thread):
         """A run's progress (see JobQueue.progress); the language detected is shown (and
         kept for a resumed run) once known."""
         self.beat = time.monotonic()
-        if self.queue.cancelled(job.id):  # before a shutdown's abort: it must not run again
-            raise JobFailed(CANCELLED)
         if self.abort.is_set():
             raise Interrupted()
+        if self.queue.cancelled(job.id):
+            raise JobFailed(CANCELLED)
         known = {"language": language} if language and job.language == AUTO_LANGUAGE else {}
         self.queue.progress(job, done, segments, **known)
 
@@ -3927,6 +3927,8 @@ class Finisher(threading.Thread):
                     f"{_reason(e)}); they run again on start")
 
     def finish(self, outcomes, stop):
+        # A run a shutdown interrupted after a client cancelled it ends cancelled (whichever
+        # of the two its runner saw first): it must not run again.
         outcomes = [dataclasses.replace(o, result=JobFailed(CANCELLED)) if o.result is None
                     and self.queue.cancelled(o.job.id) else o for o in outcomes]
         back = [o.job for o in outcomes if o.result is None]
