@@ -2032,7 +2032,9 @@ def test_a_job_being_claimed_is_always_queued_or_held_here(tmp_path):
         queue.add(job)
         claimer = threading.Thread(target=queue.claim, args=("cpu",))
         claimer.start()
+        deadline = time.monotonic() + CEILING
         while claimer.is_alive():
+            assert time.monotonic() < deadline, f"claim {i} never returned"
             seen = {j.id for j in queue.upcoming(4)} | queue.held_here()
             assert job.id in seen, f"claim {i}: the job was in neither"
         claimer.join()
