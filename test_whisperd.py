@@ -36,7 +36,7 @@ import pytest
 
 import whisperd
 from tools.harness import (CEILING, PYTHON, ROOT, SOUNDS, VOICES, WHISPERD, Daemon, Receiver,
-                           audio_seconds, conversation, convert, edit_distance, free_port,
+                           audio_seconds, conversation, convert, free_port,
                            prompt, reading, reference, speak, wait_until, who_spoke,
                            word_error_rate, words, words_right)
 
@@ -69,6 +69,11 @@ def model_dir(tmp_path_factory):
     return Path(folder)
 
 
+MEETING = sorted((SOUNDS / VOICES["en"]).glob("*.g722"))[4::5][:24]  # recorded prompts
+SPACED = (MEETING[::3] + MEETING[1::3])[:16]
+SPACED_SCRIPT = " ".join(prompt("en", path.stem)[1] for path in SPACED)  # what they say
+
+
 @pytest.fixture(scope="session")
 def speech(tmp_path_factory):
     """Spoken audio files (read-only for tests: they write output elsewhere)."""
@@ -93,15 +98,15 @@ def speech(tmp_path_factory):
                                     "[0][1][2][3][4]concat=n=5:v=0:a=1", "-ar", "16000")
     # 72 s of recorded prompts, one after the other: three of Whisper's windows of real
     # speech, for what a long job does as it goes.
-    prompts = sorted((SOUNDS / VOICES["en"]).glob("*.g722"))[4::5][:24]
+    prompts = MEETING
     files["meeting.wav"] = convert(prompts[0], folder / "meeting.wav", *prompts[1:],
                                    "-filter_complex", "".join(f"[{i}]" for i in range(24)) +
                                    "concat=n=24:v=0:a=1", "-ar", "16000", "-ac", "1")
     # 16 of them, 2 s apart (66 s, three windows): fewer words a window, so that a test
-    # that decodes it three times over takes half the time meeting.wav would.
+    # that decodes it twice over takes half the time meeting.wav would.
     pause = convert("anullsrc=r=16000:cl=mono:d=2", folder / "pause.wav",
                     before=("-f", "lavfi"))
-    spaced = [x for p in (prompts[::3] + prompts[1::3])[:16] for x in (p, pause)]
+    spaced = [x for p in SPACED for x in (p, pause)]
     files["spaced.wav"] = convert(spaced[0], folder / "spaced.wav", *spaced[1:],
                                   "-filter_complex", "".join(f"[{i}]" for i in range(32)) +
                                   "concat=n=32:v=0:a=1", "-ar", "16000", "-ac", "1")
@@ -803,18 +808,21 @@ def test_a_jobs_events_stream_its_segments_as_they_are_decoded(start, speech, tm
 
 
 def test_a_job_killed_past_half_resumes_where_it_stopped(start, speech, tmp_path):
-    """kill -9 past half of a long job: its next run begins at the last window it kept
-    (decoded again, prompted as the whole run prompted it), not at zero, and its
-    transcript is the uninterrupted run's. (openai-whisper, whose segments and prompt
+    """kill -9 past half of a long job: its next run begins at the last window it kept,
+    not at zero, and decodes that window again as the whole run did (prompted as it was
+    prompted): every segment streamed before the kill comes out of it word for word, and
+    the file is one whole, as if unbroken. (openai-whisper, whose segments and prompt
     whisperd reads and sets inside whisper.transcribe(); faster-whisper's: below, across
     two nodes.)"""
     state = tmp_path / "state"
     daemon = start(state=state)
-    whole = daemon.completed(daemon.submit(path=speech["spaced.wav"],
-                                           output_path=tmp_path)["id"])
     job = daemon.submit(path=speech["spaced.wav"], output_path=tmp_path, format="json")
     with daemon.stream(f"/transcription/job/{job['id']}/events") as (_, events):
-        next(e for e in events if e["event"] == "progress" and e["data"]["progress"] >= 50)
+        heard = []
+        for event in events:
+            heard.append(event)
+            if event["event"] == "progress" and event["data"]["progress"] >= 50:
+                break
     daemon.kill()
     again = start(state=state)
     done = again.completed(job["id"])
@@ -822,8 +830,10 @@ def test_a_job_killed_past_half_resumes_where_it_stopped(start, speech, tmp_path
     resumed = re.search(rf"job {job['id']} running on \S+ \(attempt 2; ([\d.]+) s of its "
                         rf"audio were decoded before\)", again.log)
     assert resumed and float(resumed.group(1)) >= 40, again.log
-    assert edit_distance(words(whole["result"]), words(done["result"])) <= 1, \
-        (whole["result"], done["result"])
+    streamed = [e["data"]["text"].strip() for e in heard if e["event"] == "segment"]
+    assert len(streamed) >= 4 and done["result"].splitlines()[:len(streamed)] == streamed, \
+        (streamed, done["result"])
+    assert word_error_rate((SPACED_SCRIPT, done["result"])) < 0.1, done["result"]
     written = json.loads((tmp_path / "spaced.json").read_text())  # one whole, as if unbroken
     assert [s["id"] for s in written["segments"]] == list(range(len(written["segments"])))
     assert all(a["end"] <= b["start"] + 0.01 for a, b in zip(written["segments"],
@@ -1800,20 +1810,6 @@ def test_translate_turns_french_speech_into_english(polyglot, tmp_path):
     assert {"number", "service", "try", "again"} <= set(words(done["result"])), done["result"]
 
 
-# Recorded English: Asterisk prompts and a LibriVox reading (Debian's pocketsphinx-testdata).
-ENGLISH = [prompt("en", name) for name in ("ss-noservice", "queue-youarenext")]
-ENGLISH.append(reading("sense_and_sensibility_01_austen_64kb-0880"))
-ENGLISH_WER = 0.1  # measured with base: 0 on both engines (tiny.en: 0.06 over 14 clips)
-
-
-def test_recorded_english_speech_is_transcribed_within_the_stated_word_error_rate(polyglot,
-                                                                                 tmp_path):
-    jobs = [(polyglot.submit(path=path, output_path=tmp_path)["id"], script)
-            for path, script in ENGLISH]
-    done = [(script, polyglot.completed(job_id)["result"]) for job_id, script in jobs]
-    assert word_error_rate(*done) <= ENGLISH_WER, done
-
-
 def test_with_vad_no_text_is_invented_over_a_minute_of_noise(polyglot, speech, tmp_path):
     job = polyglot.submit(path=speech["gap.wav"], vad=True, format="json",
                           model="tiny.en", output_path=tmp_path)  # as `make run` has it
@@ -1845,11 +1841,9 @@ def test_with_vad_no_subtitle_spans_the_silence_before_its_speech(polyglot, spee
 # ---------------------------------------------------------------------------------------
 
 @pytest.fixture(params=["openai-whisper", "faster-whisper"])
-def engine(request, start):
+def engine(request):
     """A daemon of each engine, with tiny.en ("make run"'s model)."""
-    if request.param == "openai-whisper":
-        return request.getfixturevalue("shared")
-    return start(*FW)
+    return request.getfixturevalue("shared" if request.param == "openai-whisper" else "brisk")
 
 
 def test_words_whisper_writes_over_silence_are_flagged_and_drop_suspect_leaves_them_out(
@@ -1871,19 +1865,27 @@ def test_words_whisper_writes_over_silence_are_flagged_and_drop_suspect_leaves_t
     assert "-->" not in (dropped / "silence.srt").read_text()
 
 
-def test_recorded_speech_is_never_flagged_and_keeps_every_word(engine, tmp_path):
-    clips = [prompt("en", name) for name in DISTINCT[:4]] + [
-        reading("sense_and_sensibility_01_austen_64kb-0880")]
+# Recorded English: Asterisk prompts and a LibriVox reading (Debian's pocketsphinx-testdata).
+RECORDED = [prompt("en", name) for name in ("ss-noservice", "conf-invalid", "vm-nobox",
+                                             "demo-thanks")] + [
+    reading("sense_and_sensibility_01_austen_64kb-0880")]
+ENGLISH_WER = 0.1  # measured with tiny.en: 0.03 on both engines (2 words of 59)
+
+
+def test_recorded_speech_comes_through_whole_within_the_stated_word_error_rate(engine,
+                                                                                tmp_path):
+    """Real recorded English is transcribed within the README's word error rate, none of
+    it is flagged as invented, and drop_suspect leaves every word of it."""
     jobs = [engine.submit(path=path, format="json", output_path=tmp_path / str(i))
-            for i, (path, _) in enumerate(clips) if (tmp_path / str(i)).mkdir() is None]
-    dropped = engine.submit(path=clips[0][0], drop_suspect=True, output_path=tmp_path)
+            for i, (path, _) in enumerate(RECORDED) if (tmp_path / str(i)).mkdir() is None]
+    dropped = engine.submit(path=RECORDED[0][0], drop_suspect=True, output_path=tmp_path)
     results = []
-    for i, (job, (path, script)) in enumerate(zip(jobs, clips)):
-        results.append(engine.completed(job["id"])["result"])
-        assert word_error_rate((script, results[-1])) < 0.3, (script, results[-1])
+    for i, (job, (path, script)) in enumerate(zip(jobs, RECORDED)):
+        results.append((script, engine.completed(job["id"])["result"]))
         segments = json.loads((tmp_path / str(i) / f"{path.stem}.json").read_text())
         assert not [s for s in segments["segments"] if s["suspect"]], segments
-    assert engine.completed(dropped["id"])["result"] == results[0]  # every word kept
+    assert word_error_rate(*results) <= ENGLISH_WER, results
+    assert engine.completed(dropped["id"])["result"] == results[0][1]  # every word kept
 
 
 # ---------------------------------------------------------------------------------------
@@ -2520,7 +2522,6 @@ def test_sigterm_hands_a_running_job_to_another_node_at_once(nodes, speech, tmp_
 def test_a_job_streams_on_any_node_and_resumes_on_another_after_kill_9(nodes, speech,
                                                                       tmp_path):
     a, b = nodes(2)
-    whole = a.completed(a.submit(path=speech["spaced.wav"], output_path=tmp_path)["id"])
     job = a.submit(path=speech["spaced.wav"], output_path=tmp_path)
     runner, other = (a, b) if a.running(job["id"])["node"] == node_name(a) else (b, a)
     with other.stream(f"/transcription/job/{job['id']}/events") as (status, events):
@@ -2536,12 +2537,9 @@ def test_a_job_streams_on_any_node_and_resumes_on_another_after_kill_9(nodes, sp
     assert done["attempts"] == 2 and done["node"] == node_name(other)
     assert re.search(rf"job {job['id']} running on \S+ \(attempt 2; [\d.]+ s of its audio "
                      rf"were decoded before\)", other.log), other.log
-    assert edit_distance(words(whole["result"]), words(done["result"])) <= 1, \
-        (whole["result"], done["result"])
-    streamed = [e["data"] for e in heard if e["event"] == "segment"]  # those of the windows
-    settled = [s["text"].strip() for s in streamed  # before the last one it began
-               if s["end"] <= streamed[-1]["end"] - 30]
-    assert settled and done["result"].splitlines()[:len(settled)] == settled
+    streamed = [e["data"]["text"].strip() for e in heard if e["event"] == "segment"]
+    assert done["result"].splitlines()[:len(streamed)] == streamed, (streamed, done["result"])
+    assert word_error_rate((SPACED_SCRIPT, done["result"])) < 0.1, done["result"]
 
 
 def test_a_callback_pending_on_a_killed_node_is_sent_by_another(nodes, speech, receiver,
