@@ -977,6 +977,27 @@ def test_a_call_with_one_party_per_channel_keeps_overlapping_speech_apart(talker
                for a in segments for b in segments), segments  # two at once, both kept
 
 
+def test_a_diarized_job_cancelled_after_its_last_segment_ends_cancelled(talker, receiver,
+                                                                        tmp_path):
+    """The speakers are found once the last segment is decoded: a cancel answered then
+    (202: the job is RUNNING) still ends the job cancelled, callback and all, and no file
+    is written, as for a cancel answered earlier."""
+    hook = receiver()
+    said = conversation(tmp_path / "talk.wav", ["allison", "june"], 8, seed=11)
+    job = talker.submit(path=tmp_path / "talk.wav", diarize=True, callback=hook.url,
+                        output_path=tmp_path)
+    with talker.stream(f"/transcription/job/{job['id']}/events") as (_, events):
+        for event in events:  # up to the last segment, which ends as the last turn does
+            assert event["event"] != "end", f"no segment ended near {said[-1][1]} s"
+            if event["event"] == "segment" and event["data"]["end"] > said[-1][1] - 1:
+                break
+    assert talker.request("POST", f"/transcription/job/{job['id']}/cancel")[0] == 202
+    done = talker.finished(job["id"])
+    assert done["status"] == "FAILED" and "cancelled" in done["error"], done
+    assert json.loads(hook.wait_for(1)[0][1])["error"] == done["error"]
+    assert not (tmp_path / "talk.txt").exists()
+
+
 def test_a_segment_is_split_where_its_voice_changes_with_or_without_word_timings():
     """attribute() itself, on turns placed by hand: the daemon's conversations above show
     it on real voices; this shows each rule of the split."""

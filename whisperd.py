@@ -3927,10 +3927,12 @@ class Finisher(threading.Thread):
                     f"{_reason(e)}); they run again on start")
 
     def finish(self, outcomes, stop):
-        # A run a shutdown interrupted after a client cancelled it ends cancelled (whichever
-        # of the two its runner saw first): it must not run again.
-        outcomes = [dataclasses.replace(o, result=JobFailed(CANCELLED)) if o.result is None
-                    and self.queue.cancelled(o.job.id) else o for o in outcomes]
+        # A run a client cancelled ends cancelled, whatever its runner handed back: a
+        # shutdown may have interrupted it (whichever of the two its runner saw first), or
+        # the cancel came after its last step (a diarized job's speakers are found after
+        # it). It neither runs again nor completes.
+        outcomes = [dataclasses.replace(o, result=JobFailed(CANCELLED)) if not isinstance(
+            o.result, JobFailed) and self.queue.cancelled(o.job.id) else o for o in outcomes]
         back = [o.job for o in outcomes if o.result is None]
         if back:
             try:
