@@ -2147,6 +2147,21 @@ def test_a_job_cancelled_inside_a_batch_ends_and_the_others_in_it_complete(batch
     assert not (tmp_path / "b.txt").exists()
 
 
+def test_jobs_posted_one_after_the_other_share_the_first_step_of_a_new_batch(
+        start, speech, tmp_path):
+    """A burst (a script posting its files one by one): the batch its first job begins
+    waits (--batch-wait) for the next, so the two are decoded in one step (one window,
+    packed) and end together, not the second a step after the first."""
+    daemon = start(*FW, "--batch-size", "4", "--pack", "--batch-wait", "1")
+    daemon.completed(daemon.submit(path=speech["order.wav"], output_path=tmp_path)["id"])
+    jobs = [daemon.submit(path=speech[name], output_path=tmp_path)  # the model is loaded
+            for name in ("call.wav", "busy.wav")]
+    first, second = (daemon.completed(job["id"]) for job in jobs)
+    apart = stamp(second["finished_at"]) - stamp(first["finished_at"])
+    assert apart < first["Duration"] / 2, (apart, first["Duration"], daemon.log)
+    assert word_error_rate((CALL, first["result"]), (BUSY, second["result"])) < 0.3
+
+
 def test_a_batch_cut_by_sigterm_or_kill_9_loses_no_job(start, speech, tmp_path):
     flags = ("--engine", "faster-whisper", "--batch-size", "4", "--pack",
              "--shutdown-grace", "0")

@@ -220,6 +220,8 @@ def build_parser():
          "queued jobs together, in one batch")
     flag("pack", False, help="faster-whisper with --batch-size: pack the speech of several "
          "short jobs into one 30 s window", action="store_true")
+    flag("batch-wait", 0.1, float, "with --batch-size: seconds a new batch waits for the next "
+         "job while jobs keep coming (a burst's are posted milliseconds apart), 1 s at most")
     flag("max-models", 1, int, "models kept loaded per worker; the least recently used goes "
          "first")
     flag("model-ttl", 0, float, "seconds a model may sit unused before it is unloaded "
@@ -267,7 +269,7 @@ def parse_settings(argv=None):
             parser.error(f"--device: {device!r} is not auto, cpu, cuda or cuda:N")
     if settings.idle_timeout <= 0:
         parser.error("--idle-timeout must be more than 0 seconds")
-    for name in ("history", "max_queue", "batch_size", "model_ttl"):
+    for name in ("history", "max_queue", "batch_size", "batch_wait", "model_ttl"):
         if getattr(settings, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
     for name in ("max_attempts", "max_models", "callback_attempts"):
@@ -1573,7 +1575,7 @@ class JobQueue:
         """Holds until a change after version `seen` (read before looking), at most
         `seconds`."""
         with self.changed:
-            self.changed.wait_for(lambda: self.version != seen, seconds)
+            return self.changed.wait_for(lambda: self.version != seen, seconds)
 
     def troubled(self, message):
         """Says once what keeps the storage from taking changes; None says it is over."""
@@ -3706,12 +3708,24 @@ class Runner(threading.Thread):
         def may_join(job):
             return self.engine.batchable(job) and batch.accepts(job, first.model)
 
+        def join(wait):
+            """Claims the queued jobs that may join while there is room; `wait` (a batch
+            about to begin): while jobs keep coming at most `wait` s apart, waits for the
+            next (a burst's first job is not decoded alone), a second in all."""
+            until, came = time.monotonic() + 1.0, True
+            while True:
+                while batch.room(joining) and (job := self.next_job(False, may_join)):
+                    held[job], came = time.monotonic(), True
+                    joining.append(job)
+                if not (wait and came and batch.room(joining) and time.monotonic() < until
+                        and self.queue.wait_for_change(self.queue.version, wait)):
+                    return
+                came = False
+
         try:
             batch = self.engine.batch(first.model)
             while True:
-                while batch.room(joining) and (job := self.next_job(False, may_join)):
-                    held[job] = time.monotonic()
-                    joining.append(job)
+                join(0 if batch else self.engine.settings.batch_wait)
                 entries = []
                 for job in joining:
                     try:
