@@ -98,8 +98,7 @@ def speech(tmp_path_factory):
                                     "[0][1][2][3][4]concat=n=5:v=0:a=1", "-ar", "16000")
     # 72 s of recorded prompts, one after the other: three of Whisper's windows of real
     # speech, for what a long job does as it goes.
-    prompts = MEETING
-    files["meeting.wav"] = convert(prompts[0], folder / "meeting.wav", *prompts[1:],
+    files["meeting.wav"] = convert(MEETING[0], folder / "meeting.wav", *MEETING[1:],
                                    "-filter_complex", "".join(f"[{i}]" for i in range(24)) +
                                    "concat=n=24:v=0:a=1", "-ar", "16000", "-ac", "1")
     # 16 of them, 2 s apart (66 s, three windows): fewer words a window, so that a test

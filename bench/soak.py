@@ -4,11 +4,12 @@ Submits --jobs short jobs (spoken by espeak-ng) to whisperd running tiny.en, and
 moments: kills a daemon with SIGKILL, stops it with SIGTERM (it must exit 0), restarts it,
 sends a file that is not audio (it must be refused at once with 400: whisperd probes the
 audio before its 201), sends a malformed body (refused with 400), deletes a job that is
-still queued, or cancels a job (one the node runs, or one of the last accepted: it must
-end FAILED "cancelled", and never complete). At the end it waits for every accepted job and prints what was accepted,
-finished, failed and lost, and how many jobs had their end recorded twice ("run twice":
-two "job ID completed in" lines in the logs). Lost and run twice must be 0, and no
-accepted job may fail or miss its callback; the exit status is 1 otherwise. Callbacks go
+still queued, or cancels a job (one the node runs, or one of the last accepted). At the
+end it waits for every accepted job and prints what was accepted, finished, failed and
+lost, and how many jobs had their end recorded twice ("run twice": two "job ID completed
+in" lines in the logs). Lost and run twice must be 0, no accepted job may miss its
+callback, and none may fail but those cancelled, which must end FAILED "cancelled" (never
+COMPLETED); the exit status is 1 otherwise. Callbacks go
 to a receiver in this process (tools/harness.py's), which counts them per job; a callback
 sent more than once is allowed (at least once) and only reported.
 
