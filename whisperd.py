@@ -4865,7 +4865,7 @@ def linger(connection, seconds=LINGER):
 class Handler(BaseHTTPRequestHandler):
     """Routes requests to the `@route` methods below; every answer is JSON but the page's,
     /smi's and /metrics' text. Errors are raised (HTTPError, or the job queue's own) and
-    turned into JSON in one place, handle_one()."""
+    turned into JSON in one place, answer_one()."""
 
     server_version = f"whisperd/{__version__}"
     protocol_version = "HTTP/1.1"        # keep-alive
@@ -4900,6 +4900,16 @@ class Handler(BaseHTTPRequestHandler):
     # -- dispatch -----------------------------------------------------------------------
 
     def handle_one(self):
+        with self.server.quiet:  # an answer on its way: serve() waits for it before it exits
+            self.server.answering += 1
+        try:
+            self.answer_one()
+        finally:
+            with self.server.quiet:
+                self.server.answering -= 1
+                self.server.quiet.notify_all()
+
+    def answer_one(self):
         path, _, query = self.path.partition("?")
         self.unread = self.headers.get("Content-Length", "0").strip() not in ("", "0") or \
             "chunked" in self.headers.get("Transfer-Encoding", "").lower()
@@ -5310,9 +5320,16 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, settings):
         self.settings, self.service = settings, None  # serve() gives it its service
+        self.answering, self.quiet = 0, threading.Condition()  # requests being answered
         if ":" in settings.host:
             self.address_family = socket.AF_INET6
         super().__init__((settings.host, settings.port), Handler)
+
+    def drain(self, seconds):
+        """Waits, at most `seconds`, for the answers on their way: a GET ?wait= that its
+        job's end (at shutdown) woke is answered before whisperd leaves."""
+        with self.quiet:
+            self.quiet.wait_for(lambda: not self.answering, seconds)
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
@@ -5658,6 +5675,7 @@ def serve(settings):
     sd_notify("STOPPING=1")
     clean = service.stop(settings.shutdown_grace)
     server.shutdown()
+    server.drain(2.0)
     server.server_close()
     lock.close()
     log("stopped" if clean else "stopped, leaving a worker stuck in native code")
