@@ -14,6 +14,8 @@ package's scripts. Each mode below transcribes the whole queue in its own proces
   whisperd-fw-batch8  ... --batch-size 8                         submit to the last job done)
   whisperd-fw-pack    ... --batch-size 8 --pack
   whisperd-fw-2cpu    ... --device cpu,cpu (two workers splitting the cores; cuda,cuda on a GPU)
+  whisperd-fw-2cpu-batch8, whisperd-fw-2cpu-pack   two workers, each batching (or packing):
+                      only when named in --only
   bare-batch          whisperd's own Batch (batch 8, not packed) called in one process with
                       the whole queue at once: no HTTP, no store, no arrival in turn; what
                       batching gives when every job is there from the start
@@ -65,7 +67,10 @@ MODES = {  # name: whisperd flags (None: a bare loop)
     "bare-ow": None, "bare-fw": None, "whisperd-ow": ["--engine", "openai-whisper"],
     "whisperd-fw": FW, "whisperd-fw-batch8": FW + ["--batch-size", "8"],
     "whisperd-fw-pack": FW + ["--batch-size", "8", "--pack"], "whisperd-fw-2cpu": FW,
+    "whisperd-fw-2cpu-batch8": FW + ["--batch-size", "8"],
+    "whisperd-fw-2cpu-pack": FW + ["--batch-size", "8", "--pack"],
     "bare-batch": None, "bare-pack": None}
+ON_REQUEST = {"whisperd-fw-2cpu-batch8", "whisperd-fw-2cpu-pack"}  # not in a default run
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
            "ten"]
 
@@ -167,7 +172,7 @@ def bare(kind, args, warm, files):
 
 def whisperd(name, args, warm, files, scratch):
     flags, device = list(MODES[name]), args.device
-    if name.endswith("2cpu"):
+    if "-2cpu" in name:
         device = f"{args.device},{args.device}"
     if flags[1] == "faster-whisper":
         flags += ["--compute-type", "int8" if args.device == "cpu" else "float16"]
@@ -212,7 +217,8 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
-    want = [m.strip() for m in (args.only or ",".join(MODES)).split(",") if m.strip()]
+    named = args.only or ",".join(m for m in MODES if m not in ON_REQUEST)
+    want = [m.strip() for m in named.split(",") if m.strip()]
     if set(want) - set(MODES):
         parser.error(f"unknown modes: {', '.join(sorted(set(want) - set(MODES)))}")
     args.model_dir = ensure_models(args.model_dir, args.model)
