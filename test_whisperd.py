@@ -355,9 +355,18 @@ def test_delete_removes_a_queued_job_but_not_a_running_or_finished_one(shared, s
     assert not (tmp_path / "call.txt").exists()  # the deleted job never ran
 
 
+def finished_total(daemon, status, worker):
+    """whisperd_jobs_finished_total{status, worker} in the daemon's /metrics (0 if absent)."""
+    found = re.search(rf'^whisperd_jobs_finished_total{{status="{status}",worker="{worker}"}} '
+                      rf'(\S+)$', daemon.request("GET", "/metrics")[2], re.M)
+    return float(found.group(1)) if found else 0
+
+
 def test_cancel_ends_a_queued_job_at_once_a_running_one_at_its_next_step_and_the_worker_goes_on(
         shared, speech, receiver, tmp_path):
+    """/metrics counts both ends, the queued job's under worker "" (no worker ran it)."""
     hook = receiver()
+    counted = [finished_total(shared, "FAILED", w) for w in ("", "cpu")]
     running = shared.submit(path=speech["long.wav"], output_path=tmp_path, callback=hook.url)
     queued = shared.submit(path=speech["call.wav"], output_path=tmp_path, callback=hook.url)
     shared.running(running["id"])
@@ -370,6 +379,7 @@ def test_cancel_ends_a_queued_job_at_once_a_running_one_at_its_next_step_and_the
     assert job["status"] == "FAILED" and "cancelled" in job["error"] and job["progress"] < 100
     ended = {j["id"]: j for j in hook.wait_for(2) and hook.jobs()}
     assert {ended[j["id"]]["status"] for j in (running, queued)} == {"FAILED"}
+    assert [finished_total(shared, "FAILED", w) for w in ("", "cpu")] == [n + 1 for n in counted]
     status, _, body = shared.request("POST", f"/transcription/job/{running['id']}/cancel")
     assert status == 409 and "FAILED" in body["error"]
     assert shared.request("POST", "/transcription/job/no-such-id/cancel")[0] == 404
@@ -741,6 +751,7 @@ def test_a_job_that_keeps_killing_the_daemon_fails_after_max_attempts(start, spe
     failed = daemon.finished(job["id"])
     assert failed["status"] == "FAILED" and "--max-attempts=2" in failed["error"]
     assert failed["attempts"] == 2
+    assert finished_total(daemon, "FAILED", "cpu") == 1  # ended as this whisperd started
 
 
 # ---------------------------------------------------------------------------------------

@@ -1702,7 +1702,7 @@ class JobQueue:
                 if job.id not in recorded:
                     continue
                 job.update(**changes)
-                self.counters[("jobs", job.status, job.worker)] += 1
+                self._count(job.status, job.worker)
                 self.counters[("busy", job.worker)] += o.busy
                 if job.status == COMPLETED:
                     self.counters[("audio", job.worker)] += job.audio_duration or 0
@@ -1727,6 +1727,11 @@ class JobQueue:
                 self._gone(job.id)
                 job.update(**changes)
         self.wake()
+
+    def _count(self, status, worker):
+        """An end recorded here, by status and the worker that ran the job ("" for none:
+        a queued job cancelled). Under the lock."""
+        self.counters[("jobs", status, worker or "")] += 1
 
     def _gone(self, job_id):
         """Forgets a run here (under the lock)."""
@@ -1764,7 +1769,7 @@ class JobQueue:
                 if job.status == RUNNING or job.upload]
         ended = [(job, c) for job, c in lost if c["status"] != QUEUED]
         if ended:
-            self.storage.end(ended, self.settings.history)
+            self._counted(self.storage.end(ended, self.settings.history))
         self.storage.requeue([(job, c) for job, c in lost if c["status"] == QUEUED])
         self._said(lost, "whisperd stopped while running it")
         self.wake()
@@ -1779,7 +1784,14 @@ class JobQueue:
             self.stops = {i: t for i, t in self.stops.items() if i in self.runs or now - t < 60}
         lost, due = self.storage.keep_up(runs, self._lost)
         self._said(lost, "the node running it stopped renewing its lease")
+        self._counted([(job, c) for job, c in lost if c["status"] != QUEUED])
         return due
+
+    def _counted(self, ended):
+        """Counts ends recorded outside a run: [(job, changes)]."""
+        with self.lock:
+            for job, changes in ended:
+                self._count(changes.get("status", job.status), job.worker)
 
     def delete(self, job_id):
         """Removes a QUEUED job; returns it."""
@@ -1812,6 +1824,7 @@ class JobQueue:
             log(f"job {job_id} cancelled: its runner stops it at its next step")
         else:
             job.update(**changes)
+            self._counted([(job, {})])
             log(f"job {job_id} failed: {job.error}")
         self.wake()
         return job, changes is not None
@@ -4053,6 +4066,7 @@ class Status:
         m = self.queue.tallies()
         stats, states = self.queue.stats(), self.states()  # 503 if unreachable
         labels, lines = [s.name for s in states], []
+        ended = labels + sorted({k[2] for k in m if k[0] == "jobs"} - set(labels))  # "": none
 
         def metric(name, kind, help, samples):
             lines.append(f"# HELP whisperd_{name} {help}")
@@ -4063,8 +4077,8 @@ class Status:
                              f"whisperd_{name} {value}")
 
         metric("jobs_finished_total", "counter", "Jobs finished since start, by final status "
-               "and worker.", [({"status": s, "worker": w}, m.get(("jobs", s, w), 0))
-                               for s in FINISHED for w in labels])
+               "and the worker that ran them.", [({"status": s, "worker": w}, m.get(
+                   ("jobs", s, w), 0)) for s in FINISHED for w in ended])
         metric("jobs", "gauge", "Jobs now queued or running.",
                [({"status": QUEUED}, stats["Queued"]), ({"status": RUNNING}, stats["Running"])])
         metric("queue_length", "gauge", "Jobs waiting in the queue.", [({}, stats["Queued"])])
