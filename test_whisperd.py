@@ -2547,6 +2547,7 @@ def test_a_job_cancelled_while_its_node_is_frozen_ends_cancelled_when_that_node_
     a, b = nodes(2)
     job = a.submit(path=speech["long.wav"], output_path=tmp_path)
     frozen, other = (a, b) if a.running(job["id"])["node"] == node_name(a) else (b, a)
+    frozen.logged(f"job {job['id']} running on")  # RUNNING in the store comes just before
     frozen.proc.send_signal(signal.SIGSTOP)
     assert other.request("POST", f"/transcription/job/{job['id']}/cancel")[0] == 202
     frozen.kill()
