@@ -1788,10 +1788,10 @@ class JobQueue:
         return due
 
     def _counted(self, ended):
-        """Counts ends recorded outside a run: [(job, changes)]."""
+        """Counts ends recorded outside a run: [(job, its changes)]."""
         with self.lock:
             for job, changes in ended:
-                self._count(changes.get("status", job.status), job.worker)
+                self._count(changes["status"], job.worker)
 
     def delete(self, job_id):
         """Removes a QUEUED job; returns it."""
@@ -1824,7 +1824,7 @@ class JobQueue:
             log(f"job {job_id} cancelled: its runner stops it at its next step")
         else:
             job.update(**changes)
-            self._counted([(job, {})])
+            self._counted([(job, changes)])
             log(f"job {job_id} failed: {job.error}")
         self.wake()
         return job, changes is not None
