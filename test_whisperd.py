@@ -2086,6 +2086,17 @@ def batcher(tmp_path_factory, model_dir):
 
 
 def test_packed_jobs_each_get_exactly_their_own_words(batcher, tmp_path):
+    each_gets_exactly_its_own_words(batcher, tmp_path)
+
+
+def test_packed_jobs_timed_by_their_words_each_get_exactly_their_own_words(start, tmp_path):
+    # As a GPU packs (--batch-timing auto there): windows decoded without timestamp
+    # tokens, each word placed by its alignment.
+    each_gets_exactly_its_own_words(
+        start(*FW, "--batch-size", "2", "--pack", "--batch-timing", "words"), tmp_path)
+
+
+def each_gets_exactly_its_own_words(batcher, tmp_path):
     clips = [prompt("en", name) for name in DISTINCT]
     jobs = [batcher.submit(path=path, format="json", output_path=tmp_path / str(i))
             for i, (path, _) in enumerate(clips) if (tmp_path / str(i)).mkdir() is None]

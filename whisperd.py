@@ -220,6 +220,10 @@ def build_parser():
          "queued jobs together, in one batch")
     flag("pack", False, help="faster-whisper with --batch-size: pack the speech of several "
          "short jobs into one 30 s window", action="store_true")
+    flag("batch-timing", "auto", str, "with --batch-size: how a window's text is timed: "
+         "'tokens' (the model's timestamp tokens) or 'words' (decoded without them, each "
+         "word placed by its alignment); auto: words on a GPU, tokens on a CPU",
+         choices=["auto", "tokens", "words"])
     flag("batch-wait", 0.1, float, "with --batch-size: seconds a new batch waits for the next "
          "job while jobs keep coming (a burst's are posted milliseconds apart), 1 s at most")
     flag("max-models", 1, int, "models kept loaded per worker; the least recently used goes "
@@ -2674,8 +2678,8 @@ class FasterWhisper(Engine):
 
     def batch(self, name):
         """A Batch of this model's windows (--batch-size, --pack); see Batches."""
-        return Batch(BatchDecoder(self.model(name)), self.settings.batch_size,
-                     self.settings.pack)
+        return Batch(BatchDecoder(self.model(name), self.settings.batch_timing),
+                     self.settings.batch_size, self.settings.pack)
 
     def decode_audio(self, path, most):
         """faster_whisper.decode_audio()'s PyAV decoding (so the same samples), bounded:
@@ -2747,7 +2751,8 @@ class FasterWhisper(Engine):
 # of silence apart, and each job gets back exactly its own segments, timed against its
 # own file. Batched decoding is faster-whisper's batched pipeline's: the voice activity
 # detector cuts the audio, temperature 0 only (no fallback), no conditioning on the text
-# before.
+# before. A window's text is timed by the model's timestamp tokens, or on a GPU by its
+# words' alignment (--batch-timing), which is what lets each job have its own words.
 
 WINDOW = 30 * RATE      # samples in one window
 GAP = 2.0               # seconds of silence between two jobs in a window (measured:
@@ -2864,13 +2869,15 @@ def plan(tracks, pack):
 
 class BatchDecoder:
     """Decodes windows in batches, as faster-whisper's BatchedInferencePipeline does (one
-    encoder pass, one beam search with the CLI's beam size 5) but with timestamps, so that
-    the text of a window with several jobs can be given back to each job."""
+    encoder pass, one beam search with the CLI's beam size 5) but with the text timed (by
+    timestamp tokens, or by word alignment), so that the text of a window with several
+    jobs can be given back to each job."""
 
     STRADDLE = 0.2   # seconds a segment may reach into a second job's speech
+    PAUSE = 1.0      # seconds between two words that end a segment (timed by words)
     MAX_DEPTH = 3    # times an unfinished window is continued
 
-    def __init__(self, model):
+    def __init__(self, model, timing="auto"):
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import get_suppressed_tokens
         self.model = model
@@ -2881,6 +2888,12 @@ class BatchDecoder:
         # On a CPU one window at a time through the encoder is faster (measured: a batch
         # of 8 costs a third more a window); on a GPU, the whole batch at once.
         self.encode_alone = model.model.device == "cpu"
+        # How a window's text is timed. By the model's timestamp tokens, as the CLI does;
+        # but CTranslate2's timestamp rules grow faster than the batch on a GPU (a batch
+        # of 32 windows took 7.2 s on an H200, 0.14 s decoded without timestamps), so
+        # there the text comes without them and each word is placed by its cross-attention
+        # alignment (0.03 s more for 32 windows): bench/RESULTS.md.
+        self.by_words = timing == "words" or (timing == "auto" and not self.encode_alone)
 
     def _prompt(self, language, task):
         t = self.tokenizer
@@ -2915,11 +2928,16 @@ class BatchDecoder:
             detected = self.model.model.detect_language(encoded)
             languages = [given or found[0][0][2:-2]
                          for given, found in zip(languages, detected)]
+        untimed = [self.tokenizer.no_timestamps] if self.by_words else []
         results = self.model.model.generate(
-            encoded, [self._prompt(language, task) for language in languages],
+            encoded, [self._prompt(language, task) + untimed for language in languages],
             beam_size=DECODING["beam_size"], max_length=self.model.max_length,
             suppress_blank=True, suppress_tokens=self.suppress, return_scores=True,
             return_no_speech_prob=True, max_initial_timestamp_index=50)
+        if self.by_words:
+            words = self._words(encoded, windows, results)
+            return [self._split_words(*args)
+                    for args in zip(windows, results, languages, words)]
         outs = [self._split(*args) for args in zip(windows, results, languages)]
         if any(out["suspect"] for out in outs):  # ask the words where they were said
             words = self._words(encoded, windows, results)
@@ -2929,13 +2947,12 @@ class BatchDecoder:
         return outs
 
     def _words(self, encoded, windows, results):
-        """Word timings (cross-attention alignment, as word_timestamps=True finds them) of
-        each window's text: [[(tokens, start, end)] per window]."""
+        """The words of each window's text, timed by cross-attention alignment (as
+        word_timestamps=True finds them): [[{"word", "tokens", "start", "end"}] a window]."""
         eot = self.tokenizer.eot
         texts = [[t for t in r.sequences_ids[0] if t < eot] or [eot] for r in results]
         frames = [min(math.ceil(w.length / RATE * 100), 3000) for w in windows]
-        aligned = self.model.find_alignment(self.tokenizer, texts, encoded, frames)
-        return [[(len(a["tokens"]), a["start"], a["end"]) for a in words] for words in aligned]
+        return self.model.find_alignment(self.tokenizer, texts, encoded, frames)
 
     def _split(self, window, result, language, words=None):
         """A window's tokens as segments, each given to the track it was said in."""
@@ -2960,8 +2977,6 @@ class BatchDecoder:
         seek = None
         if len(tokens) >= 2 and tokens[-1] >= first_stamp and tokens[-2] >= first_stamp:
             seek = (tokens[-1] - first_stamp) * 0.02
-            if window.depth >= self.MAX_DEPTH or (window.depth and seek < 1.0):
-                seek = None
         out = {track: [] for track in regions}
         redo, suspect = set(), False
         word_iter = iter(words or [])
@@ -2970,9 +2985,9 @@ class BatchDecoder:
             n_text = sum(token < t.eot for token in piece["tokens"])
             spoken, got = [], 0
             while words is not None and got < n_text:
-                count, start, end = next(word_iter, (n_text, 0.0, 0.0))
-                got += count
-                spoken.append((start, end))
+                word = next(word_iter, {"tokens": [0] * n_text, "start": 0.0, "end": 0.0})
+                got += len(word["tokens"])
+                spoken.append((word["start"], word["end"]))
             if not text.strip():
                 continue
             start, end = piece["start"], max(piece["end"], piece["start"])
@@ -2990,17 +3005,50 @@ class BatchDecoder:
             middle = (start + end) / 2
             track = hit[0] if hit else min(regions, key=lambda tr: min(
                 abs(middle - regions[tr][0]), abs(middle - regions[tr][1])))
-            begin = _to_track(window, track, start, False)
-            out[track].append({
-                "start": round(begin, 3),
-                "end": round(max(begin, _to_track(window, track, end, True)), 3),
-                "text": text, "tokens": piece["tokens"], "temperature": 0.0,
-                "avg_logprob": score, "no_speech_prob": result.no_speech_prob,
-                "compression_ratio": _compression_ratio(text)})
+            out[track].append(_segment(window, track, start, end, text, piece["tokens"],
+                                       score, result.no_speech_prob))
         if suspect and words is None:
             return {"suspect": True}
+        return self._rest(window, regions, out, seek, redo, language)
+
+    def _split_words(self, window, result, language, words):
+        """A window decoded without timestamps: each word goes to the track it was said
+        in (its middle), and a track's words make segments, a new one after a sentence
+        ends or a pause of PAUSE s. The window goes on past its last word where speech
+        is left, as it goes on past a last timestamp pair."""
+        regions, eot = window.regions(), self.tokenizer.eot
+        n = sum(token < eot for token in result.sequences_ids[0])
+        score = result.scores[0] * n / (n + 1)  # length penalty 1
+        runs = []  # [(track, [word])]: the words of one segment
+        for word in words:
+            middle = (word["start"] + word["end"]) / 2
+            track = min(regions, key=lambda tr: max(regions[tr][0] - middle,
+                                                    middle - regions[tr][1], 0))
+            last = runs[-1][1][-1] if runs else None
+            if last and (not word["word"].startswith(" ") or (
+                    runs[-1][0] is track and last["word"].rstrip()[-1:] not in ".?!"
+                    and word["start"] - last["end"] < self.PAUSE)):
+                runs[-1][1].append(word)
+            else:
+                runs.append((track, [word]))
+        out = {track: [] for track in regions}
+        for track, run in runs:
+            text = "".join(word["word"] for word in run)
+            if text.strip():
+                out[track].append(_segment(
+                    window, track, run[0]["start"], max(run[-1]["end"], run[0]["start"]),
+                    text, [t for word in run for t in word["tokens"]], score,
+                    result.no_speech_prob))
+        seek = max((word["end"] for word in words), default=None)
+        return self._rest(window, regions, out, seek, set(), language)
+
+    def _rest(self, window, regions, out, seek, redo, language):
+        """A window's result: the tracks with speech past `seek` (where the model stopped)
+        go on in what is left of the window; a track of a shared window that got no words
+        is decoded again, alone."""
         cuts = {}
-        if seek is not None:  # the tracks with speech past where the model stopped
+        if seek is not None and window.depth < self.MAX_DEPTH and (
+                seek >= 1.0 or not window.depth):  # a continued window goes on moving
             cuts = {track: seek if out[track] else min(seek, r0)
                     for track, (r0, r1) in regions.items()
                     if track not in redo and r1 > seek + (1.0 if out[track] else 0)}
@@ -3011,6 +3059,15 @@ class BatchDecoder:
             out.pop(track, None)
         return {"segments": out, "language": language, "redo": redo, "suspect": False,
                 "rest": window.after(cuts) if cuts else None}
+
+
+def _segment(window, track, start, end, text, tokens, score, no_speech_prob):
+    """A segment of `track`, from window times to the track's own."""
+    begin = _to_track(window, track, start, False)
+    end = max(begin, _to_track(window, track, end, True))
+    return {"start": round(begin, 3), "end": round(end, 3),
+            "text": text, "tokens": tokens, "temperature": 0.0, "avg_logprob": score,
+            "no_speech_prob": no_speech_prob, "compression_ratio": _compression_ratio(text)}
 
 
 def _compression_ratio(text):

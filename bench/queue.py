@@ -20,6 +20,8 @@ package's scripts. Each mode below transcribes the whole queue in its own proces
                       the whole queue at once: no HTTP, no store, no arrival in turn; what
                       batching gives when every job is there from the start
   bare-pack           the same, packed
+  ...-tokens, ...-words   a batching mode (whisperd-fw-batch8, -pack, bare-batch, -pack) with
+                      its windows timed one way (--batch-timing): only when named in --only
 The modes run in turn, --rounds times (3), and each mode's median wall time is its figure:
 one pass of a mode varies by 10 to 20% between rounds on these shared machines.
 Every process first transcribes one warm-up prompt (agent-pass, not in the queue); loading
@@ -70,7 +72,11 @@ MODES = {  # name: whisperd flags (None: a bare loop)
     "whisperd-fw-2cpu-batch8": FW + ["--batch-size", "8"],
     "whisperd-fw-2cpu-pack": FW + ["--batch-size", "8", "--pack"],
     "bare-batch": None, "bare-pack": None}
-ON_REQUEST = {"whisperd-fw-2cpu-batch8", "whisperd-fw-2cpu-pack"}  # not in a default run
+TIMED = ("whisperd-fw-batch8", "whisperd-fw-pack", "bare-batch", "bare-pack")
+MODES.update({f"{m}-{t}": MODES[m] and MODES[m] + ["--batch-timing", t]
+              for m in TIMED for t in ("tokens", "words")})
+ON_REQUEST = {"whisperd-fw-2cpu-batch8", "whisperd-fw-2cpu-pack",  # not in a default run
+              *(m for m in MODES if m.endswith(("-tokens", "-words")))}
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
            "ten"]
 
@@ -132,7 +138,8 @@ def _runner(kind, spec):
     def run(paths):
         jobs = [whisperd.Job(id=str(i), model="tiny.en", language="en")
                 for i in range(len(paths))]
-        batch = whisperd.Batch(whisperd.BatchDecoder(model), 8, pack=kind == "pack")
+        batch = whisperd.Batch(whisperd.BatchDecoder(model, spec["timing"]), 8,
+                               pack=kind == "pack")
         batch.add([(job, decode_audio(str(path))) for job, path in zip(jobs, paths)])
         done = {}
         while batch:
@@ -159,9 +166,10 @@ def worker(kind):
     protocol.close()
 
 
-def bare(kind, args, warm, files):
+def bare(name, args, warm, files):
+    kind, _, timing = name[5:].partition("-")  # bare-pack-words: pack, words
     spec = {"model": os.path.join(args.model_dir, args.model), "device": args.device,
-            "warm": str(warm), "files": [str(f) for f in files],
+            "warm": str(warm), "files": [str(f) for f in files], "timing": timing or "auto",
             "compute_type": "float16" if args.device != "cpu" else "int8"}
     done = subprocess.run([PYTHON, __file__, "--worker", kind],
                           input=json.dumps(spec), capture_output=True, text=True, check=False)
@@ -240,7 +248,7 @@ def main():
             print(f"round {round_no} of {args.rounds}", flush=True)
         for name in want:
             print(f"  {name} ...", end=" ", flush=True)
-            r = (bare(name[5:], args, warm, files) if MODES[name] is None
+            r = (bare(name, args, warm, files) if MODES[name] is None
                  else whisperd(name, args, warm, files, scratch / str(round_no)))
             r.update(speed=audio / r["wall_s"], wer=wer(scripts, r["texts"]))
             print(f"{r['wall_s']:.2f} s ({r['speed']:.2f}x real time), WER {r['wer']:.3f}"
