@@ -2096,6 +2096,21 @@ def test_packed_jobs_timed_by_their_words_each_get_exactly_their_own_words(start
         start(*FW, "--batch-size", "2", "--pack", "--batch-timing", "words"), tmp_path)
 
 
+def test_packed_jobs_in_different_languages_timed_by_words_each_get_their_own(start, tmp_path):
+    # Four languages, detected, in one window: the text may follow one language and skip
+    # the others, its words then spread by the alignment over their speech; such a window
+    # is decoded again a job at a time (measured without that: English got Italian words).
+    daemon = start(*FW, "--batch-size", "4", "--pack", "--batch-timing", "words")
+    clips = {language: prompt(language, "vm-nobox") for language in ("es", "fr", "en", "it")}
+    jobs = {language: daemon.submit(path=path, model="base", language="auto",
+                                    output_path=tmp_path)
+            for language, (path, _) in clips.items()}
+    for language, job in jobs.items():
+        done = daemon.completed(job["id"])
+        assert done["language"] == language, done
+        assert word_error_rate((clips[language][1], done["result"])) < 0.3, done["result"]
+
+
 def each_gets_exactly_its_own_words(batcher, tmp_path):
     clips = [prompt("en", name) for name in DISTINCT]
     jobs = [batcher.submit(path=path, format="json", output_path=tmp_path / str(i))

@@ -3015,8 +3015,14 @@ class BatchDecoder:
         """A window decoded without timestamps: each word goes to the track it was said
         in (its middle), and a track's words make segments, a new one after a sentence
         ends or a pause of PAUSE s. The window goes on past its last word where speech
-        is left, as it goes on past a last timestamp pair."""
+        is left, as it goes on past a last timestamp pair. A word reaching STRADDLE s
+        into the speech of two jobs means the text skipped some speech and its words were
+        spread over it (a job in another language, say): each job is decoded alone."""
         regions, eot = window.regions(), self.tokenizer.eot
+        if any(sum(min(w["end"], r1) - max(w["start"], r0) > self.STRADDLE
+                   for r0, r1 in regions.values()) > 1 for w in words):
+            return {"segments": {}, "language": language, "redo": set(regions),
+                    "suspect": False, "rest": None}
         n = sum(token < eot for token in result.sequences_ids[0])
         score = result.scores[0] * n / (n + 1)  # length penalty 1
         runs = []  # [(track, [word])]: the words of one segment
