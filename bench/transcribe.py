@@ -486,8 +486,9 @@ def main():
     audio = Path(args.audio_dir).resolve()  # whisperd wants absolute paths
     files = make_set(audio, lengths, "set") + (make_set(audio, [long], "long") if long else [])
     short_files = make_set(audio, shorts, "short")
-    warm = speak("Thank you for calling. Please call me back tomorrow morning.",
-                 audio / "warmup.wav")
+    warm = audio / "warmup.wav"  # cached with the set (a GPU machine may lack espeak-ng)
+    if not warm.exists():
+        speak("Thank you for calling. Please call me back tomorrow morning.", warm)
     total = sum(audio_seconds(f) for f in files)
     print(f"audio: {len(files)} files, {total:.0f} s ({min(map(audio_seconds, files)):.0f} to "
           f"{max(map(audio_seconds, files)):.0f} s each); {len(short_files)} short files of "

