@@ -18,7 +18,11 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))  # bench scripts run as `python bench/x.py`
+# Bench scripts run as `python bench/x.py`, which puts bench/ first on the path, where
+# queue.py would stand for the standard library's queue (torch and concurrent.futures
+# import it): once this module is in, bench/ leaves the path and the repository's root
+# takes its place.
+sys.path[:] = [str(BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 from tools.harness import (PYTHON, ROOT, WHISPERD, Daemon, Receiver,  # noqa: E402,F401
                            audio_seconds, free_port, speak, wait_until, word_error_rate)
 
