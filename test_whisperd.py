@@ -638,6 +638,16 @@ def test_a_flag_that_cannot_act_is_refused_at_start_in_one_line(tmp_path, model_
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+def test_a_setting_from_the_environment_that_is_none_of_its_choices_is_refused(tmp_path,
+                                                                             model_dir):
+    done = subprocess.run([PYTHON, str(WHISPERD), "--port", "0", "--state-dir", str(tmp_path),
+                           "--model-dir", str(model_dir)], capture_output=True, text=True,
+                          timeout=CEILING, env=dict(os.environ, WHISPERD_BATCH_TIMING="fast"))
+    assert done.returncode == 2, done.stderr
+    assert "--batch-timing must be one of auto, tokens, words (WHISPERD_BATCH_TIMING)" in \
+        done.stderr, done.stderr
+
+
 def test_callback_gets_the_whole_job_with_the_txt_transcript_signed(shared, speech, receiver,
                                                                     tmp_path):
     hook = receiver()

@@ -263,6 +263,10 @@ def build_parser():
 def parse_settings(argv=None):
     parser = build_parser()
     settings = parser.parse_args(argv)
+    for action in parser._actions:  # argparse checks no value that came from WHISPERD_*
+        if action.choices and getattr(settings, action.dest) not in action.choices:
+            parser.error(f"{action.option_strings[0]} must be one of "
+                         f"{', '.join(action.choices)} (WHISPERD_{action.dest.upper()})")
     if settings.engine not in ENGINES:
         parser.error(f"--engine must be one of {', '.join(ENGINES)}")
     if not settings.default_model or "/" in settings.default_model:
