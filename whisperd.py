@@ -2995,8 +2995,7 @@ class BatchDecoder:
             if not text.strip():
                 continue
             start, end = piece["start"], max(piece["end"], piece["start"])
-            hit = [track for track, (r0, r1) in regions.items()
-                   if min(end, r1) - max(start, r0) > self.STRADDLE]
+            hit = self._reached(regions, start, end)
             if len(hit) > 1 and words is not None:  # the words' own timings decide
                 hit = list(dict.fromkeys(track for ws, we in spoken if we > ws
                                          for track, (r0, r1) in regions.items()
@@ -3023,8 +3022,7 @@ class BatchDecoder:
         into the speech of two jobs means the text skipped some speech and its words were
         spread over it (a job in another language, say): each job is decoded alone."""
         regions, eot = window.regions(), self.tokenizer.eot
-        if any(sum(min(w["end"], r1) - max(w["start"], r0) > self.STRADDLE
-                   for r0, r1 in regions.values()) > 1 for w in words):
+        if any(len(self._reached(regions, w["start"], w["end"])) > 1 for w in words):
             return {"segments": {}, "language": language, "redo": set(regions),
                     "suspect": False, "rest": None}
         n = sum(token < eot for token in result.sequences_ids[0])
@@ -3051,6 +3049,11 @@ class BatchDecoder:
                     result.no_speech_prob))
         seek = max((word["end"] for word in words), default=None)
         return self._rest(window, regions, out, seek, set(), language)
+
+    def _reached(self, regions, start, end):
+        """The tracks whose speech `start` to `end` reaches more than STRADDLE s into."""
+        return [track for track, (r0, r1) in regions.items()
+                if min(end, r1) - max(start, r0) > self.STRADDLE]
 
     def _rest(self, window, regions, out, seek, redo, language):
         """A window's result: the tracks with speech past `seek` (where the model stopped)
