@@ -49,8 +49,9 @@ def main():
     import numpy
     from faster_whisper import WhisperModel, decode_audio
     from faster_whisper.audio import pad_or_trim
-    from faster_whisper.tokenizer import Tokenizer
-    from faster_whisper.transcribe import get_ctranslate2_storage, get_suppressed_tokens
+    from faster_whisper.transcribe import get_ctranslate2_storage
+
+    import whisperd
 
     sizes = [int(n) for n in args.sizes.split(",")]
     m = print_machine()
@@ -60,14 +61,11 @@ def main():
     audio = [decode_audio(str(path)) for path, _, _ in queue_files()[:max(sizes)]]
     features = numpy.stack([pad_or_trim(extract(a)[..., :-1], extract.nb_max_frames)
                             for a in audio])
-    multilingual = model.model.is_multilingual
-    tokenizer = Tokenizer(model.hf_tokenizer, multilingual, task="transcribe", language="en")
-    prompt = [tokenizer.sot] + ([tokenizer.language, tokenizer.transcribe]
-                                if multilingual else [])
-    options = dict(beam_size=5, max_length=model.max_length, suppress_blank=True,
-                   suppress_tokens=list(get_suppressed_tokens(tokenizer, [-1])),
-                   return_scores=True, return_no_speech_prob=True,
-                   max_initial_timestamp_index=50)
+    decoder = whisperd.BatchDecoder(model)  # its tokenizer, prompt and suppressed tokens
+    tokenizer, prompt = decoder.tokenizer, decoder._prompt("en", "transcribe")
+    options = dict(beam_size=whisperd.DECODING["beam_size"], max_length=model.max_length,
+                   suppress_blank=True, suppress_tokens=decoder.suppress, return_scores=True,
+                   return_no_speech_prob=True, max_initial_timestamp_index=50)
     rows = []
     for n in sizes:
         encoded = model.model.encode(get_ctranslate2_storage(features[:n]))

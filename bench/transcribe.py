@@ -438,6 +438,18 @@ def report(bench, sizes):
     return result
 
 
+def spoken(audio, lengths, long, shorts):
+    """The set's files, the short files and the warm-up file, spoken into `audio` (an
+    absolute path: whisperd wants them) unless they are there; bench/device/prepare.sh
+    speaks them here for a GPU machine without espeak-ng."""
+    files = make_set(audio, lengths, "set") + (make_set(audio, [long], "long") if long else [])
+    short_files = make_set(audio, shorts, "short")
+    warm = audio / "warmup.wav"
+    if not warm.exists():
+        speak("Thank you for calling. Please call me back tomorrow morning.", warm)
+    return files, short_files, warm
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -483,12 +495,7 @@ def main():
 
     sizes = "quick" if args.quick else "full" if args.full else "default"
     lengths, long, shorts = SIZES[sizes]
-    audio = Path(args.audio_dir).resolve()  # whisperd wants absolute paths
-    files = make_set(audio, lengths, "set") + (make_set(audio, [long], "long") if long else [])
-    short_files = make_set(audio, shorts, "short")
-    warm = audio / "warmup.wav"  # cached with the set (a GPU machine may lack espeak-ng)
-    if not warm.exists():
-        speak("Thank you for calling. Please call me back tomorrow morning.", warm)
+    files, short_files, warm = spoken(Path(args.audio_dir).resolve(), lengths, long, shorts)
     total = sum(audio_seconds(f) for f in files)
     print(f"audio: {len(files)} files, {total:.0f} s ({min(map(audio_seconds, files)):.0f} to "
           f"{max(map(audio_seconds, files)):.0f} s each); {len(short_files)} short files of "

@@ -48,12 +48,8 @@ PYTHON
 "$PY" - <<'PYTHON'
 import sys
 sys.path.insert(0, "bench")
-from transcribe import OUT, SIZES, make_set, speak
-audio = OUT / "audio"
-lengths, long, shorts = SIZES["default"]
-make_set(audio, lengths, "set"), make_set(audio, [long], "long"), make_set(audio, shorts, "short")
-if not (audio / "warmup.wav").exists():
-    speak("Thank you for calling. Please call me back tomorrow morning.", audio / "warmup.wav")
+from transcribe import OUT, SIZES, spoken
+spoken((OUT / "audio").resolve(), *SIZES["default"])
 PYTHON
 mkdir -p .gpu/c3/audio && cp bench/out/audio/* .gpu/c3/audio/
 tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
