@@ -2770,6 +2770,7 @@ class Track:
     audio: object        # numpy float32, 16 kHz mono
     language: str | None  # None: detected per window
     speech: list = ()     # [(start, end)] seconds the voice activity detector heard
+    spans: list | None = None  # its speech_spans(), found ahead (None: when planned)
     since: float = 0.0    # seconds of the job's audio before `audio` (a resumed run)
     before: list = ()     # the segments a run cut short kept of them
 
@@ -2830,16 +2831,23 @@ class Window:
         return Window(pieces, self.depth + 1)
 
 
-def _chunks(track):
-    """The track's speech, found by the voice activity detector, in windows' worth:
-    lists of pieces of at most 30 s (as faster-whisper's collect_chunks groups them)."""
+def speech_spans(audio):
+    """The speech the voice activity detector hears in RATE audio, as a batch plans it:
+    [(start, end)] samples, each at most a window long."""
     vad = _vad()
-    spans = vad.get_speech_timestamps(track.audio, vad.VadOptions(
-        max_speech_duration_s=WINDOW / RATE, min_silence_duration_ms=160))
-    track.speech = [(span["start"] / RATE, span["end"] / RATE) for span in spans]
+    return [(span["start"], span["end"]) for span in vad.get_speech_timestamps(
+        audio, vad.VadOptions(max_speech_duration_s=WINDOW / RATE, min_silence_duration_ms=160))]
+
+
+def _chunks(track):
+    """The track's speech in windows' worth: lists of pieces of at most 30 s (as
+    faster-whisper's collect_chunks groups them)."""
+    if track.spans is None:
+        track.spans = speech_spans(track.audio)
+    track.speech = [(start / RATE, end / RATE) for start, end in track.spans]
     chunks, current, used = [], [], 0
-    for span in spans:
-        start, end = span["start"], min(span["end"], span["start"] + WINDOW)
+    for start, end in track.spans:
+        end = min(end, start + WINDOW)
         if end <= start:
             continue
         if current and used + end - start > WINDOW:
@@ -3106,6 +3114,9 @@ def _to_track(window, track, seconds, is_end, snap=0.5):
     return (p.start + min(max(at - p.offset, 0), p.length)) / RATE
 
 
+Entry = collections.namedtuple("Entry", "job audio before spans", defaults=((), None))
+
+
 class Batch:
     """The jobs a worker decodes together: add() jobs as they come, step() decodes up to
     `size` windows, round-robin over the jobs, and returns the jobs it finished."""
@@ -3133,14 +3144,16 @@ class Batch:
 
     def add(self, entries):
         """Plans the windows of newly claimed jobs: [(job, audio, the segments a run cut
-        short kept)] (packing happens among them; a resumed job's audio starts at the end
-        of its last kept segment). All join, or (it raised) none."""
+        short kept, the audio's speech_spans() if found ahead)] (packing happens among
+        them; a resumed job's audio starts at the end of its last kept segment, and its
+        speech is found again there). All join, or (it raised) none."""
         tracks = []
-        for job, audio, *before in entries:
-            before = list(before[0]) if before else []
+        for job, audio, before, spans in (Entry(*entry) for entry in entries):
+            before = list(before)
             since = before[-1]["end"] if before else 0.0
             tracks.append(Track(job, audio[round(since * RATE):], None if job.language ==
-                                AUTO_LANGUAGE else job.language, since=since, before=before))
+                                AUTO_LANGUAGE else job.language, since=since, before=before,
+                                spans=None if since else spans))
         _fault("batch.add")
         windows = plan(tracks, self.pack)
         for track in tracks:
@@ -3579,6 +3592,9 @@ def write_outputs(result, job):
 # Runners: one thread per device
 # ---------------------------------------------------------------------------------------
 
+Decoded = collections.namedtuple("Decoded", "audio spans")  # spans: speech_spans(audio) or None
+
+
 class Ahead:
     """Audio decoded ahead, by job id: the runners' prefetchers fill it, the runner that
     claims a job takes its audio, no job is decoded twice; at most `seconds` of audio."""
@@ -3586,7 +3602,7 @@ class Ahead:
     def __init__(self, jobs, seconds):
         self.jobs, self.seconds = jobs, seconds  # queued jobs looked at; audio held at most
         self.lock = threading.Condition()
-        self.audio = {}     # job id -> audio (or the AudioError decoding it raised)
+        self.audio = {}     # job id -> Decoded (or the AudioError decoding it raised)
         self.busy = set()   # job ids being decoded
 
     def reserve(self, upcoming, keep):
@@ -3595,7 +3611,7 @@ class Ahead:
         with self.lock:
             for job_id in set(self.audio) - keep:  # deleted, or ended meanwhile
                 del self.audio[job_id]
-            held = sum(a.size for a in self.audio.values()  # samples, of every channel
+            held = sum(a.audio.size for a in self.audio.values()  # samples, all channels
                        if not isinstance(a, Exception))
             job = next((j for j in upcoming if j.id not in self.audio and j.id not in self.busy),
                        None)
@@ -3611,7 +3627,8 @@ class Ahead:
             self.lock.notify_all()
 
     def take(self, job_id):
-        """The job's audio if it was decoded ahead (waiting if it is being decoded now)."""
+        """The job's Decoded audio if it was decoded ahead (waiting if it is being decoded
+        now), else None."""
         with self.lock:
             self.lock.wait_for(lambda: job_id not in self.busy)
             return self.audio.pop(job_id, None)
@@ -3626,12 +3643,13 @@ class Runner(threading.Thread):
     and its jobs live. Its whole life: prepare the engine, then claim the next job and run
     it (or, with --batch-size, a batch the jobs behind it join) and hand back an Outcome on
     `outcomes` for every job it claimed, whatever it raised; until stop(). Meanwhile its
-    prefetcher decodes the next jobs' audio into `ahead`. It tells the queue its progress
-    and publishes state(); it calls nothing else."""
+    prefetchers (one on a CPU, up to `prefetchers` threads on a GPU) decode the next jobs'
+    audio into `ahead`, and find the speech in what a batch will take. It tells the queue
+    its progress and publishes state(); it calls nothing else."""
 
     TICK = 1.0  # seconds between idle housekeeping rounds (model TTL, watchdog)
 
-    def __init__(self, engine, job_queue, outcomes, ahead, suffix=""):
+    def __init__(self, engine, job_queue, outcomes, ahead, suffix="", prefetchers=1):
         super().__init__(name=f"runner {engine.device}{suffix}", daemon=True)
         self.engine, self.queue, self.outcomes, self.ahead = engine, job_queue, outcomes, ahead
         self.suffix = suffix
@@ -3643,8 +3661,7 @@ class Runner(threading.Thread):
         self.running = ()                   # the jobs it runs now
         self.busy = 0.0                     # seconds spent running jobs, not handed back yet
         self.decoded_ahead = 0
-        self.prefetcher = threading.Thread(target=self.prefetch, daemon=True,
-                                           name=f"prefetch {engine.device}{suffix}")
+        self.prefetchers = prefetchers
 
     @property
     def label(self):
@@ -3674,7 +3691,12 @@ class Runner(threading.Thread):
         # with the GIL held, for which every HTTP answer waited.
         gc.freeze()
         self.ready = True
-        self.prefetcher.start()
+        # A CPU's decoding keeps its cores busy: one thread decodes ahead beside it. A
+        # GPU's leaves them free, and a batch takes the audio faster than one thread reads
+        # it and finds its speech.
+        for n in range(1 if self.engine.device == "cpu" else self.prefetchers):
+            threading.Thread(target=self.prefetch, daemon=True,
+                             name=f"prefetch {self.label} {n}").start()
         while (job := self.next_job()) is not None:
             if not self.error and self.engine.batchable(job):
                 self.run_batch(job)
@@ -3702,7 +3724,9 @@ class Runner(threading.Thread):
 
     def prefetch(self):
         """Decodes the audio of the next queued jobs while this runner is busy, so that it
-        goes from one job (or batch) to the next without waiting for ffmpeg."""
+        goes from one job (or batch) to the next without waiting for ffmpeg; and for a job
+        a batch will take, finds its speech (on a GPU, the voice activity detector on the
+        batch's path took half the time of a packed queue: bench/RESULTS.md)."""
         while not self.stopping.is_set() and not self.error:
             seen = self.queue.version
             try:
@@ -3715,23 +3739,30 @@ class Runner(threading.Thread):
                 self.queue.wait_for_change(seen, self.TICK)
                 continue
             try:
-                audio = self.engine.load_audio(job.path, job.diarize == "channels")
+                decoded = Decoded(self.engine.load_audio(job.path, job.diarize == "channels"),
+                                  None)
             except AudioError as e:  # the claiming runner raises it as the job's failure
-                audio = e
-            self.ahead.put(job.id, audio)
+                decoded = e
+            if not isinstance(decoded, Exception) and self.engine.batchable(job):
+                try:
+                    decoded = decoded._replace(spans=speech_spans(decoded.audio))
+                except Exception:  # the batch looks for it again, and fails the job there
+                    pass
+            self.ahead.put(job.id, decoded)
 
     def audio(self, job):
-        """The job's audio, decoded ahead when it could be, else now."""
-        audio = self.ahead.take(job.id)
-        if audio is None:
-            audio = self.engine.load_audio(job.path, job.diarize == "channels")
+        """The job's Decoded audio, decoded ahead when it could be, else now (its speech
+        then found by the batch)."""
+        decoded = self.ahead.take(job.id)
+        if decoded is None:
+            decoded = Decoded(self.engine.load_audio(job.path, job.diarize == "channels"), None)
         else:
             self.decoded_ahead += 1
-        if isinstance(audio, Exception):
-            raise audio
+        if isinstance(decoded, Exception):
+            raise decoded
         if job.audio_duration is None:
-            self.queue.progress(job, audio_duration=round(audio.shape[-1] / RATE, 3))
-        return audio
+            self.queue.progress(job, audio_duration=round(decoded.audio.shape[-1] / RATE, 3))
+        return decoded
 
     def report(self, job, done, segments=None, language=None):
         """A run's progress (see JobQueue.progress); the language detected is shown (and
@@ -3765,7 +3796,7 @@ class Runner(threading.Thread):
         try:
             if self.error:
                 raise JobFailed(self.error)
-            audio, report = self.audio(job), functools.partial(self.report, job)
+            audio, report = self.audio(job).audio, functools.partial(self.report, job)
             if job.diarize == "channels":
                 result = self.engine.run_channels(job, audio, report)
             else:
@@ -3812,9 +3843,10 @@ class Runner(threading.Thread):
                 entries = []
                 for job in joining:
                     try:
-                        entries.append((job, self.audio(job), self.queue.resume(job)))
+                        audio, spans = self.audio(job)
+                        entries.append(Entry(job, audio, self.queue.resume(job), spans))
                         if job.diarize:
-                            voices[job] = entries[-1][1]
+                            voices[job] = audio
                     except Exception as e:
                         self.hand_back(job, self.failure(f"job {job.id}", e), held.pop(job))
                 joining = []
@@ -4207,6 +4239,7 @@ class Service:
 
     AHEAD_JOBS = 4       # queued jobs decoded ahead, per runner and window of --batch-size
     AHEAD_SECONDS = 600  # audio held decoded ahead, at most
+    PREFETCHERS = 4      # threads decoding ahead for a GPU's runner, at most
 
     def __init__(self, settings, node, address):
         self.settings = settings
@@ -4224,8 +4257,10 @@ class Service:
         threads = max(1, (os.cpu_count() or 1) // cpu_runners) if cpu_runners > 1 else 0
         ahead = Ahead(self.AHEAD_JOBS * len(settings.devices) * max(1, settings.batch_size),
                       self.AHEAD_SECONDS)
+        prefetchers = min(self.PREFETCHERS,  # a GPU runner's, the cores shared
+                          max(1, (os.cpu_count() or 1) // len(settings.devices)))
         self.runners = [Runner(engine(settings, device, threads if device == "cpu" else 0),
-                               self.queue, self.finisher.outcomes, ahead, suffix)
+                               self.queue, self.finisher.outcomes, ahead, suffix, prefetchers)
                         for device, suffix in zip(settings.devices, _suffixes(settings.devices))]
         self.status = Status(settings, node, self.queue, self.runners)
         self.upkeep = threading.Thread(target=self._keep_up, name="upkeep", daemon=True)
