@@ -2768,7 +2768,7 @@ class Track:
     """One job's audio in a batch."""
     job: Job
     audio: object        # numpy float32, 16 kHz mono
-    language: str | None  # None: detected per window
+    language: str | None  # None: not yet detected (or an English-only model)
     speech: list = ()     # [(start, end)] seconds the voice activity detector heard
     spans: list | None = None  # its speech_spans(), found ahead (None: when planned)
     since: float = 0.0    # seconds of the job's audio before `audio` (a resumed run)
@@ -2914,10 +2914,7 @@ class BatchDecoder:
         return [t.sot, t.tokenizer.token_to_id(f"<|{language}|>"),
                 t.transcribe if task == "transcribe" else t.translate]
 
-    def decode(self, windows, task):
-        """One result per window: {"segments": {track: [segment]}, "language",
-        "redo": {track}: tracks whose text ran into another's (decode them alone),
-        "rest": the window past where the model stopped early, or None}."""
+    def _encode(self, windows):
         import numpy
         from faster_whisper.audio import pad_or_trim
         from faster_whisper.transcribe import get_ctranslate2_storage
@@ -2925,21 +2922,30 @@ class BatchDecoder:
         features = numpy.stack([pad_or_trim(extract(w.audio())[..., :-1], extract.nb_max_frames)
                                 for w in windows])
         if self.encode_alone and len(windows) > 1:
-            encoded = get_ctranslate2_storage(numpy.concatenate([
+            return get_ctranslate2_storage(numpy.concatenate([
                 numpy.asarray(self.model.model.encode(get_ctranslate2_storage(f[None])))
                 for f in features]))
-        else:
-            encoded = self.model.model.encode(get_ctranslate2_storage(features))
-        languages = []
-        for window in windows:
-            given = {p.track.language for p in window.pieces} - {None}
-            languages.append(given.pop() if len(given) == 1 else None)
-        if not self.multilingual:
-            languages = ["en"] * len(windows)
-        elif None in languages:
-            detected = self.model.model.detect_language(encoded)
-            languages = [given or found[0][0][2:-2]
-                         for given, found in zip(languages, detected)]
+        return self.model.model.encode(get_ctranslate2_storage(features))
+
+    def detect(self, tracks):
+        """Gives each track its language, detected from its own first 30 s of speech (the
+        whisper command line detects a file's once, from its start): then a window never
+        holds two languages, and each job's is its own (detected per window, packed jobs of
+        four languages all came out in one of them)."""
+        heard = [(track, Window(chunks[0])) for track in tracks if (chunks := _chunks(track))]
+        found = self.model.model.detect_language(self._encode([w for _, w in heard])) \
+            if heard else []
+        for (track, _), languages in zip(heard, found):
+            track.language = languages[0][0][2:-2]  # "<|fr|>": fr
+
+    def decode(self, windows, task):
+        """One result per window: {"segments": {track: [segment]}, "language",
+        "redo": {track}: tracks whose text ran into another's (decode them alone),
+        "rest": the window past where the model stopped early, or None}."""
+        encoded = self._encode(windows)
+        # One language a window (plan() packs by language); an English-only model's "en".
+        languages = [w.pieces[0].track.language if self.multilingual else "en"
+                     for w in windows]
         untimed = [self.tokenizer.no_timestamps] if self.by_words else []
         results = self.model.model.generate(
             encoded, [self._prompt(language, task) + untimed for language in languages],
@@ -3155,6 +3161,8 @@ class Batch:
                                 AUTO_LANGUAGE else job.language, since=since, before=before,
                                 spans=None if since else spans))
         _fault("batch.add")
+        if self.decoder.multilingual:
+            self.decoder.detect([track for track in tracks if track.language is None])
         windows = plan(tracks, self.pack)
         for track in tracks:
             self.task = track.job.task
