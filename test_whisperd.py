@@ -2109,10 +2109,9 @@ def test_packed_jobs_timed_by_their_words_each_get_exactly_their_own_words(start
 @pytest.mark.parametrize("timing", ["tokens", "words"])
 def test_packed_jobs_in_different_languages_each_get_their_own(start, tmp_path, timing):
     # Four languages, detected: each job's language is detected from its own speech before
-    # it is packed (measured without that, timed by tokens: the Spanish and French prompts
-    # came out as Italian). Timed by words, a window whose text followed one language
-    # anyway would have its words spread by the alignment over the others' speech; such a
-    # window is decoded again a job at a time (measured without that: English got Italian).
+    # it is packed, and windows hold one language (measured without that: timed by tokens,
+    # the Spanish and French prompts came out as Italian; timed by words, English got
+    # Italian words, spread by the alignment over its speech).
     daemon = start(*FW, "--batch-size", "4", "--pack", "--batch-timing", timing)
     clips = {language: prompt(language, "vm-nobox") for language in ("es", "fr", "en", "it")}
     jobs = {language: daemon.submit(path=path, model="base", language="auto",
