@@ -3019,9 +3019,7 @@ class BatchDecoder:
                 if words is not None:
                     redo.update(hit)
                 continue
-            middle = (start + end) / 2
-            track = hit[0] if hit else min(regions, key=lambda tr: min(
-                abs(middle - regions[tr][0]), abs(middle - regions[tr][1])))
+            track = hit[0] if hit else self._nearest(regions, (start + end) / 2)
             out[track].append(_segment(window, track, start, end, text, piece["tokens"],
                                        score, result.no_speech_prob))
         if suspect and words is None:
@@ -3043,9 +3041,7 @@ class BatchDecoder:
         score = result.scores[0] * n / (n + 1)  # length penalty 1
         runs = []  # [(track, [word])]: the words of one segment
         for word in words:
-            middle = (word["start"] + word["end"]) / 2
-            track = min(regions, key=lambda tr: max(regions[tr][0] - middle,
-                                                    middle - regions[tr][1], 0))
+            track = self._nearest(regions, (word["start"] + word["end"]) / 2)
             last = runs[-1][1][-1] if runs else None
             if last and (not word["word"].startswith(" ") or (
                     runs[-1][0] is track and last["word"].rstrip()[-1:] not in ".?!"
@@ -3063,6 +3059,11 @@ class BatchDecoder:
                     result.no_speech_prob))
         seek = max((word["end"] for word in words), default=None)
         return self._rest(window, regions, out, seek, set(), language)
+
+    @staticmethod
+    def _nearest(regions, at):
+        """The track whose speech is nearest `at` s (0 s away: holds it)."""
+        return min(regions, key=lambda tr: max(regions[tr][0] - at, at - regions[tr][1], 0))
 
     def _reached(self, regions, start, end):
         """The tracks whose speech `start` to `end` reaches more than STRADDLE s into."""
