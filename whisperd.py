@@ -202,7 +202,9 @@ def build_parser():
         elif kwargs.get("action") == "store_true":
             default = value is not None and value.lower() not in ("", "0", "false", "no")
         elif value is not None:
-            default = value  # argparse converts string defaults with `type`
+            default = value  # argparse converts string defaults with `type`, checks no choices
+            if value not in kwargs.get("choices", [value]):
+                parser.error(f"--{name} must be one of {', '.join(kwargs['choices'])} ({env})")
         parser.add_argument("--" + name, default=default, help=f"{help} [{env}]",
                             **({} if "action" in kwargs else {"type": type}), **kwargs)
 
@@ -263,10 +265,6 @@ def build_parser():
 def parse_settings(argv=None):
     parser = build_parser()
     settings = parser.parse_args(argv)
-    for action in parser._actions:  # argparse checks no value that came from WHISPERD_*
-        if action.choices and getattr(settings, action.dest) not in action.choices:
-            parser.error(f"{action.option_strings[0]} must be one of "
-                         f"{', '.join(action.choices)} (WHISPERD_{action.dest.upper()})")
     if settings.engine not in ENGINES:
         parser.error(f"--engine must be one of {', '.join(ENGINES)}")
     if not settings.default_model or "/" in settings.default_model:
