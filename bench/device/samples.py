@@ -4,7 +4,7 @@ thread, the share of the samples in [FROM, TO] (monotonic seconds) spent at each
 line (with the library call under it), waits left out. Without FROM and TO, a timeline: the
 threads busy in each tenth of a second, to find the timed part of a run.
 
-  SAMPLE_OUT=DIR PYTHONPATH=bench/device/sampler:$PYTHONPATH python3 bench/queue.py ...
+  SAMPLE_OUT=DIR PYTHONPATH=$PWD/bench/device/sampler:$PYTHONPATH python3 bench/queue.py ...
   python3 bench/device/samples.py DIR/samples-PID.txt [FROM TO]
 A thread asleep in C (time.sleep, a GPU call) shows as busy at its Python line.
 """
