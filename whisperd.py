@@ -2766,7 +2766,7 @@ class Track:
     """One job's audio in a batch."""
     job: Job
     audio: object        # numpy float32, 16 kHz mono
-    language: str | None  # None: not yet detected (or an English-only model)
+    language: str | None  # None: detected per window (packed: before, see plan())
     speech: list = ()     # [(start, end)] seconds the voice activity detector heard
     spans: list | None = None  # its speech_spans(), found ahead (None: when planned)
     since: float = 0.0    # seconds of the job's audio before `audio` (a resumed run)
@@ -2856,13 +2856,17 @@ def _chunks(track):
     return chunks + [current] if current else chunks
 
 
-def plan(tracks, pack):
+def plan(tracks, pack, detect=None):
     """The windows to decode for newly arrived tracks: one per chunk of a track's speech,
     but with `pack`, short tracks (one chunk) share windows in their order, GAP apart,
-    with tracks of the same language. A track with no speech gets no window."""
+    with tracks of the same language (those of none first given theirs by `detect`, when
+    the model has more than one). A track with no speech gets no window."""
     gap, windows, open_windows = int(GAP * RATE), [], {}
-    for track in tracks:
-        chunks = _chunks(track)
+    chunked = [(track, _chunks(track)) for track in tracks]
+    if pack and detect:
+        detect([(track, chunks[0]) for track, chunks in chunked
+                if len(chunks) == 1 and track.language is None])
+    for track, chunks in chunked:
         if not (pack and len(chunks) == 1):
             windows += [Window(chunk) for chunk in chunks]
             continue
@@ -2926,14 +2930,12 @@ class BatchDecoder:
         return self.model.model.encode(get_ctranslate2_storage(features))
 
     def detect(self, tracks):
-        """Gives each track its language, detected from its own first 30 s of speech (the
-        whisper command line detects a file's once, from its start): then a window never
-        holds two languages, and each job's is its own (detected per window, packed jobs of
-        four languages all came out in one of them)."""
-        heard = [(track, Window(chunks[0])) for track in tracks if (chunks := _chunks(track))]
-        found = self.model.model.detect_language(self._encode([w for _, w in heard])) \
-            if heard else []
-        for (track, _), languages in zip(heard, found):
+        """Gives tracks about to be packed their language, each detected from its own
+        speech ([(track, its pieces)]): then a window never holds two languages (detected
+        per window, four jobs of four languages packed all came out in one of them)."""
+        found = self.model.model.detect_language(self._encode(
+            [Window(pieces) for _, pieces in tracks])) if tracks else []
+        for (track, _), languages in zip(tracks, found):
             track.language = languages[0][0][2:-2]  # "<|fr|>": fr
 
     def decode(self, windows, task):
@@ -2941,9 +2943,14 @@ class BatchDecoder:
         "redo": {track}: tracks whose text ran into another's (decode them alone),
         "rest": the window past where the model stopped early, or None}."""
         encoded = self._encode(windows)
-        # One language a window (plan() packs by language); an English-only model's "en".
+        # One language a window (plan() packs by language), detected here for a job of
+        # none decoded alone; an English-only model's is "en".
         languages = [w.pieces[0].track.language if self.multilingual else "en"
                      for w in windows]
+        if None in languages:
+            found = self.model.model.detect_language(encoded)
+            languages = [language or detected[0][0][2:-2]
+                         for language, detected in zip(languages, found)]
         untimed = [self.tokenizer.no_timestamps] if self.by_words else []
         results = self.model.model.generate(
             encoded, [self._prompt(language, task) + untimed for language in languages],
@@ -3160,9 +3167,8 @@ class Batch:
                                 AUTO_LANGUAGE else job.language, since=since, before=before,
                                 spans=None if since else spans))
         _fault("batch.add")
-        if self.decoder.multilingual:
-            self.decoder.detect([track for track in tracks if track.language is None])
-        windows = plan(tracks, self.pack)
+        windows = plan(tracks, self.pack,
+                       self.decoder.detect if self.decoder.multilingual else None)
         for track in tracks:
             self.task = track.job.task
             self.pending[track] = collections.deque(w for w in windows if track in w.tracks)
