@@ -2767,10 +2767,14 @@ class Track:
     job: Job
     audio: object        # numpy float32, 16 kHz mono
     language: str | None  # None: detected per window (packed: before, see plan())
-    speech: list = ()     # [(start, end)] seconds the voice activity detector heard
     spans: list | None = None  # its speech_spans(), found ahead (None: when planned)
     since: float = 0.0    # seconds of the job's audio before `audio` (a resumed run)
     before: list = ()     # the segments a run cut short kept of them
+
+    @property
+    def speech(self):
+        """[(start, end)] seconds the voice activity detector heard (once planned)."""
+        return [(start / RATE, end / RATE) for start, end in self.spans or ()]
 
 
 @dataclasses.dataclass(eq=False)
@@ -2842,7 +2846,6 @@ def _chunks(track):
     faster-whisper's collect_chunks groups them)."""
     if track.spans is None:
         track.spans = speech_spans(track.audio)
-    track.speech = [(start / RATE, end / RATE) for start, end in track.spans]
     chunks, current, used = [], [], 0
     for start, end in track.spans:
         end = min(end, start + WINDOW)
