@@ -2323,6 +2323,17 @@ def test_a_window_holds_at_most_30_seconds_and_a_job_that_would_not_fit_opens_th
         assert window.length + int(whisperd.GAP * SECOND) + size > whisperd.WINDOW  # no room
 
 
+def test_packing_takes_the_longest_first_and_fills_the_first_window_with_room(voices):
+    # 9 s, 24 s and 6 s of speech: taken in turn they fill three windows (the 24 s fits
+    # after neither), the longest first two: the 6 s joins the 9 s.
+    first = track("first", silence(0.5), voices["order"], silence(1), voices["call"])
+    longest = track("longest", silence(0.5), voices["busy"], silence(1), voices["order"])
+    last = track("last", silence(0.5), voices["order"], silence(0.5))
+    windows = whisperd.plan([first, longest, last], pack=True)
+    assert [w.tracks for w in windows] == [[longest], [first, last]]
+    assert all(w.length <= whisperd.WINDOW for w in windows)
+
+
 def test_only_jobs_of_the_same_language_share_a_window(voices):
     english, french, more_english, unknown, more_unknown = (
         track(name, voices["call"], language=language) for name, language in (
