@@ -2260,6 +2260,21 @@ def test_a_runner_outlives_an_error_inside_a_batch_and_fails_only_the_jobs_it_co
     assert daemon.request("GET", "/health")[2]["worker_ready"]
 
 
+def test_an_error_nobody_foresaw_while_decoding_audio_fails_only_its_job(
+        start, speech, tmp_path):
+    """No file makes decoding raise anything but an AudioError, so WHISPERD_FAULT makes it
+    raise as a bug would, in the threads decoding ahead and in the runner alike: each job
+    fails with the reason, none waits for audio that never comes, the runner goes on."""
+    daemon = start(*FW, "--batch-size", "2", env={"WHISPERD_FAULT": "decode"})
+    jobs = [daemon.submit(path=speech[name], output_path=tmp_path)
+            for name in ("long.wav", "call.wav", "report.wav", "order.wav", "busy.wav")]
+    for job in jobs:
+        failed = daemon.finished(job["id"])
+        assert failed["status"] == "FAILED", failed
+        assert "RuntimeError: fault injected at decode" in failed["error"]
+    assert daemon.request("GET", "/health")[2]["worker_ready"]
+
+
 # ---------------------------------------------------------------------------------------
 # The batch's arithmetic: windows planned and packed, cut, and mapped back to each job
 # ---------------------------------------------------------------------------------------

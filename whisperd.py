@@ -3621,8 +3621,9 @@ class Ahead:
     def __init__(self, jobs, seconds):
         self.jobs, self.seconds = jobs, seconds  # queued jobs looked at; audio held at most
         self.lock = threading.Condition()
-        self.audio = {}     # job id -> Decoded (or the AudioError decoding it raised)
+        self.audio = {}     # job id -> Decoded (or the error decoding it raised)
         self.busy = set()   # job ids being decoded
+        self.taken = set()  # job ids whose audio a runner took (or decodes itself)
 
     def reserve(self, upcoming, keep):
         """The first of `upcoming` jobs to decode now, or None; drops what is no longer
@@ -3630,10 +3631,11 @@ class Ahead:
         with self.lock:
             for job_id in set(self.audio) - keep:  # deleted, or ended meanwhile
                 del self.audio[job_id]
+            self.taken &= keep
             held = sum(a.audio.size for a in self.audio.values()  # samples, all channels
                        if not isinstance(a, Exception))
-            job = next((j for j in upcoming if j.id not in self.audio and j.id not in self.busy),
-                       None)
+            job = next((j for j in upcoming if j.id not in self.audio and j.id not in self.busy
+                        and j.id not in self.taken), None)
             if job is None or held / RATE >= self.seconds:
                 return None
             self.busy.add(job.id)
@@ -3645,12 +3647,15 @@ class Ahead:
             self.audio[job_id] = audio
             self.lock.notify_all()
 
-    def take(self, job_id):
-        """The job's Decoded audio if it was decoded ahead (waiting if it is being decoded
-        now), else None."""
+    def take(self, jobs):
+        """(job, its Decoded audio) for one of `jobs`: one decoded ahead, else (job, None)
+        for one nobody decodes (the caller decodes it, and nobody else will), else the
+        first decoded by another thread, waited for."""
         with self.lock:
-            self.lock.wait_for(lambda: job_id not in self.busy)
-            return self.audio.pop(job_id, None)
+            job = self.lock.wait_for(lambda: next((j for j in jobs if j.id in self.audio), None)
+                                     or next((j for j in jobs if j.id not in self.busy), None))
+            self.taken.add(job.id)
+            return job, self.audio.pop(job.id, None)
 
 
 RunnerState = collections.namedtuple("RunnerState", "name device ready error models running "
@@ -3678,6 +3683,7 @@ class Runner(threading.Thread):
         self.ready = False
         self.error = None                   # why the engine cannot start
         self.running = ()                   # the jobs it runs now
+        self.joining = []                   # jobs claimed for a batch, their audio not taken
         self.busy = 0.0                     # seconds spent running jobs, not handed back yet
         self.decoded_ahead = 0
         self.prefetchers = prefetchers
@@ -3721,7 +3727,7 @@ class Runner(threading.Thread):
                 self.run_batch(job)
             else:
                 self.run_job(job)
-            self.running = ()
+            self.running, self.joining = (), []
 
     def next_job(self, wait=True, accept=lambda job: True):
         """The next job, now RUNNING here; None once stopping (or, without `wait`, when
@@ -3751,37 +3757,44 @@ class Runner(threading.Thread):
             try:
                 upcoming = self.queue.upcoming(self.ahead.jobs)
                 keep = {job.id for job in upcoming} | self.queue.held_here()
-                job = self.ahead.reserve(upcoming, keep)
+                job = self.ahead.reserve(list(self.joining) + upcoming, keep)
             except Exception:  # StoreUnavailable, or worse: the runner decodes it itself
                 job = None
             if job is None:
                 self.queue.wait_for_change(seen, self.TICK)
                 continue
-            try:
-                decoded = Decoded(self.engine.load_audio(job.path, job.diarize == "channels"),
-                                  None)
-            except AudioError as e:  # the claiming runner raises it as the job's failure
-                decoded = e
-            if not isinstance(decoded, Exception) and self.engine.batchable(job):
-                try:
-                    decoded = decoded._replace(spans=speech_spans(decoded.audio))
-                except Exception:  # the batch looks for it again, and fails the job there
-                    pass
-            self.ahead.put(job.id, decoded)
+            self.ahead.put(job.id, self.decode(job))
 
-    def audio(self, job):
-        """The job's Decoded audio, decoded ahead when it could be, else now (its speech
-        then found by the batch)."""
-        decoded = self.ahead.take(job.id)
-        if decoded is None:
+    def decode(self, job):
+        """The job's Decoded audio, with its speech when a batch will take it; or the
+        error decoding raised (the claiming runner fails the job with it)."""
+        try:
+            _fault("decode")
             decoded = Decoded(self.engine.load_audio(job.path, job.diarize == "channels"), None)
+        except Exception as e:  # an AudioError, or one nobody foresaw: the job's failure
+            return e
+        if self.engine.batchable(job):
+            try:
+                return decoded._replace(spans=speech_spans(decoded.audio))
+            except Exception:  # the batch looks for it again, and fails the job there
+                pass
+        return decoded
+
+    def audio(self, jobs):
+        """(job, its Decoded audio or the error decoding raised) for one of `jobs`, claimed
+        here: one decoded ahead, else one decoded now while the prefetchers decode others
+        (a batch's joining jobs are theirs first), else one they finish."""
+        job, decoded = self.ahead.take(jobs)
+        if decoded is None:
+            decoded = self.decode(job)
         else:
             self.decoded_ahead += 1
-        if isinstance(decoded, Exception):
-            raise decoded
-        if job.audio_duration is None:
-            self.queue.progress(job, audio_duration=round(decoded.audio.shape[-1] / RATE, 3))
-        return decoded
+        if job.audio_duration is None and not isinstance(decoded, Exception):
+            try:
+                self.queue.progress(job, audio_duration=round(decoded.audio.shape[-1] / RATE, 3))
+            except Exception as e:  # StoreUnavailable: the job fails, as it would later
+                decoded = e
+        return job, decoded
 
     def report(self, job, done, segments=None, language=None):
         """A run's progress (see JobQueue.progress); the language detected is shown (and
@@ -3815,7 +3828,10 @@ class Runner(threading.Thread):
         try:
             if self.error:
                 raise JobFailed(self.error)
-            audio, report = self.audio(job).audio, functools.partial(self.report, job)
+            _, decoded = self.audio([job])
+            if isinstance(decoded, Exception):
+                raise decoded
+            audio, report = decoded.audio, functools.partial(self.report, job)
             if job.diarize == "channels":
                 result = self.engine.run_channels(job, audio, report)
             else:
@@ -3835,7 +3851,7 @@ class Runner(threading.Thread):
         time, until none is left. Jobs join in queue order while there is room; the first
         one that cannot join waits until the batch is done. Whatever raises fails the jobs
         it concerns (the joining ones, or all those held), never the runner."""
-        held, joining = {first: time.monotonic()}, [first]  # claimed, not handed back
+        held, self.joining = {first: time.monotonic()}, [first]  # claimed, not handed back
         voices = {}  # the audio of the diarized jobs held, whose speakers are found last
 
         def may_join(job):
@@ -3847,10 +3863,10 @@ class Runner(threading.Thread):
             next (a burst's first job is not decoded alone), a second in all."""
             until, came = time.monotonic() + 1.0, True
             while True:
-                while batch.room(joining) and (job := self.next_job(False, may_join)):
+                while batch.room(self.joining) and (job := self.next_job(False, may_join)):
                     held[job], came = time.monotonic(), True
-                    joining.append(job)
-                if not (wait and came and batch.room(joining) and time.monotonic() < until
+                    self.joining.append(job)
+                if not (wait and came and batch.room(self.joining) and time.monotonic() < until
                         and self.queue.wait_for_change(self.queue.version, wait)):
                     return
                 came = False
@@ -3859,16 +3875,20 @@ class Runner(threading.Thread):
             batch = self.engine.batch(first.model)
             while True:
                 join(0 if batch else self.engine.settings.batch_wait)
-                entries = []
-                for job in joining:
+                entries, left = {}, list(self.joining)
+                while left:  # in the order their audio comes, joining in queue order
+                    job, decoded = self.audio(left)
+                    left.remove(job)
                     try:
-                        audio, spans = self.audio(job)
-                        entries.append(Entry(job, audio, self.queue.resume(job), spans))
+                        if isinstance(decoded, Exception):
+                            raise decoded
+                        entries[job] = Entry(job, decoded.audio, self.queue.resume(job),
+                                             decoded.spans)
                         if job.diarize:
-                            voices[job] = audio
+                            voices[job] = decoded.audio
                     except Exception as e:
                         self.hand_back(job, self.failure(f"job {job.id}", e), held.pop(job))
-                joining = []
+                entries, self.joining = [entries[j] for j in self.joining if j in entries], []
                 try:
                     batch.add(entries)
                 except Exception as e:  # they did not join: only they fail
