@@ -3667,9 +3667,10 @@ class Runner(threading.Thread):
     and its jobs live. Its whole life: prepare the engine, then claim the next job and run
     it (or, with --batch-size, a batch the jobs behind it join) and hand back an Outcome on
     `outcomes` for every job it claimed, whatever it raised; until stop(). Meanwhile its
-    prefetchers (one on a CPU, up to `prefetchers` threads on a GPU) decode the next jobs'
-    audio into `ahead`, and find the speech in what a batch will take. It tells the queue
-    its progress and publishes state(); it calls nothing else."""
+    prefetchers (one on a CPU, up to `prefetchers` threads on a GPU) decode the audio of the
+    jobs a batch claimed, then of the next ones, into `ahead`, and find the speech in what
+    a batch will take. It tells the queue its progress and publishes state(); it calls
+    nothing else."""
 
     TICK = 1.0  # seconds between idle housekeeping rounds (model TTL, watchdog)
 
@@ -3749,9 +3750,10 @@ class Runner(threading.Thread):
 
     def prefetch(self):
         """Decodes the audio of the next queued jobs while this runner is busy, so that it
-        goes from one job (or batch) to the next without waiting for ffmpeg; and for a job
-        a batch will take, finds its speech (on a GPU, the voice activity detector on the
-        batch's path took half the time of a packed queue: bench/RESULTS.md)."""
+        goes from one job (or batch) to the next without waiting for ffmpeg, and first that
+        of the jobs a batch has claimed but not read yet (beside the runner reading them);
+        for a job a batch will take, finds its speech too (on a GPU, the voice activity
+        detector on the batch's path took half a packed queue's time: bench/RESULTS.md)."""
         while not self.stopping.is_set() and not self.error:
             seen = self.queue.version
             try:
