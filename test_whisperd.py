@@ -2349,6 +2349,16 @@ def test_packing_takes_the_longest_first_and_fills_the_first_window_with_room(vo
     assert all(w.length <= whisperd.WINDOW for w in windows)
 
 
+def test_a_batch_takes_as_many_jobs_as_its_step_has_windows_for():
+    # Unpacked, each job needs a window of its own: a batch of 2 has room for two short
+    # jobs, no more (a third would wait inside it, claimed, while another worker idles).
+    # Packed, a short job fills part of a window: the same jobs leave room for more.
+    short = [whisperd.Job(id=f"short{i}", audio_duration=5.0) for i in range(3)]
+    alone = whisperd.Batch(None, 2, pack=False)
+    assert alone.room(short[:1]) and not alone.room(short[:2])
+    assert whisperd.Batch(None, 2, pack=True).room(short)
+
+
 def test_only_jobs_of_the_same_language_share_a_window(voices):
     english, french, more_english, unknown, more_unknown = (
         track(name, voices["call"], language=language) for name, language in (

@@ -3152,10 +3152,10 @@ class Batch:
     def room(self, joining):
         """Whether another job would still find a place in the next step, which takes a
         window from each job in turn: the windows at the head of the jobs' queues, and
-        those of the jobs joining (a short one fills part of a window)."""
+        those of the jobs joining (a window each; packed, a short one fills part of one)."""
         heads = len({id(windows[0]) for windows in self.pending.values() if windows})
-        return heads + sum(min(1.0, (job.audio_duration or 30) / 30) for job in joining) \
-            < self.size
+        return heads + sum(min(1.0, (job.audio_duration or 30) / 30) if self.pack else 1
+                           for job in joining) < self.size
 
     def accepts(self, job, model):
         return not self.pending or (job.task == self.task and job.model == model)
