@@ -22,8 +22,10 @@ package's scripts. Each mode below transcribes the whole queue in its own proces
   bare-pack           the same, packed
   ...-tokens, ...-words   a batching mode (whisperd-fw-batch8, -pack, bare-batch, -pack) with
                       its windows timed one way (--batch-timing): only when named in --only
-The modes run in turn, --rounds times (3), and each mode's median wall time is its figure:
-one pass of a mode varies by 10 to 20% between rounds on these shared machines.
+The modes run in turn, --rounds times (3), every other round in reverse order (the second
+of two runs back to back was measured the slower, 6 times of 6), and each mode's median
+wall time is its figure: one pass of a mode varies by 10 to 20% between rounds on these
+shared machines.
 Every process first transcribes one warm-up prompt (agent-pass, not in the queue); loading
 and warm-up are not timed. WER: tools/harness.py's, after a local normalisation on both sides
 (numbers 0-10 as words, '#' as "pound", '*' as "star", notes in brackets dropped).
@@ -246,7 +248,7 @@ def main():
     for round_no in range(1, args.rounds + 1):  # the modes in turn, each round
         if args.rounds > 1:
             print(f"round {round_no} of {args.rounds}", flush=True)
-        for name in want:
+        for name in want if round_no % 2 else want[::-1]:  # each mode first and last
             print(f"  {name} ...", end=" ", flush=True)
             r = (bare(name, args, warm, files) if MODES[name] is None
                  else whisperd(name, args, warm, files, scratch / str(round_no)))
