@@ -2866,15 +2866,16 @@ def plan(tracks, pack, detect=None):
     than one): the longest first, each into the first window with room (first-fit
     decreasing: 36 prompts of 5 to 15 s fill 12 windows, where taking them in turn filled
     14). A track with no speech gets no window."""
-    gap, windows, shared = int(GAP * RATE), [], []
-    chunked = [(track, _chunks(track)) for track in tracks]
-    if pack and detect:
-        detect([(track, chunks[0]) for track, chunks in chunked
-                if len(chunks) == 1 and track.language is None])
-    for track, chunks in chunked:
-        if not (pack and len(chunks) == 1):
+    gap, windows, alone, shared = int(GAP * RATE), [], [], []
+    for track in tracks:
+        chunks = _chunks(track)
+        if pack and len(chunks) == 1:
+            alone.append(Window(chunks[0]))
+        else:
             windows += [Window(chunk) for chunk in chunks]
-    alone = [Window(chunks[0]) for _, chunks in chunked if pack and len(chunks) == 1]
+    if detect:
+        detect([(own.tracks[0], own.pieces) for own in alone
+                if own.tracks[0].language is None])
     for own in sorted(alone, key=lambda window: -window.length):
         language = own.pieces[0].track.language
         window = next((w for w in shared if w.pieces[0].track.language == language
