@@ -3878,20 +3878,21 @@ class Runner(threading.Thread):
             batch = self.engine.batch(first.model)
             while True:
                 join(0 if batch else self.engine.settings.batch_wait)
-                entries, left = {}, list(self.joining)
-                while left:  # in the order their audio comes, joining in queue order
+                ready, left = {}, list(self.joining)
+                while left:  # in the order their audio comes; they join in queue order
                     job, decoded = self.audio(left)
                     left.remove(job)
                     try:
                         if isinstance(decoded, Exception):
                             raise decoded
-                        entries[job] = Entry(job, decoded.audio, self.queue.resume(job),
-                                             decoded.spans)
+                        ready[job] = Entry(job, decoded.audio, self.queue.resume(job),
+                                           decoded.spans)
                         if job.diarize:
                             voices[job] = decoded.audio
                     except Exception as e:
                         self.hand_back(job, self.failure(f"job {job.id}", e), held.pop(job))
-                entries, self.joining = [entries[j] for j in self.joining if j in entries], []
+                entries = [ready[job] for job in self.joining if job in ready]
+                self.joining = []
                 try:
                     batch.add(entries)
                 except Exception as e:  # they did not join: only they fail
