@@ -22,26 +22,9 @@ How a job goes: the HTTP handler validates it and the service probes its audio; 
 queue stores it; a runner claims it, transcribes it and hands back an Outcome; the
 finisher writes its files and ends it in the queue; the callback sender posts it.
 
-Sections, in reading order:
-  settings      the flags, and the constants of the wire format
-  errors        what can go wrong, as exceptions carrying their HTTP status or their cause
-  jobs          a job's fields, declared once; validation derived from them
-  audio         ffprobe at the door
-  job store     storage only: SQLite on one host, or PostgreSQL shared by several
-  job queue     every change of a job's state, and the rules, once
-  engines       openai-whisper and faster-whisper: models, decoding options, transcription
-  batches       the windows of several jobs decoded together, short jobs packed
-  output files  openai-whisper's writers, all of a job's files renamed into place whole
-  runners       one thread per device: claim a job, transcribe it, hand back its outcome
-  callbacks     the webhook sender, retried with backoff
-  systemd       READY, STATUS, WATCHDOG and STOPPING over $NOTIFY_SOCKET
-  finisher      the files and the end of each job, off the runners' path
-  status        health, metrics and the status line, read-only
-  service       the parts, made, started and stopped; jobs taken at the door
-  http          the routes and their answers (OpenAPI made from them), OpenAI's audio API,
-                the page
-  client        `whisperd submit | status | jobs`
-  main          bind, announce, wait for a signal, stop, exit
+Sections, in reading order, each under a banner (README.md's Layout says what each owns):
+settings, errors, jobs, audio, job store, job queue, engines, batches, speakers, output
+files, runners, callbacks, systemd, finisher, status, service, http, client, main.
 """
 
 import argparse
@@ -181,11 +164,6 @@ def _reason(error):
     return lines[-1] if lines else type(error).__name__
 
 
-def _inside(path, roots):
-    real = os.path.realpath(path)
-    return any(os.path.commonpath([real, root]) == root for root in roots)
-
-
 def build_parser():
     """The daemon's flags. Every flag --foo-bar may also be set as WHISPERD_FOO_BAR."""
     parser = argparse.ArgumentParser(
@@ -286,10 +264,9 @@ def parse_settings(argv=None):
                  "decodes one job at a time)")
     if settings.pack and not settings.batch_size:
         sys.exit("whisperd: --pack needs a --batch-size (with --engine faster-whisper)")
-    if settings.store:
-        problem = _store_problem(settings.store)
-        if problem:  # one line, no usage: the rest of the command line was fine
-            sys.exit(f"whisperd: --store {problem}")
+    # One line, no usage: the rest of the command line was fine.
+    if settings.store and (problem := _store_problem(settings.store)):
+        sys.exit(f"whisperd: --store {problem}")
     if settings.lease < 3:
         parser.error("--lease must be at least 3 seconds")
     settings.model_dir = os.path.abspath(os.path.expanduser(settings.model_dir))
@@ -411,14 +388,13 @@ def _field(kind, default, schema, help, **more):
                                                         "help": help, **more})
 
 
-def option(default, schema, help, parse=None, required=False, needs=None, decode=False,
-           writer=False):
+def option(default, schema, help, parse=None, needs=None, decode=False, writer=False):
     """A field the client may send. `parse(value, job, context)` checks and converts one
     (None when omitted) and raises Invalid; without it the schema is the check. `needs`:
     an option that must be true for this one to be set. `decode`: passed to the engine
     under its name; `writer`: passed to openai-whisper's subtitle writers."""
-    return _field("option", default, schema, help, parse=parse, required=required,
-                  needs=needs, decode=decode, writer=writer)
+    return _field("option", default, schema, help, parse=parse, needs=needs, decode=decode,
+                  writer=writer)
 
 
 def state(default, schema, help):
@@ -437,7 +413,8 @@ def _nullable(kind, **more):
 
 def _allowed(field, path, verb, context):
     """403 unless --allow-dir is unset or `path` resolves inside one of its folders."""
-    if context.allow_dir and not _inside(path, context.allow_dir):
+    if context.allow_dir and not any(os.path.commonpath([os.path.realpath(path), root])
+                                     == root for root in context.allow_dir):
         raise Invalid(f"{field} {path!r} is outside the folders whisperd may {verb} "
                       f"(--allow-dir: {', '.join(context.allow_dir)})", HTTPStatus.FORBIDDEN)
 
@@ -576,7 +553,7 @@ class Job:
 
     id: str = state("", {"type": "string"}, "the job's id, a UUID")
     path: str = option(None, {"type": "string"}, "absolute path of an audio file on the "
-                       "whisperd host", parse=_parse_path, required=True)
+                       "whisperd host", parse=_parse_path)
     language: str = option(AUTO_LANGUAGE, {"type": "string", "enum": [AUTO_LANGUAGE,
                                                                       *LANGUAGES]},
                            "the spoken language; auto: detected (and shown once known)")
@@ -873,6 +850,8 @@ class _SQL:
         self.pool_lock = threading.Lock()
         self.idle = []
         self.closed = False
+        self.tokens = {}  # job id -> the token of its run here (PostgreSQL)
+        self.on_change = self.on_stop = self.on_decoded = None
 
     @contextlib.contextmanager
     def _db(self):
@@ -903,9 +882,8 @@ class _SQL:
         still running stays as the store last saw it."""
         with self.pool_lock:
             self.closed = True
-            for conn in self.idle:
-                conn.close()
-            self.idle.clear()
+            while self.idle:
+                self.idle.pop().close()
 
     def _q(self, sql):
         return sql
@@ -933,7 +911,13 @@ class _SQL:
         if segments:
             db.cursor().executemany(
                 self._q("INSERT INTO segments (job_id, n, doc) VALUES (?, ?, ?)"),
-                [(job_id, first + i, self._segment(s)) for i, s in enumerate(segments)])
+                [(job_id, first + i, self._dump(s)) for i, s in enumerate(segments)])
+
+    def _job(self, doc):
+        return Job.from_json(self._load(doc))
+
+    def _doc(self, job, **changes):
+        return self._dump(dataclasses.replace(job, **changes).stored())
 
     def _jobs(self, sql, *args):
         with self._db() as db:
@@ -955,7 +939,7 @@ class _SQL:
     def end(self, ends, keep, segments=None):
         with self._write() as db:
             recorded = [(job, changes) for job, changes in ends
-                        if self._end(db, job, changes, self._token(job.id))]
+                        if self._end(db, job, changes, self.tokens.get(job.id))]
             for job, _ in recorded:
                 if segments and job.id in segments:
                     self._put_segments(db, job.id, 0, segments[job.id])
@@ -993,11 +977,10 @@ class _SQL:
             self._ended(db, 1, keep)
         return job, changes
 
-    def _token(self, job_id):
-        """The token of this node's run of the job (PostgreSQL), or None."""
-
     def _forget(self, jobs):
         """The runs of these jobs here are over (PostgreSQL: their tokens go)."""
+        for job in jobs:
+            self.tokens.pop(job.id, None)
 
     def _stop(self, db, job_id):
         """Marks the job to stop, for good: a run that dies before it stops ends cancelled
@@ -1005,12 +988,11 @@ class _SQL:
         db.execute(self._q("UPDATE jobs SET stop = ? WHERE id = ?"), (True, job_id))
 
     def get(self, job_id):
-        found = self._jobs("SELECT doc FROM jobs WHERE id = ?", job_id)
-        return found[0] if found else None
+        return next(iter(self._jobs("SELECT doc FROM jobs WHERE id = ?", job_id)), None)
 
     def segments(self, job_id, first=0, count=None):
         with self._db() as db:
-            return [self._segment_of(doc) for doc, in db.execute(self._q(
+            return [self._load(doc) for doc, in db.execute(self._q(
                 f"SELECT doc FROM segments WHERE job_id = ? AND n >= ? ORDER BY n LIMIT "
                 f"{self.ALL if count is None else int(count)}"), (job_id, first)).fetchall()]
 
@@ -1041,7 +1023,7 @@ class SQLiteStore(_SQL):
         super().__init__()
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, "whisperd.sqlite3")
-        self.node, self.on_change = node, None
+        self.node = node
         self.writes, self.counted = 0, (-1, None)  # commits; (commits then, counts)
         with self._db() as db:
             db.executescript("""
@@ -1067,9 +1049,8 @@ class SQLiteStore(_SQL):
                 db.execute("ALTER TABLE jobs ADD COLUMN stop INTEGER NOT NULL DEFAULT 0")
 
     def _connect(self):
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=10, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA busy_timeout=10000")
         return db
 
     def _problem(self, error):
@@ -1099,22 +1080,16 @@ class SQLiteStore(_SQL):
             finally:
                 self.writes += 1
 
-    @staticmethod
-    def _job(doc):
-        return Job.from_json(json.loads(doc))
+    _load = staticmethod(json.loads)
+    _dump = staticmethod(functools.partial(json.dumps, ensure_ascii=False))
 
-    @staticmethod
-    def _segment(segment):
-        return json.dumps(segment, ensure_ascii=False)
-
-    _segment_of = staticmethod(json.loads)
-
-    @staticmethod
-    def _update(db, job, changes):
+    def _update(self, db, job, changes):
         new = dataclasses.replace(job, **changes)
         db.execute("UPDATE jobs SET status=?, callback_status=?, finished_at=?, doc=? "
                    "WHERE id=?", (new.status, new.callback_status, new.finished_at,
-                                  json.dumps(new.stored(), ensure_ascii=False), new.id))
+                                  self._dump(new.stored()), new.id))
+
+    _queue_again = _update  # its seq, so its place in the queue, stays
 
     # -- changes --------------------------------------------------------------------------
 
@@ -1124,7 +1099,7 @@ class SQLiteStore(_SQL):
                           ).fetchone()[0] >= max_queued:
                 raise QueueFull()
             db.execute("INSERT INTO jobs (id, status, doc) VALUES (?, ?, ?)",
-                       (job.id, job.status, json.dumps(job.stored(), ensure_ascii=False)))
+                       (job.id, job.status, self._doc(job)))
 
     def claim(self, start):
         with self._write(durable=False) as db:
@@ -1147,9 +1122,6 @@ class SQLiteStore(_SQL):
             self._update(db, job, changes)
             self._put_segments(db, job.id, first, segments)
         return True
-
-    def _queue_again(self, db, job, changes):
-        self._update(db, job, changes)
 
     def callback_attempted(self, job, changes, keep):
         with self._write(durable=False) as db:
@@ -1178,11 +1150,9 @@ class SQLiteStore(_SQL):
     def counts(self):
         """Counted again only after a change: every change on one host is this process's
         (GET /stats, asked by every monitor, costs no query between two changes)."""
-        writes, counts = self.counted
-        if writes != self.writes:
-            writes = self.writes
-            self.counted = writes, (counts := super().counts())
-        return counts
+        if self.counted[0] != self.writes:
+            self.counted = self.writes, super().counts()
+        return self.counted[1]
 
     def nodes(self):
         return []
@@ -1232,11 +1202,10 @@ class PostgresStore(_SQL):
     def __init__(self, url, node, address, lease):
         super().__init__()
         import psycopg
-        self.psycopg = psycopg
+        from psycopg.types.json import Jsonb
+        self.psycopg, self._dump = psycopg, Jsonb
         self.url, self.node, self.address, self.lease = url, node, address, lease
-        self.tokens = {}           # job id -> the token of its run here
         self.ready = False         # schema made
-        self.on_change = self.on_stop = self.on_decoded = None
         threading.Thread(target=self._listen, name="listen", daemon=True).start()
 
     def _connect(self):
@@ -1312,27 +1281,12 @@ class PostgresStore(_SQL):
                                 changed = True
             except self.psycopg.OperationalError:
                 with self.pool_lock:  # the idle connections went down with this one
-                    for conn in self.idle:
-                        conn.close()
-                    self.idle.clear()
+                    while self.idle:
+                        self.idle.pop().close()
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    @staticmethod
-    def _doc(job, **changes):
-        from psycopg.types.json import Jsonb
-        return Jsonb(dataclasses.replace(job, **changes).stored())
-
-    _job = staticmethod(Job.from_json)  # jsonb arrives as a dict
-
-    @staticmethod
-    def _segment(segment):
-        from psycopg.types.json import Jsonb
-        return Jsonb(segment)
-
-    @staticmethod
-    def _segment_of(doc):
-        return doc
+    _load = staticmethod(lambda doc: doc)  # jsonb arrives as a dict
 
     def _q(self, sql):
         return sql.replace("?", "%s")
@@ -1369,13 +1323,6 @@ class PostgresStore(_SQL):
         job.update(**changes)
         self.tokens[job.id] = token
         return job
-
-    def _token(self, job_id):
-        return self.tokens.get(job_id)
-
-    def _forget(self, jobs):
-        for job in jobs:
-            self.tokens.pop(job.id, None)
 
     def _stop(self, conn, job_id):
         super()._stop(conn, job_id)
@@ -1504,12 +1451,6 @@ def _remaining(job):
     return (job.audio_duration or 0) * (100 - job.progress) / 100
 
 
-def _started(job, worker, node):
-    """What a run's start changes in a job."""
-    return dict(status=RUNNING, attempts=job.attempts + 1, started_at=utcnow(), progress=0,
-                worker=worker, node=node)
-
-
 def _undone(job, count_attempt=True):
     """What a run that ended without an end changes: the job is QUEUED again; a run that
     was not the job's fault (a shutdown) does not count as an attempt."""
@@ -1534,14 +1475,9 @@ def _event_segment(segment, number):
                              if k not in ("id", "seek", "tokens")}}
 
 
-@dataclasses.dataclass(eq=False)
-class Outcome:
-    """What a runner hands back for a job: whisper's result, the JobFailed that ended it,
-    or None (interrupted by a shutdown); its seconds, and the runner's busy seconds."""
-    job: Job
-    result: object
-    seconds: float = 0.0
-    busy: float = 0.0
+# What a runner hands back for a job: whisper's result, the JobFailed that ended it, or None
+# (interrupted by a shutdown); its seconds, and the runner's busy seconds.
+Outcome = collections.namedtuple("Outcome", "job result seconds busy", defaults=(0.0, 0.0))
 
 
 class JobQueue:
@@ -1569,8 +1505,7 @@ class JobQueue:
         self.decoded = {}                # id -> its segments as its runner last reported
         self.news = collections.Counter()  # id -> its progress and segments seen changing
         self.followed = collections.Counter()  # id -> event streams open on it here
-        storage.on_change, storage.on_stop = self.wake, self._stop
-        storage.on_decoded = self._heard
+        storage.on_change, storage.on_stop, storage.on_decoded = self.wake, self._stop, self._heard
 
     def wake(self):
         with self.changed:
@@ -1613,7 +1548,8 @@ class JobQueue:
             with self.lock:
                 self.claiming.add(job.id)
             tried.append(job.id)
-            return _started(job, worker, self.storage.node)
+            return dict(status=RUNNING, attempts=job.attempts + 1, started_at=utcnow(),
+                        progress=0, worker=worker, node=self.storage.node)
 
         try:
             job = self.storage.claim(start)
@@ -1708,7 +1644,7 @@ class JobQueue:
                 if job.id not in recorded:
                     continue
                 job.update(**changes)
-                self._count(job.status, job.worker)
+                self.counters[("jobs", job.status, job.worker or "")] += 1
                 self.counters[("busy", job.worker)] += o.busy
                 if job.status == COMPLETED:
                     self.counters[("audio", job.worker)] += job.audio_duration or 0
@@ -1733,11 +1669,6 @@ class JobQueue:
                 self._gone(job.id)
                 job.update(**changes)
         self.wake()
-
-    def _count(self, status, worker):
-        """An end recorded here, by status and the worker that ran the job ("" for none:
-        a queued job cancelled). Under the lock."""
-        self.counters[("jobs", status, worker or "")] += 1
 
     def _gone(self, job_id):
         """Forgets a run here (under the lock)."""
@@ -1794,10 +1725,11 @@ class JobQueue:
         return due
 
     def _counted(self, ended):
-        """Counts ends recorded outside a run: [(job, its changes)]."""
+        """Counts ends recorded outside a run: [(job, its changes)], by status and the
+        worker that ran the job ("" for none: a queued job cancelled)."""
         with self.lock:
             for job, changes in ended:
-                self._count(changes["status"], job.worker)
+                self.counters[("jobs", changes["status"], job.worker or "")] += 1
 
     def delete(self, job_id):
         """Removes a QUEUED job; returns it."""
@@ -1816,10 +1748,9 @@ class JobQueue:
         """Cancels a job: a QUEUED one ends FAILED now; a RUNNING one, here or on another
         node, is stopped by its runner at its next step and ends FAILED then. Returns the
         job, and whether it ended now."""
-        cancelled = JobFailed(CANCELLED)
         try:
             job, changes = self.storage.cancel(job_id, lambda job: self._ending(
-                job, cancelled), self.settings.history)
+                job, JobFailed(CANCELLED)), self.settings.history)
         except NotFound:
             raise self._missing(job_id) from None
         except NotQueued as e:
@@ -1980,8 +1911,7 @@ class JobQueue:
             self.wait_for_change(seen, min(left, 5.0))
 
     def stats(self):
-        queued, running, processed = self.storage.counts()
-        return {"Queued": queued, "Running": running, "Processed": processed}
+        return dict(zip(("Queued", "Running", "Processed"), self.storage.counts()))
 
     def upcoming(self, count):
         return self.storage.upcoming(count)
@@ -2024,6 +1954,8 @@ class JobQueue:
 # so a job's transcript is the one `whisper FILE` gives; both engines decode with them.
 DECODING = {"beam_size": 5, "best_of": 5, "compression_ratio_threshold": 2.4,
             "logprob_threshold": -1.0, "no_speech_threshold": 0.6}
+SEGMENT_KEYS = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
+                "compression_ratio", "no_speech_prob")  # whisper's segment (verbose_json's)
 
 
 def temperatures(start):
@@ -2373,22 +2305,19 @@ class Engine:
         log(f"model {name} unloaded from {self.device}")
 
     def unload_idle(self):
-        ttl = self.settings.model_ttl
-        if ttl:
-            for name, used in list(self.last_used.items()):
-                if time.monotonic() - used > ttl:
-                    self.unload(name)
+        for name, used in list(self.last_used.items()):
+            if self.settings.model_ttl and time.monotonic() - used > self.settings.model_ttl:
+                self.unload(name)
 
     # -- a job ----------------------------------------------------------------------------
 
     def decode_options(self, job):
         """The job's decoding options, named as openai-whisper names them."""
-        options = {**DECODING, **{f.name: getattr(job, f.name) for f in OPTIONS
-                                  if f.metadata["decode"]}}
-        options.update(language=None if job.language == AUTO_LANGUAGE else job.language,
-                       initial_prompt=job.initial_prompt or None,
-                       temperature=temperatures(job.temperature))
-        return options
+        return {**DECODING, **{f.name: getattr(job, f.name) for f in OPTIONS
+                               if f.metadata["decode"]},
+                "language": None if job.language == AUTO_LANGUAGE else job.language,
+                "initial_prompt": job.initial_prompt or None,
+                "temperature": temperatures(job.temperature)}
 
     def batchable(self, job):
         """Whether the job may share a batch (--batch-size): faster-whisper only, and
@@ -2725,11 +2654,7 @@ class FasterWhisper(Engine):
         pieces, info = model.transcribe(audio, **options)
         segments = []
         for piece in pieces:  # a generator: decoding happens as we iterate
-            segment = {"id": len(segments), "seek": piece.seek, "start": piece.start,
-                       "end": piece.end, "text": piece.text, "tokens": piece.tokens,
-                       "temperature": piece.temperature, "avg_logprob": piece.avg_logprob,
-                       "compression_ratio": piece.compression_ratio,
-                       "no_speech_prob": piece.no_speech_prob}
+            segment = {"id": len(segments), **{k: getattr(piece, k) for k in SEGMENT_KEYS[1:]}}
             if piece.words is not None:
                 segment["words"] = [{"word": w.word, "start": w.start, "end": w.end,
                                      "probability": w.probability} for w in piece.words]
@@ -2771,11 +2696,6 @@ class Track:
     since: float = 0.0    # seconds of the job's audio before `audio` (a resumed run)
     before: list = ()     # the segments a run cut short kept of them
 
-    @property
-    def speech(self):
-        """[(start, end)] seconds the voice activity detector heard (once planned)."""
-        return [(start / RATE, end / RATE) for start, end in self.spans or ()]
-
 
 @dataclasses.dataclass(eq=False)
 class Piece:
@@ -2813,11 +2733,9 @@ class Window:
 
     def regions(self):
         """{track: (start, end)} seconds of each track's speech in the window."""
-        spans = {}
-        for p in self.pieces:
-            start, end = spans.get(p.track, (p.offset, p.offset + p.length))
-            spans[p.track] = (min(start, p.offset), max(end, p.offset + p.length))
-        return {t: (start / RATE, end / RATE) for t, (start, end) in spans.items()}
+        return {t: (min(p.offset for p in self.pieces if p.track is t) / RATE,
+                    max(p.offset + p.length for p in self.pieces if p.track is t) / RATE)
+                for t in self.tracks}
 
     def after(self, cuts):
         """What is left of the window past {track: seconds}, moved to start at 0."""
@@ -2966,8 +2884,7 @@ class BatchDecoder:
             return_no_speech_prob=True, max_initial_timestamp_index=50)
         if self.by_words:
             words = self._words(encoded, windows, results)
-            return [self._split_words(*args)
-                    for args in zip(windows, results, languages, words)]
+            return [self._split_words(*args) for args in zip(windows, results, languages, words)]
         outs = [self._split(*args) for args in zip(windows, results, languages)]
         if any(out["suspect"] for out in outs):  # ask the words where they were said
             words = self._words(encoded, windows, results)
@@ -3047,8 +2964,7 @@ class BatchDecoder:
         spread over it (a job in another language, say): each job is decoded alone."""
         regions, eot = window.regions(), self.tokenizer.eot
         if any(len(self._reached(regions, w["start"], w["end"])) > 1 for w in words):
-            return {"segments": {}, "language": language, "redo": set(regions),
-                    "suspect": False, "rest": None}
+            return self._rest(window, regions, {}, None, set(regions), language)
         n = sum(token < eot for token in result.sequences_ids[0])
         score = result.scores[0] * n / (n + 1)  # length penalty 1
         runs = []  # [(track, [word])]: the words of one segment
@@ -3105,14 +3021,11 @@ def _segment(window, track, start, end, text, tokens, score, no_speech_prob):
     """A segment of `track`, from window times to the track's own."""
     begin = _to_track(window, track, start, False)
     end = max(begin, _to_track(window, track, end, True))
+    raw = text.encode()
     return {"start": round(begin, 3), "end": round(end, 3),
             "text": text, "tokens": tokens, "temperature": 0.0, "avg_logprob": score,
-            "no_speech_prob": no_speech_prob, "compression_ratio": _compression_ratio(text)}
-
-
-def _compression_ratio(text):
-    raw = text.encode()
-    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
+            "no_speech_prob": no_speech_prob,
+            "compression_ratio": len(raw) / len(zlib.compress(raw)) if raw else 0.0}
 
 
 def _to_track(window, track, seconds, is_end, snap=0.5):
@@ -3223,10 +3136,9 @@ class Batch:
                 self.pending[track].remove(window)
             for track, segments in out["segments"].items():
                 if track in mine:
-                    self.results[track]["segments"] += [_shifted(s, track.since)
-                                                        for s in segments]
-                    self.results[track]["language"] = (self.results[track]["language"]
-                                                       or out["language"])
+                    got = self.results[track]
+                    got["segments"] += [_shifted(s, track.since) for s in segments]
+                    got["language"] = got["language"] or out["language"]
             for track in out["redo"] & set(mine):  # start over, alone
                 self.results[track]["segments"] = []
                 self.pending[track] = collections.deque(plan([track], pack=False))
@@ -3246,7 +3158,7 @@ class Batch:
             done[track.job] = _resumed(
                 {"text": "".join(s["text"] for s in segments), "segments": segments,
                  "language": language}, track.before,
-                [(a + track.since, b + track.since) for a, b in track.speech],
+                [(a / RATE + track.since, b / RATE + track.since) for a, b in track.spans or ()],
                 track.job.drop_suspect)
         return done
 
@@ -3399,9 +3311,8 @@ class Resemblyzer(Diarizer):
         """Every unit's voice, where only `sample` was clustered: the nearest centre."""
         import numpy
         centres = self._centres(sample, found)
-        keys = list(centres)
-        return numpy.array(keys)[(units @ numpy.stack([centres[v] for v in keys]).T)
-                                 .argmax(1)]
+        nearest = (units @ numpy.stack(list(centres.values())).T).argmax(1)
+        return numpy.array(list(centres))[nearest]
 
     def turns(self, audio, speech, count=None, references=()):
         spans = [(a + i * (b - a) / n, a + (i + 1) * (b - a) / n) for a, b in speech
@@ -3417,13 +3328,11 @@ class Resemblyzer(Diarizer):
             else:
                 turns.append((start, end, voice))
         known, centres = {}, self._centres(units, labels)
-        if references:
-            clips = self.embed_clips(references)
-            alike = sorted(((float(clip @ centre), voice, i) for i, clip in enumerate(clips)
-                            for voice, centre in centres.items()), reverse=True)
-            for similarity, voice, i in alike:
-                if similarity >= self.SAME and voice not in known and i not in known.values():
-                    known[voice] = i
+        alike = sorted(((float(clip @ centre), voice, i) for i, clip in enumerate(
+            self.embed_clips(references)) for voice, centre in centres.items()), reverse=True)
+        for similarity, voice, i in alike:
+            if similarity >= self.SAME and voice not in known and i not in known.values():
+                known[voice] = i
         return turns, known
 
     def embed_clips(self, clips):
@@ -3484,15 +3393,12 @@ def label(result, names, ordered=True):
     """The result with each segment's (and word's) voice number turned into its label:
     names[voice] where named, else SPEAKER_00, SPEAKER_01, ... in the order first heard
     (`ordered`), or by voice number (channels). Segments numbered again."""
-    labels, unnamed = {}, 0
+    labels, unnamed = dict(names), 0
     for voice in ([s["speaker"] for s in result["segments"]] if ordered
                   else sorted({s["speaker"] for s in result["segments"]})):
         if voice not in labels:
-            if voice in names:
-                labels[voice] = names[voice]
-            else:
-                labels[voice] = f"SPEAKER_{(unnamed if ordered else voice):02d}"
-                unnamed += 1
+            labels[voice] = f"SPEAKER_{(unnamed if ordered else voice):02d}"
+            unnamed += 1
     segments = []
     for i, segment in enumerate(result["segments"]):
         segment = dict(segment, id=i, speaker=labels[segment["speaker"]])
@@ -3678,7 +3584,7 @@ class Runner(threading.Thread):
     def __init__(self, engine, job_queue, outcomes, ahead, suffix="", prefetchers=1):
         super().__init__(name=f"runner {engine.device}{suffix}", daemon=True)
         self.engine, self.queue, self.outcomes, self.ahead = engine, job_queue, outcomes, ahead
-        self.suffix = suffix
+        self.suffix, self.prefetchers = suffix, prefetchers
         self.stopping = threading.Event()   # take no new job
         self.abort = threading.Event()      # interrupt the running jobs
         self.beat = time.monotonic()        # last sign of life, for the watchdog
@@ -3688,7 +3594,6 @@ class Runner(threading.Thread):
         self.joining = []                   # jobs claimed for a batch, their audio not taken
         self.busy = 0.0                     # seconds spent running jobs, not handed back yet
         self.decoded_ahead = 0
-        self.prefetchers = prefetchers
 
     @property
     def label(self):
@@ -3882,15 +3787,12 @@ class Runner(threading.Thread):
                 while left:  # in the order their audio comes; they join in queue order
                     job, decoded = self.audio(left)
                     left.remove(job)
-                    try:
-                        if isinstance(decoded, Exception):
-                            raise decoded
-                        ready[job] = Entry(job, decoded.audio, self.queue.resume(job),
-                                           decoded.spans)
-                        if job.diarize:
-                            voices[job] = decoded.audio
-                    except Exception as e:
-                        self.hand_back(job, self.failure(f"job {job.id}", e), held.pop(job))
+                    if isinstance(decoded, Exception):
+                        self.hand_back(job, self.failure(f"job {job.id}", decoded), held.pop(job))
+                        continue
+                    ready[job] = Entry(job, decoded.audio, self.queue.resume(job), decoded.spans)
+                    if job.diarize:
+                        voices[job] = decoded.audio
                 entries = [ready[job] for job in self.joining if job in ready]
                 self.joining = []
                 try:
@@ -3905,9 +3807,7 @@ class Runner(threading.Thread):
                 if not batch:
                     return
                 if self.abort.is_set():
-                    for job in list(held):
-                        self.hand_back(job, None, held.pop(job))
-                    return
+                    raise Interrupted()
                 step = time.monotonic()
                 done = batch.step()
                 self.busy += time.monotonic() - step
@@ -3921,8 +3821,8 @@ class Runner(threading.Thread):
                     self.hand_back(job, result, held.pop(job))
                 for job, (fraction, segments) in batch.progress().items():
                     self.queue.progress(job, fraction, segments)
-        except Exception as e:  # a step raised, or worse: the jobs held fail
-            error = self.failure("a batch", e)
+        except Exception as e:  # a step raised, or worse: the jobs held fail (aborted: back)
+            error = None if isinstance(e, Interrupted) else self.failure("a batch", e)
             for job in list(held):
                 self.hand_back(job, error, held.pop(job))
 
@@ -3934,13 +3834,6 @@ class Runner(threading.Thread):
 def sign(secret, body):
     """The X-Whisperd-Signature value: sha256=<hex HMAC-SHA256 of the raw body>."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-def _retry_after(value):
-    try:
-        return max(0.0, float(value))
-    except (TypeError, ValueError):
-        return None
 
 
 class Callbacks(threading.Thread):
@@ -4011,8 +3904,11 @@ class Callbacks(threading.Thread):
                 return Callback.DELIVERED, f"HTTP {r.status}", None
         except urllib.error.HTTPError as e:
             if e.code == HTTPStatus.TOO_MANY_REQUESTS or e.code >= 500:
-                return Callback.PENDING, f"HTTP {e.code}", _retry_after(
-                    e.headers.get("Retry-After"))
+                try:
+                    retry_after = max(0.0, float(e.headers.get("Retry-After")))
+                except (TypeError, ValueError):  # none, or a date
+                    retry_after = None
+                return Callback.PENDING, f"HTTP {e.code}", retry_after
             return Callback.FAILED, f"HTTP {e.code}", None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             return Callback.PENDING, str(getattr(e, "reason", e)), None
@@ -4045,11 +3941,8 @@ def sd_notify(message):
 
 def watchdog_interval():
     """Half of WatchdogSec=, in seconds, or None when systemd asked for no pings."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return None
-    return int(usec) / 2e6
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    return int(usec) / 2e6 if usec and (not pid or pid == str(os.getpid())) else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -4103,7 +3996,7 @@ class Finisher(threading.Thread):
         # shutdown may have interrupted it (whichever of the two its runner saw first), or
         # the cancel came after its last step (a diarized job's speakers are found after
         # it). It neither runs again nor completes.
-        outcomes = [dataclasses.replace(o, result=JobFailed(CANCELLED)) if not isinstance(
+        outcomes = [o._replace(result=JobFailed(CANCELLED)) if not isinstance(
             o.result, JobFailed) and self.queue.cancelled(o.job.id) else o for o in outcomes]
         back = [o.job for o in outcomes if o.result is None]
         if back:
@@ -4130,7 +4023,7 @@ class Finisher(threading.Thread):
             try:
                 write_outputs(result, job)
             except Exception as e:
-                return dataclasses.replace(outcome, result=JobFailed(
+                return outcome._replace(result=JobFailed(
                     f"no space left on {job.output_path}" if getattr(e, "errno", None) ==
                     errno.ENOSPC else f"could not write the files into {job.output_path}: "
                     f"{getattr(e, 'strerror', None) or _reason(e)}"))
@@ -4214,8 +4107,7 @@ class Status:
         ended = labels + sorted({k[2] for k in m if k[0] == "jobs"} - set(labels))  # "": none
 
         def metric(name, kind, help, samples):
-            lines.append(f"# HELP whisperd_{name} {help}")
-            lines.append(f"# TYPE whisperd_{name} {kind}")
+            lines.extend([f"# HELP whisperd_{name} {help}", f"# TYPE whisperd_{name} {kind}"])
             for sample_labels, value in samples:
                 pairs = ",".join(f'{k}="{v}"' for k, v in sample_labels.items())
                 lines.append(f"whisperd_{name}{{{pairs}}} {value}" if pairs else
@@ -4310,18 +4202,19 @@ class Service:
         self.uploads = os.path.join(settings.state_dir, "uploads")
         shutil.rmtree(self.uploads, ignore_errors=True)
         os.makedirs(self.uploads)
-        self.recovered = False
-        self._recover(at_start=True)
+        self.recovered = self._schedule(self.queue.recover, at_start=True)
 
-    def _recover(self, at_start=False):
+    def _schedule(self, due, at_start=False):
+        """Schedules the callbacks due() returns; False while the job store is away."""
         try:
-            for job in self.queue.recover():
+            for job in due():
                 self.callbacks.schedule(job)
-            self.recovered = True
+            return True
         except StoreUnavailable as e:  # the database is away: the upkeep tries again
             if at_start and isinstance(e, StoreRefused):
                 raise  # a setting to change: no use waiting
             self.queue.troubled(f"the job store cannot be reached: {e}; retrying")
+            return False
 
     def start(self):
         for thread in (*self.runners, self.finisher, self.upkeep, self.callbacks):
@@ -4390,7 +4283,7 @@ class Service:
             raise
 
     @contextlib.contextmanager
-    def _uploaded(self, upload, fields):
+    def uploaded(self, upload, fields):
         """An OpenAI-style upload, queued as a job in the same queue: yields (its JSON as
         created, the Future of (whisper's result, its JSON)); its file is kept until this
         ends. Errors name the uploaded file's own name, never where it was kept."""
@@ -4403,15 +4296,13 @@ class Service:
             context = types.SimpleNamespace(**dict(vars(context), allow_dir=[
                 *context.allow_dir, os.path.realpath(self.uploads)]))
         try:
-            with open(audio, "wb") as file:
-                file.write(data)
-            references = []
-            for clip, clip_name in fields.get("speaker_references") or ():  # (bytes, name)
-                references.append(os.path.join(folder, clip_name))
-                with open(references[-1], "wb") as file:
-                    file.write(clip)
-            if references:
-                fields = dict(fields, speaker_references=references)
+            clips = [(os.path.join(folder, clip_name), clip)  # given as (bytes, name)
+                     for clip, clip_name in fields.get("speaker_references") or ()]
+            for path, content in [(audio, data), *clips]:
+                with open(path, "wb") as file:
+                    file.write(content)
+            if clips:
+                fields = dict(fields, speaker_references=[path for path, _ in clips])
             future = Future()
             try:
                 yield self.submit(dict(fields, path=audio, output_path=folder), future,
@@ -4430,16 +4321,11 @@ class Service:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def transcribe_upload(self, upload, fields):
-        """An upload's (whisper's result, the job's JSON), once it is done."""
-        with self._uploaded(upload, fields) as (_, done):
-            return done.result()
-
     def follow_upload(self, upload, fields):
         """An upload's events as it is decoded (JobQueue.events), then ("result", (whisper's
         result, the job's JSON)), or ("error", why it failed). Its client gone (the
         generator closed before the end), the job is cancelled: nobody awaits it."""
-        with self._uploaded(upload, fields) as (job, done):
+        with self.uploaded(upload, fields) as (job, done):
             ended = False
             try:
                 for event in self.queue.events(job["id"]):
@@ -4447,7 +4333,7 @@ class Service:
                     yield event
                 try:
                     yield "result", done.result()
-                except HTTPError as e:  # raised by _uploaded: the stream has begun
+                except HTTPError as e:  # raised by uploaded: the stream has begun
                     yield "error", e.message
             finally:
                 if not ended:
@@ -4486,14 +4372,9 @@ class Service:
             if time.monotonic() >= due:
                 due = time.monotonic() + self.settings.lease / 3
                 if not self.recovered:
-                    self._recover()
-                try:
-                    for job in self.queue.keep_up():
-                        self.callbacks.schedule(job)
-                    if self.recovered and self.settings.store:  # it reached the database
-                        self.queue.troubled(None)
-                except StoreUnavailable as e:
-                    self.queue.troubled(f"the job store cannot be reached: {e}; retrying")
+                    self.recovered = self._schedule(self.queue.recover)
+                if self._schedule(self.queue.keep_up) and self.recovered and self.settings.store:
+                    self.queue.troubled(None)  # it reached the database
             time.sleep(min(ping or 1.0, 1.0))
 
 
@@ -4541,11 +4422,9 @@ def openai_answer(result, job, response_format):
                 "segments": openai_segments(result["segments"]),
                 "usage": {"type": "duration", "seconds": job["audio_duration"]}}, None
     names = whisper_part("tokenizer").LANGUAGES
-    keys = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
-            "compression_ratio", "no_speech_prob")
     body = {"task": job["task"], "language": names.get(job["language"], job["language"]),
             "duration": job["audio_duration"], "text": text,
-            "segments": [{k: segment[k] for k in keys} for segment in result["segments"]]}
+            "segments": [{k: segment[k] for k in SEGMENT_KEYS} for segment in result["segments"]]}
     if job["word_timestamps"]:
         body["words"] = [{"word": w["word"], "start": w["start"], "end": w["end"]}
                          for segment in result["segments"] for w in segment.get("words", [])]
@@ -4566,12 +4445,9 @@ def _letters(number):
     return (_letters(number // 26 - 1) if number >= 26 else "") + chr(65 + number % 26)
 
 
-@dataclasses.dataclass
-class EventStream:
-    """An answer sent as Server-Sent Events: `items` (None: a comment that keeps the
-    stream alive), each turned into an event's bytes by encode(item)."""
-    items: object
-    encode: object
+# An answer sent as Server-Sent Events: `items` (None: a comment that keeps the stream
+# alive), each turned into an event's bytes by encode(item).
+EventStream = collections.namedtuple("EventStream", "items encode")
 
 
 def _started_stream(items):
@@ -4588,8 +4464,7 @@ def _started_stream(items):
 def _sse(event):
     """One of JobQueue.events() as a Server-Sent Event."""
     kind, data, event_id = event
-    return f"id: {event_id}\nevent: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n" \
-        .encode()
+    return f"id: {event_id}\nevent: {kind}\n".encode() + _openai_sse(data)
 
 
 def openai_stream(events, response_format):
@@ -4710,7 +4585,11 @@ TAKE = (HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.INSUFFICIENT_STORAGE)  # a ne
 _STRING = {"type": "string"}
 _COUNTS = {k: {"type": "integer"} for k in ("Queued", "Running", "Processed")}
 _JOB_ID = {"name": "id", "in": "path", "required": True, "schema": _STRING}
-_AUDIO = {  # OpenAI's audio endpoints, both
+_AUDIO = {  # OpenAI's audio endpoints, both: their route()'s answers, errors and body
+    "ok": {HTTPStatus.OK: {"description": "The transcript, in response_format", "content": {
+        "application/json": {"schema": {"type": "object"}}, "text/plain": {"schema": _STRING},
+        "text/event-stream": {"schema": _STRING}}}},
+    "errors": (*BODY, HTTPStatus.INTERNAL_SERVER_ERROR, *TAKE),
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file"], "properties": {
             "file": {"type": "string", "format": "binary"}, "model": _STRING,
@@ -4722,9 +4601,6 @@ _AUDIO = {  # OpenAI's audio endpoints, both
             "stream": {"type": "boolean", "description": "true: Server-Sent Events as the "
                        "text is decoded (transcript.text.delta, then transcript.text.done); "
                        "response_format json or text"}}}}}}}
-_AUDIO_OK = {HTTPStatus.OK: {"description": "The transcript, in response_format", "content": {
-    "application/json": {"schema": {"type": "object"}}, "text/plain": {"schema": _STRING},
-    "text/event-stream": {"schema": _STRING}}}}
 _WORKER = {"type": "object", "required": ["name", "device", "ready"], "properties": {
     "name": _STRING, "device": _STRING, "ready": {"type": "boolean"},
     "models_loaded": {"type": "array", "items": _STRING},
@@ -5027,7 +4903,7 @@ def linger(connection, seconds=LINGER):
 class Handler(BaseHTTPRequestHandler):
     """Routes requests to the `@route` methods below; every answer is JSON but the page's,
     /smi's and /metrics' text. Errors are raised (HTTPError, or the job queue's own) and
-    turned into JSON in one place, answer_one()."""
+    turned into JSON in one place, handle_one()."""
 
     server_version = f"whisperd/{__version__}"
     protocol_version = "HTTP/1.1"        # keep-alive
@@ -5062,20 +4938,12 @@ class Handler(BaseHTTPRequestHandler):
     # -- dispatch -----------------------------------------------------------------------
 
     def handle_one(self):
-        with self.server.quiet:  # an answer on its way: serve() waits for it before it exits
-            self.server.answering += 1
-        try:
-            self.answer_one()
-        finally:
-            with self.server.quiet:
-                self.server.answering -= 1
-                self.server.quiet.notify_all()
-
-    def answer_one(self):
         path, _, query = self.path.partition("?")
         self.unread = self.headers.get("Content-Length", "0").strip() not in ("", "0") or \
             "chunked" in self.headers.get("Transfer-Encoding", "").lower()
         declared = None
+        with self.server.quiet:  # an answer on its way: serve() waits for it before it exits
+            self.server.answering += 1
         try:
             self.query = urllib.parse.parse_qs(query) if query else {}
             answer, params, declared = self.find_route(path)
@@ -5100,6 +4968,10 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 body = {"error": message, **({"field": field} if field else {})}
             self.respond(status, body, **headers)
+        finally:
+            with self.server.quiet:
+                self.server.answering -= 1
+                self.server.quiet.notify_all()
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_OPTIONS = do_HEAD = handle_one
 
@@ -5125,8 +4997,10 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed on "
                             f"{path}; use {allowed}", headers={"Allow": allowed})
         answer, declared = methods[self.command]
-        if not declared.public:
-            self.check_token()
+        if not declared.public and self.auth() != "ok":
+            raise HTTPError(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send "
+                            "'Authorization: Bearer <token>' (whisperd --token)",
+                            headers={"WWW-Authenticate": 'Bearer realm="whisperd"'})
         return answer, params, declared
 
     def auth(self):
@@ -5138,29 +5012,20 @@ class Handler(BaseHTTPRequestHandler):
             return "ok"
         return "wrong" if value else "needed"
 
-    def check_token(self):
-        if self.auth() != "ok":
-            raise HTTPError(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send 'Authorization: Bearer "
-                                 "<token>' (whisperd --token)",
-                            headers={"WWW-Authenticate": 'Bearer realm="whisperd"'})
-
     def respond(self, status, payload, content_type=None, **headers):
         if isinstance(payload, EventStream):
             return self.stream(status, payload, headers)
-        if isinstance(payload, str):
-            body = payload.encode()
-            content_type = content_type or "text/plain; charset=utf-8"
-        else:
-            body = json.dumps(payload, ensure_ascii=False).encode()
-            content_type = content_type or "application/json"
+        text = isinstance(payload, str)
+        body = (payload if text else json.dumps(payload, ensure_ascii=False)).encode()
+        content_type = content_type or (
+            "text/plain; charset=utf-8" if text else "application/json")
         self.send_response(status)
         if status != HTTPStatus.NO_CONTENT:  # which has neither
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
         for name, value in headers.items():
             self.send_header(name.replace("_", "-"), value)
-        if self.unread:  # a body left unread must not be parsed as the next request
-            self.close_connection = True
+        self.close_connection |= self.unread  # an unread body must not be read as a request
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -5213,12 +5078,6 @@ class Handler(BaseHTTPRequestHandler):
             raise ConnectionError("client closed the connection mid-body")
         return raw
 
-    def read_json(self):
-        try:
-            return json.loads(self.read_body(MAX_BODY))
-        except ValueError as e:  # UnicodeDecodeError is a ValueError too
-            raise HTTPError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {e}") from None
-
     # -- the original API ---------------------------------------------------------------
 
     @route("POST", "/transcription/job", "Create a job", {
@@ -5229,7 +5088,11 @@ class Handler(BaseHTTPRequestHandler):
                 "type": "object", "required": ["path"], "additionalProperties": False,
                 "properties": {f.name: _request_field(f) for f in OPTIONS}}}}})
     def post_job(self):
-        job = self.service.submit(self.read_json())
+        try:
+            body = json.loads(self.read_body(MAX_BODY))
+        except ValueError as e:  # UnicodeDecodeError is a ValueError too
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {e}") from None
+        job = self.service.submit(body)
         return HTTPStatus.CREATED, job, {"Location": f"/transcription/job/{job['id']}"}
 
     @route("GET", "/transcription/job/{id}", "A job", {
@@ -5319,10 +5182,8 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- OpenAI's audio API -------------------------------------------------------------
 
-    @route("POST", "/v1/audio/transcriptions", "OpenAI-compatible", _AUDIO_OK,
-           errors=(*BODY, HTTPStatus.INTERNAL_SERVER_ERROR, *TAKE), **_AUDIO)
-    @route("POST", "/v1/audio/translations", "OpenAI-compatible", _AUDIO_OK,
-           errors=(*BODY, HTTPStatus.INTERNAL_SERVER_ERROR, *TAKE), **_AUDIO)
+    @route("POST", "/v1/audio/transcriptions", "OpenAI-compatible", **_AUDIO)
+    @route("POST", "/v1/audio/translations", "OpenAI-compatible", **_AUDIO)
     def openai_audio(self):
         """OpenAI's `audio.transcriptions.create` and `audio.translations.create`, answered
         when done: the upload becomes an ordinary job in the same queue, and the answer
@@ -5342,8 +5203,9 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"response_format {response_format!r} is "
                             f"not supported; valid values: {', '.join(OPENAI_FORMATS)}",
                             "response_format")
-        granularities = form.get("timestamp_granularities[]", [])
-        granularities = [granularities] if isinstance(granularities, str) else granularities
+        granularities, names, references = ([x] if isinstance(x, str) else x for x in (
+            form.get(key, []) for key in ("timestamp_granularities[]", "known_speaker_names[]",
+                                          "known_speaker_references[]")))
         for value in granularities:
             if value not in ("word", "segment"):
                 raise HTTPError(HTTPStatus.BAD_REQUEST, f"timestamp_granularities[] {value!r} "
@@ -5360,9 +5222,6 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"stream=true answers text as it is "
                             f"decoded (transcript.text.delta events): response_format must "
                             f"be json, text or diarized_json, not {response_format}", "stream")
-        names, references = (form.get(f"known_speaker_{key}[]", []) for key in
-                             ("names", "references"))
-        names, references = ([x] if isinstance(x, str) else x for x in (names, references))
         diarize = model == DIARIZE_MODEL or response_format == "diarized_json"
         if diarize and response_format not in ("diarized_json", "json", "text"):
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"{DIARIZE_MODEL} answers json, text or "
@@ -5386,7 +5245,8 @@ class Handler(BaseHTTPRequestHandler):
             events = _started_stream(self.service.follow_upload(upload, fields))
             return HTTPStatus.OK, EventStream(openai_stream(events, response_format),
                                               _openai_sse)
-        result, job = self.service.transcribe_upload(upload, fields)
+        with self.service.uploaded(upload, fields) as (_, done):
+            result, job = done.result()
         body, content_type = openai_answer(result, job, response_format)
         return HTTPStatus.OK, body, {"content_type": content_type} if content_type else {}
 
@@ -5462,10 +5322,8 @@ def _routes():
     plain, patterns = {}, {}
     for answer in vars(Handler).values():
         for r in getattr(answer, "routes", ()):
-            if "{" in r.path:
-                patterns.setdefault(r.pattern, {})[r.method] = answer, r
-            else:
-                plain.setdefault(r.path, {})[r.method] = answer, r
+            table, key = (patterns, r.pattern) if "{" in r.path else (plain, r.path)
+            table.setdefault(key, {})[r.method] = answer, r
     return plain, list(patterns.items())
 
 
@@ -5502,7 +5360,7 @@ class Server(ThreadingHTTPServer):
 
 
 # ---------------------------------------------------------------------------------------
-# Client: whisperd submit | status | jobs
+# Client: whisperd submit | status | jobs | cancel | follow
 # ---------------------------------------------------------------------------------------
 
 CLIENT_COMMANDS = ("submit", "status", "jobs", "cancel", "follow")
@@ -5582,19 +5440,17 @@ def _option_flag(parser, f):
     default = "" if f.default in (None, "") else f" (default: {str(f.default).lower()})"
     words = [value for value in schema.get("enum", ()) if isinstance(value, str)]
     if kind == "boolean" and words:  # --diarize, or --diarize channels
-        parser.add_argument(flag, nargs="?", const=True, choices=[True, False, *words],
-                            type=lambda value: {"true": True, "false": False}.get(value, value),
-                            default=None, help=help + default, metavar="|".join(words))
+        more = dict(nargs="?", const=True, choices=[True, False, *words], metavar="|".join(words),
+                    type=lambda value: {"true": True, "false": False}.get(value, value))
     elif kind == "boolean":
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                            help=help + default)
-    elif kind == "array":
-        parser.add_argument(flag, nargs="+", default=None, help=help,
-                            metavar=f.name.upper().removesuffix("S"))
+        more = dict(action=argparse.BooleanOptionalAction)
+    elif kind == "array":  # no default to say: theirs is None
+        more = dict(nargs="+", metavar=f.name.upper().removesuffix("S"))
     else:
-        parser.add_argument(flag, type={"integer": int, "number": float}.get(kind, str),
-                            choices=schema.get("enum"), default=None, help=help + default,
-                            metavar=None if "enum" in schema else f.name.upper())
+        more = dict(type={"integer": int, "number": float}.get(kind, str),
+                    choices=schema.get("enum"),
+                    metavar=None if "enum" in schema else f.name.upper())
+    parser.add_argument(flag, default=None, help=help + default, **more)
 
 
 def client_main(argv):
