@@ -5397,8 +5397,8 @@ class Client:
     def events(self, job_id):
         """The job's events (GET /transcription/job/ID/events) as (kind, JSON), up to its
         end. A connection that breaks (whisperd restarted) is made again, from the last
-        event received (Last-Event-ID), for up to REACH seconds; then, or for an answer
-        that is not a stream (an unknown job), it exits 2 saying why."""
+        event received (Last-Event-ID), for up to REACH seconds; then it exits 2 saying
+        why, as call() does (an answer that is not a stream, an unknown job: 1)."""
         last, lost = "", None
         while True:
             request = urllib.request.Request(f"{self.url}/transcription/job/{job_id}/events",
@@ -5428,7 +5428,9 @@ class Client:
             except (urllib.error.URLError, OSError) as e:
                 lost = lost or time.monotonic()
                 if time.monotonic() - lost > self.REACH:
-                    sys.exit(f"whisperd: cannot reach {self.url}: {getattr(e, 'reason', e)}")
+                    print(f"whisperd: cannot reach {self.url}: {getattr(e, 'reason', e)}",
+                          file=sys.stderr)
+                    sys.exit(2)
             time.sleep(1.0)
 
 
