@@ -2048,8 +2048,11 @@ def test_two_workers_run_two_jobs_at_once_none_twice_and_kill_9_loses_neither(
 # The accelerator never waits: audio decoded ahead, jobs batched and packed together
 # ---------------------------------------------------------------------------------------
 
-def test_the_audio_of_queued_jobs_is_decoded_ahead_of_the_worker(start, speech, tmp_path):
-    daemon = start(*FW)
+def test_a_batching_worker_finds_the_audio_of_the_jobs_behind_it_decoded_ahead(start, speech,
+                                                                              tmp_path):
+    """On a CPU only a batching worker has a thread decode ahead (unbatched, the model keeps
+    both cores busy and decodes each job's audio itself, as the library's loop does)."""
+    daemon = start(*FW, "--batch-size", "1")
 
     def ahead():
         text = daemon.request("GET", "/metrics")[2]

@@ -1446,11 +1446,6 @@ class PostgresStore(_SQL):
 # Job queue: every change of a job's state, and the rules, once
 # ---------------------------------------------------------------------------------------
 
-def _remaining(job):
-    """Seconds of a job's audio not decoded yet."""
-    return (job.audio_duration or 0) * (100 - job.progress) / 100
-
-
 def _undone(job, count_attempt=True):
     """What a run that ended without an end changes: the job is QUEUED again; a run that
     was not the job's fault (a shutdown) does not count as an attempt."""
@@ -1809,8 +1804,9 @@ class JobQueue:
             jobs = [self.runs.get(job.id, job) if job.status == RUNNING else job
                     for job in jobs]
             docs = [job.to_json() for job in jobs]
-            left = {job.id: max(0.0, _remaining(job) - speed * (
-                now - self.stepped.get(job.id, now))) for job in jobs if job.status == RUNNING}
+            left = {job.id: max(0.0, (job.audio_duration or 0) * (100 - job.progress) / 100
+                                - speed * (now - self.stepped.get(job.id, now)))
+                    for job in jobs if job.status == RUNNING}  # seconds of audio left
         ahead, position = sum(left.values()), 0
         for job, doc in zip(jobs, docs):
             if job.status == QUEUED:
@@ -3575,9 +3571,9 @@ class Runner(threading.Thread):
     and its jobs live. Its whole life: prepare the engine, then claim the next job and run
     it (or, with --batch-size, a batch the jobs behind it join) and hand back an Outcome on
     `outcomes` for every job it claimed, whatever it raised; until stop(). Meanwhile its
-    prefetchers (one on a CPU, up to `prefetchers` threads on a GPU) decode the audio of the
-    jobs a batch claimed, then of the next ones, into `ahead`, and find the speech in what
-    a batch will take. It tells the queue its progress and publishes state(); it calls
+    prefetchers (on a CPU one, for a batch; up to `prefetchers` on a GPU) decode the audio
+    of the jobs a batch claimed, then of the next ones, into `ahead`, and find the speech in
+    what a batch will take. It tells the queue its progress and publishes state(); it calls
     nothing else."""
 
     TICK = 1.0  # seconds between idle housekeeping rounds (model TTL, watchdog)
@@ -3624,10 +3620,13 @@ class Runner(threading.Thread):
         # with the GIL held, for which every HTTP answer waited.
         gc.freeze()
         self.ready = True
-        # A CPU's decoding keeps its cores busy: one thread decodes ahead beside it. A
-        # GPU's leaves them free, and a batch takes the audio faster than one thread reads
-        # it and finds its speech.
-        for n in range(1 if self.engine.device == "cpu" else self.prefetchers):
+        # A CPU's decoding keeps its cores busy: audio decoded beside it slowed openai-whisper
+        # by 8 to 15% (bench/RESULTS.md), so an unbatched CPU runner decodes each job's audio
+        # itself, between two jobs, as the library's loop does; a batching one has one thread
+        # read its claimed jobs while it reads others. A GPU's leaves the cores free, and a
+        # batch takes the audio faster than one thread reads it and finds its speech.
+        cpu = 1 if self.engine.settings.batch_size else 0
+        for n in range(cpu if self.engine.device == "cpu" else self.prefetchers):
             threading.Thread(target=self.prefetch, daemon=True,
                              name=f"prefetch {self.label} {n}").start()
         while (job := self.next_job()) is not None:
