@@ -988,7 +988,8 @@ class _SQL:
         db.execute(self._q("UPDATE jobs SET stop = ? WHERE id = ?"), (True, job_id))
 
     def get(self, job_id):
-        return next(iter(self._jobs("SELECT doc FROM jobs WHERE id = ?", job_id)), None)
+        found = self._jobs("SELECT doc FROM jobs WHERE id = ?", job_id)
+        return found[0] if found else None
 
     def segments(self, job_id, first=0, count=None):
         with self._db() as db:
@@ -2301,9 +2302,11 @@ class Engine:
         log(f"model {name} unloaded from {self.device}")
 
     def unload_idle(self):
-        for name, used in list(self.last_used.items()):
-            if self.settings.model_ttl and time.monotonic() - used > self.settings.model_ttl:
-                self.unload(name)
+        ttl = self.settings.model_ttl
+        if ttl:
+            for name, used in list(self.last_used.items()):
+                if time.monotonic() - used > ttl:
+                    self.unload(name)
 
     # -- a job ----------------------------------------------------------------------------
 
@@ -3625,8 +3628,8 @@ class Runner(threading.Thread):
         # itself, between two jobs, as the library's loop does; a batching one has one thread
         # read its claimed jobs while it reads others. A GPU's leaves the cores free, and a
         # batch takes the audio faster than one thread reads it and finds its speech.
-        cpu = 1 if self.engine.settings.batch_size else 0
-        for n in range(cpu if self.engine.device == "cpu" else self.prefetchers):
+        batching = bool(self.engine.settings.batch_size)
+        for n in range(int(batching) if self.engine.device == "cpu" else self.prefetchers):
             threading.Thread(target=self.prefetch, daemon=True,
                              name=f"prefetch {self.label} {n}").start()
         while (job := self.next_job()) is not None:
