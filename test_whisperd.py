@@ -2249,6 +2249,32 @@ def test_a_batch_cut_by_sigterm_or_kill_9_loses_no_job(start, speech, tmp_path):
     assert daemon.job(jobs[0]["id"])["attempts"] == 2
 
 
+def test_a_batched_job_killed_past_half_resumes_where_it_stopped(start, speech, tmp_path):
+    """kill -9 once a batch has decoded two of a job's three windows: its next run, in a
+    batch again, begins where the kept segments end (the speech found in the audio cut
+    there), and what was streamed before the kill comes out of it word for word."""
+    state, flags = tmp_path / "state", ("--engine", "faster-whisper", "--batch-size", "1")
+    daemon = start(*flags, state=state)
+    job = daemon.submit(path=speech["spaced.wav"], output_path=tmp_path)
+    with daemon.stream(f"/transcription/job/{job['id']}/events") as (_, events):
+        heard = []
+        for event in events:
+            heard.append(event)
+            if event["event"] == "progress" and event["data"]["progress"] >= 50:
+                break
+    daemon.kill()
+    again = start(*flags, state=state)
+    done = again.completed(job["id"])
+    assert done["attempts"] == 2
+    resumed = re.search(rf"job {job['id']} running on \S+ \(attempt 2; ([\d.]+) s of its "
+                        rf"audio were decoded before\)", again.log)
+    assert resumed and float(resumed.group(1)) >= 30, again.log
+    streamed = [e["data"]["text"].strip() for e in heard if e["event"] == "segment"]
+    assert len(streamed) >= 4 and done["result"].splitlines()[:len(streamed)] == streamed, \
+        (streamed, done["result"])
+    assert word_error_rate((SPACED_SCRIPT, done["result"])) < 0.1, done["result"]
+
+
 def test_a_runner_outlives_an_error_inside_a_batch_and_fails_only_the_jobs_it_concerns(
         start, speech, tmp_path):
     """No input makes planning a batch raise, so WHISPERD_FAULT makes Batch.add raise,

@@ -3077,15 +3077,17 @@ class Batch:
     def add(self, entries):
         """Plans the windows of newly claimed jobs: [(job, audio, the segments a run cut
         short kept, the audio's speech_spans() if found ahead)] (packing happens among
-        them; a resumed job's audio starts at the end of its last kept segment, and its
-        speech is found again there). All join, or (it raised) none."""
+        them; a resumed job's audio starts at the end of its last kept segment, its speech
+        spans cut there). All join, or (it raised) none."""
         tracks = []
         for job, audio, before, spans in (Entry(*entry) for entry in entries):
             before = list(before)
             since = before[-1]["end"] if before else 0.0
-            tracks.append(Track(job, audio[round(since * RATE):], None if job.language ==
-                                AUTO_LANGUAGE else job.language, since=since, before=before,
-                                spans=None if since else spans))
+            cut = round(since * RATE)
+            if spans is not None:
+                spans = [(max(start, cut) - cut, end - cut) for start, end in spans if end > cut]
+            tracks.append(Track(job, audio[cut:], None if job.language == AUTO_LANGUAGE
+                                else job.language, since=since, before=before, spans=spans))
         _fault("batch.add")
         windows = plan(tracks, self.pack,
                        self.decoder.detect if self.decoder.multilingual else None)
