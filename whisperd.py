@@ -5670,6 +5670,10 @@ def lock_state_dir(state_dir):
 
 def serve(settings):
     """Binds, announces, waits for SIGTERM or SIGINT, stops the service, exits 0."""
+    # numpy's OpenBLAS (read when numpy is first imported, in a worker) keeps a thread per
+    # core spinning for a while after each product, and every file's or window's features
+    # take one: on 2 cores that thread took 9% of the CPU from the model's (bench/RESULTS.md).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     lock = lock_state_dir(settings.state_dir)
     try:
         server = Server(settings)
