@@ -827,16 +827,13 @@ def test_a_jobs_events_stream_its_segments_as_they_are_decoded(start, speech, tm
     wait_until(lambda: streams_open(daemon) == 0, message="a stream outlived its client")
 
 
-def test_a_job_killed_past_half_resumes_where_it_stopped(start, speech, tmp_path):
-    """kill -9 past half of a long job: its next run begins at the last window it kept,
-    not at zero, and decodes that window again as the whole run did (prompted as it was
-    prompted): every segment streamed before the kill comes out of it word for word, and
-    the file is one whole, as if unbroken. (openai-whisper, whose segments and prompt
-    whisperd reads and sets inside whisper.transcribe(); faster-whisper's: below, across
-    two nodes.)"""
+def killed_past_half_and_resumed(start, speech, tmp_path, kept_s, *flags, **options):
+    """Runs spaced.wav, kill -9 once it is past half, starts whisperd again: the job
+    resumes with at least `kept_s` s of its audio decoded before, and every segment
+    streamed before the kill comes out of it word for word."""
     state = tmp_path / "state"
-    daemon = start(state=state)
-    job = daemon.submit(path=speech["spaced.wav"], output_path=tmp_path, format="json")
+    daemon = start(*flags, state=state)
+    job = daemon.submit(path=speech["spaced.wav"], output_path=tmp_path, **options)
     with daemon.stream(f"/transcription/job/{job['id']}/events") as (_, events):
         heard = []
         for event in events:
@@ -844,16 +841,26 @@ def test_a_job_killed_past_half_resumes_where_it_stopped(start, speech, tmp_path
             if event["event"] == "progress" and event["data"]["progress"] >= 50:
                 break
     daemon.kill()
-    again = start(state=state)
+    again = start(*flags, state=state)
     done = again.completed(job["id"])
     assert done["attempts"] == 2
     resumed = re.search(rf"job {job['id']} running on \S+ \(attempt 2; ([\d.]+) s of its "
                         rf"audio were decoded before\)", again.log)
-    assert resumed and float(resumed.group(1)) >= 40, again.log
+    assert resumed and float(resumed.group(1)) >= kept_s, again.log
     streamed = [e["data"]["text"].strip() for e in heard if e["event"] == "segment"]
     assert len(streamed) >= 4 and done["result"].splitlines()[:len(streamed)] == streamed, \
         (streamed, done["result"])
     assert word_error_rate((SPACED_SCRIPT, done["result"])) < 0.1, done["result"]
+
+
+def test_a_job_killed_past_half_resumes_where_it_stopped(start, speech, tmp_path):
+    """kill -9 past half of a long job: its next run begins at the last window it kept,
+    not at zero, and decodes that window again as the whole run did (prompted as it was
+    prompted): every segment streamed before the kill comes out of it word for word, and
+    the file is one whole, as if unbroken. (openai-whisper, whose segments and prompt
+    whisperd reads and sets inside whisper.transcribe(); faster-whisper's: below, across
+    two nodes.)"""
+    killed_past_half_and_resumed(start, speech, tmp_path, 40, format="json")
     written = json.loads((tmp_path / "spaced.json").read_text())  # one whole, as if unbroken
     assert [s["id"] for s in written["segments"]] == list(range(len(written["segments"])))
     assert all(a["end"] <= b["start"] + 0.01 for a, b in zip(written["segments"],
@@ -2253,26 +2260,8 @@ def test_a_batched_job_killed_past_half_resumes_where_it_stopped(start, speech, 
     """kill -9 once a batch has decoded two of a job's three windows: its next run, in a
     batch again, begins where the kept segments end (the speech found in the audio cut
     there), and what was streamed before the kill comes out of it word for word."""
-    state, flags = tmp_path / "state", ("--engine", "faster-whisper", "--batch-size", "1")
-    daemon = start(*flags, state=state)
-    job = daemon.submit(path=speech["spaced.wav"], output_path=tmp_path)
-    with daemon.stream(f"/transcription/job/{job['id']}/events") as (_, events):
-        heard = []
-        for event in events:
-            heard.append(event)
-            if event["event"] == "progress" and event["data"]["progress"] >= 50:
-                break
-    daemon.kill()
-    again = start(*flags, state=state)
-    done = again.completed(job["id"])
-    assert done["attempts"] == 2
-    resumed = re.search(rf"job {job['id']} running on \S+ \(attempt 2; ([\d.]+) s of its "
-                        rf"audio were decoded before\)", again.log)
-    assert resumed and float(resumed.group(1)) >= 30, again.log
-    streamed = [e["data"]["text"].strip() for e in heard if e["event"] == "segment"]
-    assert len(streamed) >= 4 and done["result"].splitlines()[:len(streamed)] == streamed, \
-        (streamed, done["result"])
-    assert word_error_rate((SPACED_SCRIPT, done["result"])) < 0.1, done["result"]
+    killed_past_half_and_resumed(start, speech, tmp_path, 30, "--engine", "faster-whisper",
+                                 "--batch-size", "1")
 
 
 def test_a_runner_outlives_an_error_inside_a_batch_and_fails_only_the_jobs_it_concerns(
