@@ -1640,7 +1640,7 @@ class JobQueue:
                 if job.id not in recorded:
                     continue
                 job.update(**changes)
-                self.counters[("jobs", job.status, job.worker or "")] += 1
+                self._count(job.status, job.worker)
                 self.counters[("busy", job.worker)] += o.busy
                 if job.status == COMPLETED:
                     self.counters[("audio", job.worker)] += job.audio_duration or 0
@@ -1720,12 +1720,16 @@ class JobQueue:
         self._counted([(job, c) for job, c in lost if c["status"] != QUEUED])
         return due
 
+    def _count(self, status, worker):
+        """An end recorded here, by status and the worker that ran the job ("" for none:
+        a queued job cancelled). Under the lock."""
+        self.counters[("jobs", status, worker or "")] += 1
+
     def _counted(self, ended):
-        """Counts ends recorded outside a run: [(job, its changes)], by status and the
-        worker that ran the job ("" for none: a queued job cancelled)."""
+        """Counts ends recorded outside a run: [(job, its changes)]."""
         with self.lock:
             for job, changes in ended:
-                self.counters[("jobs", changes["status"], job.worker or "")] += 1
+                self._count(changes["status"], job.worker)
 
     def delete(self, job_id):
         """Removes a QUEUED job; returns it."""
