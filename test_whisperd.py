@@ -2260,8 +2260,7 @@ def test_a_batched_job_killed_past_half_resumes_where_it_stopped(start, speech, 
     """kill -9 once a batch has decoded two of a job's three windows: its next run, in a
     batch again, begins where the kept segments end (the speech found in the audio cut
     there), and what was streamed before the kill comes out of it word for word."""
-    killed_past_half_and_resumed(start, speech, tmp_path, 30, "--engine", "faster-whisper",
-                                 "--batch-size", "1")
+    killed_past_half_and_resumed(start, speech, tmp_path, 30, *FW, "--batch-size", "1")
 
 
 def test_a_runner_outlives_an_error_inside_a_batch_and_fails_only_the_jobs_it_concerns(

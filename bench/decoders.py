@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 from _common import OUT, ROOT, speak
+from tools.harness import convert  # noqa: I100
 
 import whisperd  # the repository's, on the path _common put first
 
@@ -38,10 +39,7 @@ def main():
     folder.mkdir(parents=True, exist_ok=True)
     files = [speak("Thank you for calling. Please hold the line.", folder / "espeak-22k.wav")]
     for name, options in FORMATS.items():
-        files.append(folder / name)
-        subprocess.run(["ffmpeg", "-loglevel", "error", "-nostdin", "-y", "-i",
-                        str(ROOT / "samples" / "speech.mp3"), *options, str(files[-1])],
-                       check=True)
+        files.append(convert(ROOT / "samples" / "speech.mp3", folder / name, *options))
     version = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True)
     print(f"{version.stdout.splitlines()[0]}; PyAV {av.__version__} with libavcodec "
           f"{'.'.join(map(str, av.library_versions['libavcodec']))}\n"

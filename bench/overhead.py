@@ -6,13 +6,14 @@ A runner's whole life is: claim a job, take its audio, call the engine's library
 Everything but the library's work is the worker's own overhead. The audio is the library's
 work too (its loop decodes each file between two calls): decoded ahead on a GPU or for a
 batch, and on a CPU by the runner itself between two jobs (the model keeps the cores busy);
-the runner's decoding is timed apart, shown, and not counted in the overhead. This script measures it
-from inside one whisperd (its real Service: the store on disk, the runner, the prefetcher,
-the finisher writing the files, in one process as the daemon runs them): every job of the
-queue is submitted through the door (Service.submit) before the runners start, so a runner
-never waits for work, and each library call's start and end are recorded (the library is
-called as whisperd calls it; the recording adds two clock reads). The overhead of a job is
-the time from the library's return for one job to its call for the next, on one runner.
+the runner's decoding is timed apart, shown, and not counted in the overhead. This script
+measures it from inside one whisperd (its real Service: the store on disk, the runner, the
+prefetcher, the finisher writing the files, in one process as the daemon runs them): every
+job of the queue is submitted through the door (Service.submit) before the runners start,
+so a runner never waits for work, and each library call's start and end are recorded (the
+library is called as whisperd calls it; the recording adds two clock reads). The overhead
+of a job is the time from the library's return for one job to its call for the next, on one
+runner.
 
 Beside it, in the same run: the bare library loop over the same files (decoding the audio
 itself, as a script would), for the share of the wall time the library takes in each.
